@@ -1,0 +1,154 @@
+"""The FastAPI app: routes stay thin; logic lives in serving.py, state in app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import __version__
+from server.api.errors import APIError, error_response, install_error_handlers
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.api.serving import ChatServing, CompletionServing, ServingContext, detokenize, tokenize
+from server.metrics import ServerMetrics
+from server.runtime import build_engine, load_model, warm_up
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes read; set up by the lifespan, never a module global."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.serving: ServingContext | None = None
+        self.metrics: ServerMetrics | None = None
+        self.load_error: str | None = None
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.healthy_after_s: float | None = None
+        self.load_task: asyncio.Task | None = None
+
+    def ready(self) -> ServingContext:
+        if self.serving is None:
+            reason = self.load_error or "the model is still loading"
+            raise APIError(503, f"not ready: {reason}", code="not_ready")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        return self.serving
+
+
+def _load_blocking(state: ServerState) -> None:
+    settings = state.settings
+    loaded = load_model(settings)
+    metrics = ServerMetrics(loaded.name)
+    engine = build_engine(loaded, settings, metrics)
+    if settings.warmup:
+        warm_up(engine)
+    engine.start()
+    vocab = loaded.model.config.vocab_size
+    state.metrics = metrics
+    state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name, vocab)
+    state.healthy_after_s = time.monotonic() - state.started_at
+    logger.info("ready after %.1f s", state.healthy_after_s)
+
+
+async def _load(state: ServerState) -> None:
+    try:
+        await asyncio.to_thread(_load_blocking, state)
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        logger.error("model load failed: %s", state.load_error)
+
+
+async def _drain(state: ServerState) -> None:
+    """Stop admitting, let in-flight sequences finish for up to shutdown_timeout, then abort."""
+    state.draining = True
+    serving = state.serving
+    if serving is None:
+        return
+    serving.engine.stop_accepting()
+    deadline = time.monotonic() + state.settings.shutdown_timeout
+    while serving.engine.num_unfinished and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(serving.engine.shutdown)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.load_task = asyncio.create_task(_load(state))
+        yield
+        await state.load_task
+        await _drain(state)
+
+    app = FastAPI(title="neuronserve", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and settings.api_key is not None:
+            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+                return error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                      code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return error_response(400, "bad Content-Length header")
+            if int(length) > settings.max_request_body_bytes:
+                return error_response(413, f"request body is {length} bytes; the limit is "
+                                      f"{settings.max_request_body_bytes} (max_request_body_bytes)")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.serving is None or state.draining:
+            reason = state.load_error or ("shutting down" if state.draining else "loading")
+            return JSONResponse({"status": reason}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+    @app.get("/v1/models")
+    async def models():
+        ctx = state.ready()
+        return {"object": "list", "data": [{
+            "id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "neuronserve",
+            "root": str(ctx.settings.model), "max_model_len": ctx.settings.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        return await CompletionServing(state.ready()).create(body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        return await ChatServing(state.ready()).create(body, raw)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest):
+        return tokenize(state.ready(), body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest):
+        return detokenize(state.ready(), body)
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            return Response("", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,1 @@
+"""Continuous-batching engine: scheduling, per-row controls, sampling, detokenization."""

@@ -1,0 +1,400 @@
+"""The continuous-batching engine.
+
+One worker thread owns the model and the KV cache. Each step it (1) takes in new requests and
+aborts, (2) gives free slots to waiting sequences, (3) prefills one chunk of at most
+`prefill_chunk_tokens` of one prompt, and (4) advances every running sequence by one token in one
+batched forward pass. The asyncio side only enqueues requests and reads per-request queues, so
+the API stays responsive while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from server.engine.controls import BatchControls
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import GenerationRequest, StepOutput, TokenLogprob
+from server.engine.sampling import sample
+from server.metrics import ServerMetrics
+from server.model.llama import LlamaDecoder
+
+logger = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """The outputs of one sequence, in order. Closing it before the end aborts the sequence."""
+
+    def __init__(self, engine: "Engine", request_id: str, queue: "asyncio.Queue[StepOutput]") -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        self._finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self.request_id)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit: the API answers 429."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down and takes no new requests: the API answers 503."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int
+    max_model_len: int
+    max_queued_requests: int
+    prefill_chunk_tokens: int
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    deliver: Callable[[StepOutput], None]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    arrival: float
+    slot: int | None = None
+    num_cached: int = 0  # tokens whose keys/values are in the slot
+    output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    scheduled_at: float | None = None
+    last_token_at: float | None = None
+    finished: bool = False
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_token_ids
+
+
+def _top(ids: torch.Tensor | None, lps: torch.Tensor | None, row: int, n: int) -> tuple:
+    if n <= 0 or ids is None:
+        return ()
+    return tuple(zip(ids[row, :n].tolist(), lps[row, :n].tolist()))
+
+
+class Engine:
+    def __init__(self, model: LlamaDecoder, tokenizer: Any, limits: EngineLimits,
+                 metrics: ServerMetrics) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.metrics = metrics
+        self.cache = model.new_cache(limits.max_batch_size)
+        self.eos_ids = set(model.config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: collections.deque[_Sequence] = collections.deque()
+        self._aborts: set[str] = set()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._prefilling: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._free_slots = list(range(limits.max_batch_size - 1, -1, -1))
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- asyncio side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="neuronserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._incoming) + len(self._waiting) + len(self._prefilling) + len(self._running)
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def shutdown(self) -> None:
+        """Abort everything still in flight and stop the worker thread."""
+        with self._wake:
+            self._accepting = False
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.add(request_id)
+            self._wake.notify()
+
+    def submit(self, requests: list[GenerationRequest]) -> list["RequestStream"]:
+        """Enqueue sequences (all or none) and return one async stream of outputs for each.
+
+        Raises QueueFullError or EngineStoppedError at once, before anything is enqueued. Must be
+        called from the event loop that will read the streams.
+        """
+        loop = asyncio.get_running_loop()
+        streams, seqs = [], []
+        for request in requests:
+            queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+            p = request.params
+            generator = None
+            if not p.greedy:
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            seqs.append(_Sequence(
+                request=request,
+                deliver=lambda out, q=queue: loop.call_soon_threadsafe(q.put_nowait, out),
+                detok=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                             p.skip_special_tokens, p.stop, p.include_stop_str_in_output),
+                generator=generator,
+                arrival=time.monotonic(),
+            ))
+            streams.append(RequestStream(self, request.request_id, queue))
+        with self._wake:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            queued = len(self._incoming) + len(self._waiting)
+            if queued + len(seqs) > self.limits.max_queued_requests:
+                raise QueueFullError(
+                    f"{queued} sequences are already waiting and the limit is "
+                    f"{self.limits.max_queued_requests} (max_queued_requests)"
+                )
+            self._incoming.extend(seqs)
+            self.metrics.num_requests_waiting.set(queued + len(seqs))
+            self._wake.notify()
+        return streams
+
+    # ---- worker thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not self._stop and not (self._incoming or self._aborts or self._waiting
+                                              or self._prefilling or self._running):
+                    self._wake.wait()
+                if self._stop:
+                    break
+                incoming = list(self._incoming)
+                self._incoming.clear()
+                aborts = set(self._aborts)
+                self._aborts.clear()
+            self._waiting.extend(incoming)
+            self._apply_aborts(aborts)
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its sequences, not the server
+                logger.exception("engine step failed")
+                for seq in list(self._prefilling) + self._running:
+                    self._finish(seq, "abort", error=f"internal error: {exc}")
+        for seq in list(self._waiting) + list(self._incoming) + list(self._prefilling) + self._running:
+            self._finish(seq, "abort", error="server shut down")
+
+    def _apply_aborts(self, ids: set[str]) -> None:
+        if not ids:
+            return
+        for pool in (self._waiting, self._prefilling, self._running):
+            for seq in [s for s in pool if s.request.request_id in ids]:
+                self._finish(seq, "abort")
+
+    def step(self) -> None:
+        self.steps += 1
+        self._admit()
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        if self._running:
+            self._decode()
+        self._update_gauges()
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.scheduled_at = now
+            self.metrics.queue_time.observe(now - seq.arrival)
+            self._prefilling.append(seq)
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        prompt = seq.prompt
+        start = seq.num_cached
+        end = min(len(prompt), start + self.limits.prefill_chunk_tokens)
+        want_prompt_lp = seq.request.params.prompt_logprobs is not None
+        tokens = torch.tensor([prompt[start:end]], device=self.model.device)
+        logits = self.model(tokens, torch.tensor([seq.slot], device=self.model.device),
+                            torch.tensor([start], device=self.model.device), self.cache,
+                            all_logits=want_prompt_lp)  # [1, V] or [1, T, V]
+        seq.num_cached = end
+        self.metrics.prompt_tokens.inc(end - start)
+        if want_prompt_lp:
+            self._record_prompt_logprobs(seq, logits[0], start, end)
+            logits = logits[:, -1]
+        if end < len(prompt):
+            return
+        self._prefilling.popleft()
+        self.metrics.prompt_len.observe(len(prompt))
+        if seq.request.params.max_tokens == 0:  # echo-only scoring request
+            self._finish(seq, "length")
+            return
+        self._sample_and_emit([seq], logits)
+        if not seq.finished:
+            self._running.append(seq)
+
+    def _record_prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor, start: int, end: int) -> None:
+        # logits: [T, V]; position i predicts prompt token i + 1
+        n = seq.request.params.prompt_logprobs
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        logprobs = logits.log_softmax(dim=-1)
+        targets = seq.prompt[start + 1 : end + 1]
+        if not targets:
+            return
+        chosen = logprobs[: len(targets)].gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+        top_lp, top_ids = (logprobs[: len(targets)].topk(n, dim=-1) if n > 0 else (None, None))
+        for i, token in enumerate(targets):
+            seq.prompt_logprobs.append(TokenLogprob(token, chosen[i], _top(top_ids, top_lp, i, n)))
+
+    def _decode(self) -> None:
+        rows = self._running
+        device = self.model.device
+        tokens = torch.tensor([[s.output_ids[-1]] for s in rows], device=device)  # [B, 1]
+        slots = torch.tensor([s.slot for s in rows], device=device)
+        starts = torch.tensor([s.num_cached for s in rows], device=device)
+        logits = self.model(tokens, slots, starts, self.cache)  # [B, V]
+        for s in rows:
+            s.num_cached += 1
+        self._sample_and_emit(list(rows), logits)
+        self._running = [s for s in rows if not s.finished]
+
+    def _banned_tokens(self, seq: _Sequence) -> list[int]:
+        p = seq.request.params
+        if len(seq.output_ids) >= p.min_tokens:
+            return []
+        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
+
+    def _penalty_state(self, rows: list[_Sequence], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.zeros(len(rows), vocab)
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
+        for i, s in enumerate(rows):
+            if s.output_ids:
+                ids = torch.tensor(s.output_ids)
+                counts[i].index_add_(0, ids, torch.ones(len(ids)))
+                seen[i, ids] = True
+            seen[i, torch.tensor(s.prompt)] = True
+        return counts, seen
+
+    def _sample_and_emit(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+        params = [s.request.params for s in rows]
+        controls = BatchControls.build(params, [s.generator for s in rows],
+                                       [self._banned_tokens(s) for s in rows], logits.device)
+        penalty_state = None
+        if controls.presence is not None:
+            penalty_state = self._penalty_state(rows, logits.shape[-1])
+        result = sample(logits, controls, penalty_state)
+        now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(rows))
+        for i, seq in enumerate(rows):
+            token = result.token_ids[i]
+            if seq.last_token_at is None:
+                self.metrics.ttft.observe(now - seq.arrival)
+            else:
+                self.metrics.itl.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            seq.output_ids.append(token)
+            if result.chosen_logprobs is not None and seq.request.params.logprobs is not None:
+                n = seq.request.params.logprobs
+                seq.pending_logprobs.append(
+                    TokenLogprob(token, result.chosen_logprobs[i], _top(result.top_ids, result.top_logprobs, i, n))
+                )
+            self._advance(seq, token)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        p = seq.request.params
+        n_out = len(seq.output_ids)
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        if token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        else:
+            delta = seq.detok.add(token)
+            if delta and n_out >= p.min_tokens:
+                hit = seq.detok.find_stop(len(delta))
+                if hit is not None:
+                    reason, stop_reason = "stop", hit
+        if reason is None and (n_out >= p.max_tokens or seq.num_cached + 1 >= self.limits.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason, stop_reason=stop_reason)
+            return
+        self._emit(seq, finished=False)
+
+    def _emit(self, seq: _Sequence, finished: bool, reason: str | None = None,
+              stop_reason: str | int | None = None, error: str | None = None) -> None:
+        out = StepOutput(
+            request_id=seq.request.request_id,
+            text=seq.detok.release(finished),
+            token_ids=seq.output_ids[-len(seq.pending_logprobs):] if seq.pending_logprobs else [],
+            logprobs=list(seq.pending_logprobs) if seq.request.params.logprobs is not None else None,
+            finished=finished,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=len(seq.prompt),
+            num_generated_tokens=len(seq.output_ids),
+            prompt_logprobs=seq.prompt_logprobs,
+            error=error,
+        )
+        seq.prompt_logprobs = None  # sent once
+        seq.pending_logprobs.clear()
+        seq.deliver(out)
+
+    def _finish(self, seq: _Sequence, reason: str, stop_reason: str | int | None = None,
+                error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        for pool in (self._waiting, self._prefilling):
+            if seq in pool:
+                pool.remove(seq)
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None
+        self.metrics.request_finished(reason)
+        self.metrics.e2e.observe(time.monotonic() - seq.arrival)
+        self.metrics.generation_len.observe(len(seq.output_ids))
+        self._emit(seq, finished=True, reason=reason, stop_reason=stop_reason, error=error)
+
+    def _update_gauges(self) -> None:
+        used = sum(s.num_cached for s in self._running) + sum(s.num_cached for s in self._prefilling)
+        self.metrics.kv_cache_usage.set(used / (self.limits.max_batch_size * self.limits.max_model_len))
+        self.metrics.num_requests_running.set(len(self._running) + len(self._prefilling))
+        with self._lock:
+            self.metrics.num_requests_waiting.set(len(self._waiting) + len(self._incoming))

@@ -1,0 +1,56 @@
+"""A preallocated KV cache with one slot per running sequence; each slot has its own length."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """One layer's view of the cache, for one forward call over `slot_ids`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_ids: torch.Tensor, kv_len: int,
+                 single_slot: int | None) -> None:
+        self.keys = keys  # [slots, max_len, KVH, D]
+        self.values = values
+        self.slot_ids = slot_ids  # [B]
+        self.kv_len = kv_len  # keys 0..kv_len-1 are read
+        self.single_slot = single_slot  # set when B == 1: read a view, no gather
+
+    def write_and_read(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        # k, v: [B, T, KVH, D]; positions: [B, T] -> keys, values [B, KVH, kv_len, D]
+        if self.single_slot is not None:
+            start = int(positions[0, 0])
+            s = self.single_slot
+            self.keys[s, start : start + k.shape[1]] = k.to(self.keys.dtype)[0]
+            self.values[s, start : start + v.shape[1]] = v.to(self.values.dtype)[0]
+            keys = self.keys[s : s + 1, : self.kv_len]
+            values = self.values[s : s + 1, : self.kv_len]
+        else:
+            rows = self.slot_ids.unsqueeze(1).expand_as(positions)  # [B, T]
+            self.keys[rows, positions] = k.to(self.keys.dtype)
+            self.values[rows, positions] = v.to(self.values.dtype)
+            keys = self.keys[self.slot_ids, : self.kv_len]
+            values = self.values[self.slot_ids, : self.kv_len]
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_len = max_len
+
+    def layer(self, index: int, slot_ids: torch.Tensor, kv_len: int) -> LayerCache:
+        single = int(slot_ids[0]) if slot_ids.numel() == 1 else None
+        return LayerCache(self.keys[index], self.values[index], slot_ids, kv_len, single)
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.keys[:, dst, :length] = self.keys[:, src, :length]
+        self.values[:, dst, :length] = self.values[:, src, :length]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2

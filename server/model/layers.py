@@ -1,0 +1,119 @@
+"""The building blocks of a Llama-family decoder layer. No kernels live here: each block calls
+plain torch ops (or, later, the launchers in `kernels/`), so the model file stays composition."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model.kv_cache import LayerCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, hidden] float32 residual stream -> float32
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) in the weight's dtype. The one place every projection goes through."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to max_len, in the rotate-half (transformers) layout."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float, max_len: int) -> None:
+        super().__init__()
+        positions = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.float())  # [max_len, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, heads, head_dim]; positions: [B, T] -> rotated x, float32
+        cos = self.cos[positions].unsqueeze(2)  # [B, T, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(2)
+        x = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, qkv: Linear, o_proj: Linear, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> None:
+        super().__init__()
+        self.qkv = qkv  # fused [q; k; v] rows
+        self.o_proj = o_proj
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,
+        cache: LayerCache,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        # x: [B, T, hidden]; positions: [B, T]; attn_mask: [B, 1, T, S] bool, or None when
+        # is_causal says whether plain causal masking (keys from 0) or no masking is right.
+        B, T, _ = x.shape
+        qkv = self.qkv(x)  # [B, T, (H + 2 KVH) * D]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = rope(q.view(B, T, self.num_heads, self.head_dim), positions)
+        k = rope(k.view(B, T, self.num_kv_heads, self.head_dim), positions)
+        keys, values = cache.write_and_read(k, v.view(B, T, self.num_kv_heads, self.head_dim), positions)
+        # keys, values: [B, KVH, S, D]
+        q = q.to(keys.dtype).transpose(1, 2)  # [B, H, T, D]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attn_mask, is_causal=is_causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_size))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, gate_up: Linear, down: Linear, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up = gate_up  # fused [gate; up] rows
+        self.down = down
+        self.intermediate_size = intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
+        return self.down(F.silu(gate) * up)  # [B, T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: SwiGLU) -> None:
+        super().__init__()
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+
+    def forward(self, h, rope, positions, cache, attn_mask, is_causal):
+        # h: [B, T, hidden] float32 residual stream
+        h = h + self.attn(self.attn_norm(h), rope, positions, cache, attn_mask, is_causal).float()
+        return h + self.mlp(self.mlp_norm(h)).float()

@@ -1,0 +1,106 @@
+"""Our Llama-family decoder: composition of the blocks in `layers.py` over a slot KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model.config import ModelConfig
+from server.model.kv_cache import KVCache
+from server.model.layers import Attention, DecoderLayer, Linear, RMSNorm, RotaryEmbedding, SwiGLU
+
+
+class LlamaDecoder(nn.Module):
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device, max_model_len: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.max_model_len = max_model_len
+
+        def weight(name: str) -> torch.Tensor:
+            if name not in state_dict:
+                raise ValueError(f"checkpoint has no tensor {name!r}")
+            return state_dict[name].to(device=device, dtype=dtype)
+
+        def optional(name: str) -> torch.Tensor | None:
+            return weight(name) if name in state_dict else None
+
+        c = config
+        layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            # Re-laid once: q/k/v fused into one [qkv_size, hidden] weight, gate/up into [2I, hidden].
+            qkv_w = torch.cat([weight(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            qkv_b = None
+            if c.attention_bias:
+                qkv_b = torch.cat([weight(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            attn = Attention(
+                Linear(qkv_w, qkv_b),
+                Linear(weight(p + "self_attn.o_proj.weight"), optional(p + "self_attn.o_proj.bias")),
+                c.num_heads, c.num_kv_heads, c.head_dim,
+            )
+            gate_up_w = torch.cat([weight(p + "mlp.gate_proj.weight"), weight(p + "mlp.up_proj.weight")])
+            gate_up_b = None
+            if c.mlp_bias:
+                gate_up_b = torch.cat([weight(p + "mlp.gate_proj.bias"), weight(p + "mlp.up_proj.bias")])
+            mlp = SwiGLU(
+                Linear(gate_up_w, gate_up_b),
+                Linear(weight(p + "mlp.down_proj.weight"), optional(p + "mlp.down_proj.bias")),
+                c.intermediate_size,
+            )
+            layers.append(DecoderLayer(self._norm(state_dict, p + "input_layernorm.weight"), attn,
+                                       self._norm(state_dict, p + "post_attention_layernorm.weight"), mlp))
+        self.layers = nn.ModuleList(layers)
+        self.embed = nn.Parameter(weight("model.embed_tokens.weight"), requires_grad=False)  # [V, hidden]
+        self.norm = self._norm(state_dict, "model.norm.weight")
+        if c.tie_word_embeddings or "lm_head.weight" not in state_dict:
+            self.lm_head = self.embed  # shared, never edited in place
+        else:
+            self.lm_head = nn.Parameter(weight("lm_head.weight"), requires_grad=False)
+        inv_freq, scale = c.rope_inv_freq(max_model_len)
+        self.rope = RotaryEmbedding(inv_freq, scale, max_model_len).to(device)
+
+    def _norm(self, state_dict: dict[str, torch.Tensor], name: str) -> RMSNorm:
+        norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+        norm.weight.data = state_dict[name].to(device=self.device, dtype=torch.float32)
+        return norm
+
+    def new_cache(self, num_slots: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, num_slots, self.max_model_len, c.num_kv_heads, c.head_dim,
+                       self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        slot_ids: torch.Tensor,
+        start_positions: torch.Tensor,
+        cache: KVCache,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """token_ids: [B, T] (every row T new tokens, written at start_positions[b] onwards in its
+        slot) -> float32 logits [B, V] for each row's last token, or [B, T, V] with all_logits."""
+        B, T = token_ids.shape
+        positions = start_positions.unsqueeze(1) + torch.arange(T, device=token_ids.device)  # [B, T]
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_model_len:
+            raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
+        attn_mask, is_causal = None, False
+        if B == 1 and T == 1:
+            pass  # one query at the newest position sees every cached key
+        elif B == 1 and kv_len == T:
+            is_causal = True  # a prompt's first chunk: plain causal masking
+        else:
+            keys = torch.arange(kv_len, device=token_ids.device)
+            attn_mask = (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
+        h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope, positions, cache.layer(i, slot_ids, kv_len), attn_mask, is_causal)
+        if not all_logits:
+            h = h[:, -1]  # [B, hidden]
+        h = self.norm(h)
+        return F.linear(h.to(self.dtype), self.lm_head).float()

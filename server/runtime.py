@@ -1,0 +1,88 @@
+"""Build a ready-to-serve engine from settings: load, re-lay, allocate the cache, warm up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.engine import Engine, EngineLimits
+from server.metrics import ServerMetrics
+from server.model.config import ModelConfig
+from server.model.llama import LlamaDecoder
+from server.model.loader import load_checkpoint
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device "
+                           f"(torch {torch.__version__}; see the README for a CUDA build)")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        # fp16 matrix-vector products run at about twice bf16's bandwidth on x86 CPUs, and greedy
+        # output on our test prompts matches fp32 (benchmarks/decode.py checks this each run).
+        return torch.float16 if device.type == "cpu" else torch.bfloat16
+    return _DTYPES[setting]
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaDecoder
+    tokenizer: object
+    name: str
+    fingerprint: str
+    load_seconds: float
+    from_cache: bool
+
+
+def load_model(settings: ServerSettings) -> LoadedModel:
+    started = time.monotonic()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    ckpt = load_checkpoint(settings.model, settings.cache_dir)
+    config = ModelConfig.from_hf(ckpt.hf_config)
+    model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len)
+    del ckpt.state_dict
+    name = settings.served_model_name or ckpt.name
+    elapsed = time.monotonic() - started
+    logger.info("loaded %s (%s, %s, %s) in %.1f s%s", name, ckpt.source, dtype, device, elapsed,
+                " from cache" if ckpt.from_cache else "")
+    return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache)
+
+
+def build_engine(loaded: LoadedModel, settings: ServerSettings, metrics: ServerMetrics) -> Engine:
+    limits = EngineLimits(
+        max_batch_size=settings.max_batch_size,
+        max_model_len=settings.max_model_len,
+        max_queued_requests=settings.max_queued_requests,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+    )
+    return Engine(loaded.model, loaded.tokenizer, limits, metrics)
+
+
+def warm_up(engine: Engine) -> None:
+    """One chunked prefill and a few batched decode steps, outside any request, so that the first
+    real request does not pay for lazy allocations."""
+    model = engine.model
+    device = model.device
+    slots = min(engine.limits.max_batch_size, 2)
+    tokens = torch.zeros(1, 8, dtype=torch.long, device=device)
+    for slot in range(slots):
+        model(tokens, torch.tensor([slot], device=device), torch.tensor([0], device=device), engine.cache)
+    for step in range(2):
+        model(torch.zeros(slots, 1, dtype=torch.long, device=device), torch.arange(slots, device=device),
+              torch.full((slots,), 8 + step, device=device), engine.cache)

