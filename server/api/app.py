@@ -56,7 +56,9 @@ def _load_blocking(state: ServerState) -> None:
     engine.start()
     vocab = loaded.model.config.vocab_size
     state.metrics = metrics
-    state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name, vocab)
+    longest = max(len(t) for t in loaded.tokenizer.convert_ids_to_tokens(list(range(len(loaded.tokenizer)))))
+    state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name, vocab,
+                                   max_token_chars=max(longest, 1) * 2)
     state.healthy_after_s = time.monotonic() - state.started_at
     logger.info("ready after %.1f s", state.healthy_after_s)
 
@@ -82,6 +84,49 @@ async def _drain(state: ServerState) -> None:
     await asyncio.to_thread(serving.engine.shutdown)
 
 
+class BodySizeLimit:
+    """Refuse request bodies over a limit, whether Content-Length announces them or they are
+    streamed in chunks, before the app reads them."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body is larger than {self.limit} bytes (max_request_body_bytes)"
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            status = 413 if length.isdigit() else 400
+            response = error_response(status, message if status == 413 else "bad Content-Length header")
+            return await response(scope, receive, send)
+        # Read the whole body first (it is JSON of at most `limit` bytes), so that a chunked body
+        # over the limit is refused before the app spends any work on it.
+        chunks, received = [], 0
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":
+                return  # the client went away
+            chunks.append(event.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.limit:
+                return await error_response(413, message)(scope, receive, send)
+            if not event.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     state = ServerState(settings)
 
@@ -95,6 +140,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="neuronserve", version=__version__, lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -102,13 +148,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
                 return error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                       code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return error_response(400, "bad Content-Length header")
-            if int(length) > settings.max_request_body_bytes:
-                return error_response(413, f"request body is {length} bytes; the limit is "
-                                      f"{settings.max_request_body_bytes} (max_request_body_bytes)")
         return await call_next(request)
 
     @app.get("/health")

@@ -37,22 +37,37 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic puts union members' type names into an error's location; they are no field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Union members repeat the same location under their type names; keep the field path only.
-    loc = [p for p in loc if not (p.startswith(("list[", "str", "int")) or p in ("function-after",))]
-    param = ".".join(loc) or None
     kind = first.get("type", "")
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {msg}", None
+    loc = []
+    for part in first.get("loc", ())[1:]:  # [0] is "body"
+        if _is_type_tag(part):
+            break
+        loc.append(str(part))
+    param = ".".join(loc) or None
     if kind == "extra_forbidden":
         message = f"unknown field '{param}': this server does not accept it"
-    elif kind in ("json_invalid", "model_attributes_type") or param is None:
-        message = f"request body is not a valid JSON object: {first.get('msg', '')}"
+    elif kind == "model_attributes_type" and param is None:
+        message = f"request body must be a JSON object: {msg}"
+    elif param is None:
+        message = msg
     else:
-        message = f"{param}: {first.get('msg', 'invalid value')}"
+        message = f"{param}: {msg}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param

@@ -33,6 +33,7 @@ class ServingContext:
     settings: ServerSettings
     model_name: str
     vocab_size: int
+    max_token_chars: int = 64
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 
@@ -56,7 +57,8 @@ class ServingContext:
                            param)
 
     def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None,
-                        logprobs: int | None, prompt_logprobs: int | None, allow_zero: bool) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None, allow_zero: bool,
+                        logprobs_param: str = "logprobs") -> SamplingParams:
         s = self.settings
         if prompt_len == 0:
             raise APIError(400, "the prompt is empty", "prompt")
@@ -81,10 +83,10 @@ class ServingContext:
                            "min_tokens")
         if req.n > s.max_n:
             raise APIError(400, f"n is {req.n}; this server allows at most {s.max_n} (max_n setting)", "n")
-        for value, param in ((logprobs, "logprobs"), (prompt_logprobs, "logprobs")):
+        for value in (logprobs, prompt_logprobs):
             if value is not None and value > s.max_logprobs:
-                raise APIError(400, f"{param} is {value}; this server returns at most {s.max_logprobs} "
-                               "alternatives (max_logprobs setting)", param)
+                raise APIError(400, f"{logprobs_param} is {value}; this server returns at most "
+                               f"{s.max_logprobs} alternatives (max_logprobs setting)", logprobs_param)
         bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
         self.check_token_ids([t for t, _ in bias], "logit_bias")
         self.check_token_ids(list(req.stop_token_ids or []), "stop_token_ids")
@@ -109,7 +111,18 @@ class ServingContext:
             skip_special_tokens=req.skip_special_tokens,
         )
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"{param} is not valid Unicode text: {exc.reason} at character {exc.start}",
+                           param) from None
+        # Every token covers at most max_token_chars characters, so a longer text cannot fit and
+        # is refused without spending seconds of the event loop on tokenizing it.
+        if len(text) > self.settings.max_model_len * self.max_token_chars:
+            raise APIError(400, f"{param} has {len(text)} characters, more than max_model_len "
+                           f"({self.settings.max_model_len}) tokens can hold", param,
+                           "context_length_exceeded")
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
     def chat_prompt(self, messages, add_generation_prompt: bool, continue_final_message: bool) -> str:
@@ -124,6 +137,10 @@ class ServingContext:
             raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from exc
 
     def submit(self, requests: list[GenerationRequest]) -> list[RequestStream]:
+        limit = self.settings.max_queued_requests
+        if len(requests) > limit:
+            raise APIError(400, f"this request needs {len(requests)} sequences (prompts x n); the queue "
+                           f"holds at most {limit} (max_queued_requests)", "n")
         try:
             return self.engine.submit(requests)
         except QueueFullError as exc:
@@ -216,7 +233,7 @@ class CompletionServing:
         if isinstance(prompt, str):
             return [self.ctx.encode(prompt)]
         if all(isinstance(p, str) for p in prompt):
-            return [self.ctx.encode(p) for p in prompt]
+            return [self.ctx.encode(p, param=f"prompt.{i}") for i, p in enumerate(prompt)]
         if all(isinstance(p, int) for p in prompt):
             prompts = [list(prompt)]
         else:
@@ -373,10 +390,11 @@ class ChatServing:
         ctx = self.ctx
         ctx.check_model(req.model)
         prompt = ctx.chat_prompt(req.messages, req.add_generation_prompt, req.continue_final_message)
-        ids = ctx.encode(prompt, add_special_tokens=False)
+        ids = ctx.encode(prompt, add_special_tokens=False, param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = ctx.sampling_params(req, len(ids), max_tokens, logprobs, None, allow_zero=False)
+        params = ctx.sampling_params(req, len(ids), max_tokens, logprobs, None, allow_zero=False,
+                                     logprobs_param="top_logprobs")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = ctx.submit(expand_requests(request_id, [ids], [params], req.n))
         if req.stream:

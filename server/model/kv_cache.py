@@ -8,18 +8,21 @@ import torch
 class LayerCache:
     """One layer's view of the cache, for one forward call over `slot_ids`."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_ids: torch.Tensor, kv_len: int,
-                 single_slot: int | None) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_ids: torch.Tensor,
+                 positions: torch.Tensor, kv_len: int, single: tuple[int, int] | None) -> None:
         self.keys = keys  # [slots, max_len, KVH, D]
         self.values = values
         self.slot_ids = slot_ids  # [B]
         self.kv_len = kv_len  # keys 0..kv_len-1 are read
-        self.single_slot = single_slot  # set when B == 1: read a view, no gather
+        self.positions = positions  # [B, T] where the new keys go
+        # (slot, start) when B == 1: write a slice and read a view, no gather
+        self.single_slot, self.single_start = single if single is not None else (None, 0)
 
-    def write_and_read(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        # k, v: [B, T, KVH, D]; positions: [B, T] -> keys, values [B, KVH, kv_len, D]
+    def write_and_read(self, k: torch.Tensor, v: torch.Tensor):
+        # k, v: [B, T, KVH, D], written at self.positions -> keys, values [B, KVH, kv_len, D]
+        positions = self.positions
         if self.single_slot is not None:
-            start = int(positions[0, 0])
+            start = self.single_start
             s = self.single_slot
             self.keys[s, start : start + k.shape[1]] = k.to(self.keys.dtype)[0]
             self.values[s, start : start + v.shape[1]] = v.to(self.values.dtype)[0]
@@ -43,9 +46,9 @@ class KVCache:
         self.num_slots = num_slots
         self.max_len = max_len
 
-    def layer(self, index: int, slot_ids: torch.Tensor, kv_len: int) -> LayerCache:
-        single = int(slot_ids[0]) if slot_ids.numel() == 1 else None
-        return LayerCache(self.keys[index], self.values[index], slot_ids, kv_len, single)
+    def layer(self, index: int, slot_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
+              single: tuple[int, int] | None) -> LayerCache:
+        return LayerCache(self.keys[index], self.values[index], slot_ids, positions, kv_len, single)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.keys[:, dst, :length] = self.keys[:, src, :length]

@@ -18,7 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, hidden] float32 residual stream -> float32
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Linear(nn.Module):
@@ -42,16 +42,20 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq.float())  # [max_len, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        # sin with the sign of rotate-half folded in: rotate_half(x) * sin == x[swapped] * signed_sin
+        half = emb.shape[-1] // 2
+        sign = torch.cat((-torch.ones(half), torch.ones(half)))
+        self.register_buffer("signed_sin", emb.sin() * scale * sign, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, heads, head_dim]; positions: [B, T] -> rotated x, float32
-        cos = self.cos[positions].unsqueeze(2)  # [B, T, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(2)
-        x = x.float()
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [B, T] -> cos, signed sin: [B, T, 1, head_dim], computed once per forward
+        return self.cos[positions].unsqueeze(2), self.signed_sin[positions].unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, T, heads, head_dim] -> float32, rotated
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos, x.roll(half, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -68,29 +72,32 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: LayerCache,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
     ) -> torch.Tensor:
-        # x: [B, T, hidden]; positions: [B, T]; attn_mask: [B, 1, T, S] bool, or None when
-        # is_causal says whether plain causal masking (keys from 0) or no masking is right.
+        # x: [B, T, hidden]; rope: cos/sin tables [B, T, 1, D]; attn_mask: [B, 1, T, S] bool, or
+        # None when is_causal says whether plain causal masking (keys from 0) or none is right.
         B, T, _ = x.shape
-        qkv = self.qkv(x)  # [B, T, (H + 2 KVH) * D]
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = rope(q.view(B, T, self.num_heads, self.head_dim), positions)
-        k = rope(k.view(B, T, self.num_kv_heads, self.head_dim), positions)
-        keys, values = cache.write_and_read(k, v.view(B, T, self.num_kv_heads, self.head_dim), positions)
-        # keys, values: [B, KVH, S, D]
-        q = q.to(keys.dtype).transpose(1, 2)  # [B, H, T, D]
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * KVH, D)
+        qk = apply_rope(qkv[:, :, : H + KVH].float(), *rope)  # q and k heads rotated together
+        keys, values = cache.write_and_read(qk[:, :, H:], qkv[:, :, H + KVH :])  # [B, KVH, S, D]
+        q = qk[:, :, :H].to(keys.dtype)
+        if T == 1:
+            # Decode: grouped heads as a batched matmul; cheaper than SDPA for one query.
+            q = q.view(B, KVH, H // KVH, D)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (D**-0.5)  # [B, KVH, G, S]
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask.view(B, 1, 1, -1), float("-inf"))
+            out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [B, KVH, G, D]
+            return self.o_proj(out.reshape(B, 1, H * D))
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            q.transpose(1, 2), keys, values, attn_mask=attn_mask, is_causal=is_causal,
+            enable_gqa=H != KVH,
         )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_size))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 class SwiGLU(nn.Module):
@@ -113,7 +120,7 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = mlp_norm
         self.mlp = mlp
 
-    def forward(self, h, rope, positions, cache, attn_mask, is_causal):
-        # h: [B, T, hidden] float32 residual stream
-        h = h + self.attn(self.attn_norm(h), rope, positions, cache, attn_mask, is_causal).float()
-        return h + self.mlp(self.mlp_norm(h)).float()
+    def forward(self, h, rope, cache, attn_mask, is_causal):
+        # h: [B, T, hidden] float32 residual stream; the adds promote the projections to float32
+        h = h + self.attn(self.attn_norm(h), rope, cache, attn_mask, is_causal)
+        return h + self.mlp(self.mlp_norm(h))

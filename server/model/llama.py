@@ -97,9 +97,11 @@ class LlamaDecoder(nn.Module):
         else:
             keys = torch.arange(kv_len, device=token_ids.device)
             attn_mask = (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
+        single = (int(slot_ids[0]), int(start_positions[0])) if B == 1 else None
+        rope = self.rope.tables(positions)
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope, positions, cache.layer(i, slot_ids, kv_len), attn_mask, is_causal)
+            h = layer(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal)
         if not all_logits:
             h = h[:, -1]  # [B, hidden]
         h = self.norm(h)

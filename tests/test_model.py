@@ -1,0 +1,116 @@
+"""Our decoder against transformers' own forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from server.model import LlamaDecoder, ModelConfig
+from server.model.loader import load_checkpoint
+from server.settings import default_cache_dir
+
+PROMPT = "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed"
+
+
+def _ours(ckpt, dtype=torch.float32, max_len=256) -> LlamaDecoder:
+    return LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, dtype,
+                        torch.device("cpu"), max_len)
+
+
+def _reference_logits(ckpt, ids: torch.Tensor) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32)
+    hf.load_state_dict(ckpt.state_dict, strict=False)
+    hf.tie_weights()
+    with torch.no_grad():
+        return hf.eval()(ids).logits
+
+
+@pytest.fixture(scope="module")
+def default_ckpt():
+    return load_checkpoint("default", default_cache_dir())
+
+
+def test_default_model_matches_transformers(default_ckpt):
+    ids = default_ckpt.tokenizer(PROMPT, return_tensors="pt").input_ids
+    ref = _reference_logits(default_ckpt, ids)
+    model = _ours(default_ckpt)
+    cache = model.new_cache(2)
+    ours = model(ids, torch.tensor([1]), torch.tensor([0]), cache, all_logits=True)
+    # Both run fp32 with the same op order except SDPA's kernel choice and a fused RMSNorm; the
+    # logits reach ~30 in magnitude, so 1e-3 absolute is ~1e-5 relative: float32 rounding.
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_chunked_prefill_and_decode_match_one_pass(default_ckpt):
+    ids = default_ckpt.tokenizer(PROMPT, return_tensors="pt").input_ids
+    model = _ours(default_ckpt)
+    cache = model.new_cache(3)
+    whole = model(ids, torch.tensor([0]), torch.tensor([0]), cache, all_logits=True)
+    n = ids.shape[1]
+    parts = [model(ids[:, :5], torch.tensor([2]), torch.tensor([0]), cache, all_logits=True),
+             model(ids[:, 5:n - 1], torch.tensor([2]), torch.tensor([5]), cache, all_logits=True),
+             model(ids[:, n - 1:], torch.tensor([2]), torch.tensor([n - 1]), cache, all_logits=True)]
+    # Same math in a different blocking (chunk sizes change the matmul shapes): float32 rounding.
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-3, rtol=0)
+
+
+def test_batched_decode_rows_are_independent(default_ckpt):
+    """Two prompts of different lengths decoded together equal each decoded alone."""
+    tok = default_ckpt.tokenizer
+    model = _ours(default_ckpt)
+    cache = model.new_cache(4)
+    a = tok("Hello there, my name is", return_tensors="pt").input_ids
+    b = tok("Once upon a time in a land far, far away, there", return_tensors="pt").input_ids
+    model(a, torch.tensor([0]), torch.tensor([0]), cache)
+    model(b, torch.tensor([3]), torch.tensor([0]), cache)
+    nxt = torch.tensor([[11], [12]])
+    together = model(nxt, torch.tensor([0, 3]), torch.tensor([a.shape[1], b.shape[1]]), cache)
+    alone_a = model(nxt[:1], torch.tensor([0]), torch.tensor([a.shape[1]]), cache)
+    alone_b = model(nxt[1:], torch.tensor([3]), torch.tensor([b.shape[1]]), cache)
+    # Masked padding keys contribute exact zeros; only matmul blocking differs (fp32 rounding).
+    torch.testing.assert_close(together, torch.cat([alone_a, alone_b]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "tied,bias,rope",
+    [(True, False, None),
+     (False, True, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+     (False, False, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})],
+    ids=["tied", "untied-bias-llama3", "linear-rope"],
+)
+def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, tied, bias, rope):
+    """A small random-weight Llama saved to disk loads through the checkpoint-directory path."""
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=default_ckpt.hf_config.vocab_size, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=bias,
+                  rms_norm_eps=1e-6)
+    if rope is not None:
+        kwargs["rope_parameters"] = rope
+    config = LlamaConfig(**kwargs)
+    model = LlamaForCausalLM(config).eval()
+    if bias:
+        for layer in model.model.layers:  # random, so a broken bias path cannot pass by zeros
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    model.save_pretrained(tmp_path)
+    default_ckpt.tokenizer.save_pretrained(tmp_path)
+    ckpt = load_checkpoint(str(tmp_path), cache_dir=None)
+    ids = torch.randint(0, config.vocab_size, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+    ours = _ours(ckpt)
+    out = ours(ids, torch.tensor([0]), torch.tensor([0]), ours.new_cache(1), all_logits=True)
+    # Random small weights give logits of order 1: 1e-4 is float32 rounding over three layers.
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a Llama-family"):
+        ModelConfig.from_hf(GPT2Config(n_layer=1, n_embd=32, n_head=2))
