@@ -22,6 +22,7 @@ from server.engine.request import GenerationRequest, SamplingParams, StepOutput,
 from server.settings import ServerSettings
 
 _DISCONNECT_POLL_S = 0.25
+OPENAI_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI and vLLM
 
 
 @dataclass
@@ -247,9 +248,9 @@ class CompletionServing:
         ctx.check_model(req.model)
         prompts = self._prompts(req.prompt)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = [ctx.sampling_params(req, len(ids), req.max_tokens if req.max_tokens is not None
-                                      else (16 if not req.echo else None), req.logprobs,
-                                      prompt_logprobs, allow_zero=req.echo) for ids in prompts]
+        max_tokens = req.max_tokens if req.max_tokens is not None else OPENAI_DEFAULT_MAX_TOKENS
+        params = [ctx.sampling_params(req, len(ids), max_tokens, req.logprobs, prompt_logprobs,
+                                      allow_zero=req.echo) for ids in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = ctx.submit(expand_requests(request_id, prompts, params, req.n))
         if req.stream:

@@ -1,0 +1,78 @@
+"""Time from launching `neuronserve serve` to a 200 from /health, cold (empty cache) and warm.
+
+    python benchmarks/startup.py [--repeats 2] [--out benchmarks/out/startup.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_to_healthy(cache_dir: Path, timeout: float = 600) -> float:
+    port = _free_port()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+                             "--cache-dir", str(cache_dir), "--log-level", "warning"], cwd=ROOT)
+    try:
+        while time.monotonic() - started < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("server did not become healthy")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "startup.json")
+    args = parser.parse_args(argv)
+    results = {"cold_s": [], "warm_s": []}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            results["cold_s"].append(launch_to_healthy(Path(tmp)))
+            results["warm_s"].append(launch_to_healthy(Path(tmp)))
+    report = {
+        "command": " ".join(sys.argv), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version()},
+        "definition": "seconds from process launch to the first 200 from /health (model loaded, "
+                      "re-laid and warmed up); cold = empty cache dir, warm = cache from the cold run",
+        **results,
+        "cold_median_s": sorted(results["cold_s"])[len(results["cold_s"]) // 2],
+        "warm_median_s": sorted(results["warm_s"])[len(results["warm_s"]) // 2],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"launch to healthy: cold {report['cold_median_s']:.1f} s, warm {report['warm_median_s']:.1f} s "
+          f"(runs: cold {['%.1f' % x for x in results['cold_s']]}, warm {['%.1f' % x for x in results['warm_s']]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
