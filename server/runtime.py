@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,33 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     logger.info("loaded %s (%s, %s, %s) in %.1f s%s", name, ckpt.source, dtype, device, elapsed,
                 " from cache" if ckpt.from_cache else "")
     return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache)
+
+
+def launch_engine(settings: ServerSettings) -> tuple[Engine, LoadedModel]:
+    """Load the model, warm it up and run the engine loop, all in one dedicated thread (every
+    torch op of the model then runs on that thread: see Engine.run). Returns once it serves."""
+    ready = threading.Event()
+    result: dict = {}
+
+    def body() -> None:
+        try:
+            loaded = load_model(settings)
+            engine = build_engine(loaded, settings, ServerMetrics(loaded.name))
+            if settings.warmup:
+                warm_up(engine)
+            result.update(engine=engine, loaded=loaded)
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+            return
+        finally:
+            ready.set()
+        engine.run()
+
+    threading.Thread(target=body, name="neuronserve-model", daemon=True).start()
+    ready.wait()
+    if "error" in result:
+        raise result["error"]
+    return result["engine"], result["loaded"]
 
 
 def build_engine(loaded: LoadedModel, settings: ServerSettings, metrics: ServerMetrics) -> Engine:

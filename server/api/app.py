@@ -18,7 +18,7 @@ from server.api.errors import APIError, error_response, install_error_handlers
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.api.serving import ChatServing, CompletionServing, ServingContext, detokenize, tokenize
 from server.metrics import ServerMetrics
-from server.runtime import build_engine, load_model, warm_up
+from server.runtime import launch_engine
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -48,16 +48,11 @@ class ServerState:
 
 def _load_blocking(state: ServerState) -> None:
     settings = state.settings
-    loaded = load_model(settings)
-    metrics = ServerMetrics(loaded.name)
-    engine = build_engine(loaded, settings, metrics)
-    if settings.warmup:
-        warm_up(engine)
-    engine.start()
-    vocab = loaded.model.config.vocab_size
-    state.metrics = metrics
-    longest = max(len(t) for t in loaded.tokenizer.convert_ids_to_tokens(list(range(len(loaded.tokenizer)))))
-    state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name, vocab,
+    engine, loaded = launch_engine(settings)
+    tokenizer = loaded.tokenizer
+    longest = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    state.metrics = engine.metrics
+    state.serving = ServingContext(engine, tokenizer, settings, loaded.name, loaded.model.config.vocab_size,
                                    max_token_chars=max(longest, 1) * 2)
     state.healthy_after_s = time.monotonic() - state.started_at
     logger.info("ready after %.1f s", state.healthy_after_s)

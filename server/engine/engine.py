@@ -81,6 +81,7 @@ class _Sequence:
     slot: int | None = None
     num_cached: int = 0  # tokens whose keys/values are in the slot
     output_ids: list[int] = field(default_factory=list)
+    num_emitted_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     scheduled_at: float | None = None
@@ -125,8 +126,16 @@ class Engine:
     # ---- asyncio side -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="neuronserve-engine", daemon=True)
-        self._thread.start()
+        """Run the engine loop in a new thread. Prefer `runtime.launch_engine`, which also loads
+        the model in that thread (see `run`)."""
+        threading.Thread(target=self.run, name="neuronserve-engine", daemon=True).start()
+
+    def run(self) -> None:
+        """The engine loop; returns after `shutdown`. Call it from the thread that loaded the
+        model: torch's OpenMP pool is per calling thread, and a second thread doing the same small
+        ops runs them about half as fast on a 2-core CPU (measured in benchmarks/decode.py)."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     @property
     def num_unfinished(self) -> int:
@@ -360,7 +369,7 @@ class Engine:
         out = StepOutput(
             request_id=seq.request.request_id,
             text=seq.detok.release(finished),
-            token_ids=seq.output_ids[-len(seq.pending_logprobs):] if seq.pending_logprobs else [],
+            token_ids=seq.output_ids[seq.num_emitted_tokens:],
             logprobs=list(seq.pending_logprobs) if seq.request.params.logprobs is not None else None,
             finished=finished,
             finish_reason=reason,
@@ -372,6 +381,7 @@ class Engine:
         )
         seq.prompt_logprobs = None  # sent once
         seq.pending_logprobs.clear()
+        seq.num_emitted_tokens = len(seq.output_ids)
         seq.deliver(out)
 
     def _finish(self, seq: _Sequence, reason: str, stop_reason: str | int | None = None,

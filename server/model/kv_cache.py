@@ -10,7 +10,7 @@ class LayerCache:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot_ids: torch.Tensor,
                  positions: torch.Tensor, kv_len: int, single: tuple[int, int] | None) -> None:
-        self.keys = keys  # [slots, max_len, KVH, D]
+        self.keys = keys  # [slots, KVH, max_len, D]: one sequence's keys per head are contiguous
         self.values = values
         self.slot_ids = slot_ids  # [B]
         self.kv_len = kv_len  # keys 0..kv_len-1 are read
@@ -21,26 +21,24 @@ class LayerCache:
     def write_and_read(self, k: torch.Tensor, v: torch.Tensor):
         # k, v: [B, T, KVH, D], written at self.positions -> keys, values [B, KVH, kv_len, D]
         positions = self.positions
+        k = k.to(self.keys.dtype).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.to(self.values.dtype).transpose(1, 2)
         if self.single_slot is not None:
-            start = self.single_start
-            s = self.single_slot
-            self.keys[s, start : start + k.shape[1]] = k.to(self.keys.dtype)[0]
-            self.values[s, start : start + v.shape[1]] = v.to(self.values.dtype)[0]
-            keys = self.keys[s : s + 1, : self.kv_len]
-            values = self.values[s : s + 1, : self.kv_len]
-        else:
-            rows = self.slot_ids.unsqueeze(1).expand_as(positions)  # [B, T]
-            self.keys[rows, positions] = k.to(self.keys.dtype)
-            self.values[rows, positions] = v.to(self.values.dtype)
-            keys = self.keys[self.slot_ids, : self.kv_len]
-            values = self.values[self.slot_ids, : self.kv_len]
-        return keys.transpose(1, 2), values.transpose(1, 2)
+            start, s = self.single_start, self.single_slot
+            self.keys[s, :, start : start + k.shape[2]] = k[0]
+            self.values[s, :, start : start + v.shape[2]] = v[0]
+            return self.keys[s : s + 1, :, : self.kv_len], self.values[s : s + 1, :, : self.kv_len]
+        rows = self.slot_ids.unsqueeze(1).expand_as(positions)  # [B, T]
+        # advanced indices around a slice put their broadcast dims first: [B, T, KVH, D]
+        self.keys[rows, :, positions] = k.transpose(1, 2)
+        self.values[rows, :, positions] = v.transpose(1, 2)
+        return self.keys[self.slot_ids, :, : self.kv_len], self.values[self.slot_ids, :, : self.kv_len]
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots = num_slots
@@ -51,8 +49,8 @@ class KVCache:
         return LayerCache(self.keys[index], self.values[index], slot_ids, positions, kv_len, single)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self.keys[:, dst, :length] = self.keys[:, src, :length]
-        self.values[:, dst, :length] = self.values[:, src, :length]
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
 
     @property
     def nbytes(self) -> int:

@@ -17,8 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, hidden] float32 residual stream -> float32
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # x: [B, T, hidden] float32 residual stream -> float32. Written out: on CPU this is
+        # faster than F.rms_norm's fused kernel for one token (19 vs 31 us, benchmarks/decode.py).
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class Linear(nn.Module):
@@ -86,12 +87,12 @@ class Attention(nn.Module):
         keys, values = cache.write_and_read(qk[:, :, H:], qkv[:, :, H + KVH :])  # [B, KVH, S, D]
         q = qk[:, :, :H].to(keys.dtype)
         if T == 1:
-            # Decode: grouped heads as a batched matmul; cheaper than SDPA for one query.
-            q = q.view(B, KVH, H // KVH, D)
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (D**-0.5)  # [B, KVH, G, S]
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask.view(B, 1, 1, -1), float("-inf"))
-            out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [B, KVH, G, D]
+            # Decode: each KV head's G query heads form the "query" axis of one SDPA call, so no
+            # head is repeated and no GQA expansion runs.
+            out = F.scaled_dot_product_attention(
+                q.view(B, KVH, H // KVH, D), keys, values,
+                attn_mask=None if attn_mask is None else attn_mask.view(B, 1, 1, -1),
+            )  # [B, KVH, G, D]
             return self.o_proj(out.reshape(B, 1, H * D))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=attn_mask, is_causal=is_causal,
