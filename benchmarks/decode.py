@@ -199,11 +199,11 @@ def weight_bytes_per_token(model: Any) -> dict[str, Any]:
         for key, w in (("qkv", layer.attn.qkv.weight), ("o_proj", layer.attn.o_proj.weight),
                        ("gate_up", layer.mlp.gate_up.weight), ("down", layer.mlp.down.weight)):
             parts[key] += w.numel() * w.element_size()
-    parts["lm_head"] = model.lm_head.numel() * model.lm_head.element_size()
+    parts["lm_head"] = model.head.weight.numel() * model.head.weight.element_size()
     return {
         "bytes": sum(parts.values()),
         "by_part": parts,
-        "element_size": model.lm_head.element_size(),
+        "element_size": model.head.weight.element_size(),
         "counted": "every layer's attn.qkv, attn.o_proj, mlp.gate_up and mlp.down weights, plus lm_head "
                    "[vocab, hidden] (tied to the embedding here, read once per step for the logits)",
         "not_counted": "RMSNorm weights, the one embedding row looked up per token, RoPE tables, and the "

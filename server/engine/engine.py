@@ -173,7 +173,7 @@ class Engine:
             p = request.params
             generator = None
             if not p.greedy:
-                generator = torch.Generator(device="cpu")
+                generator = torch.Generator(device=self.model.device)
                 generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
             seqs.append(_Sequence(
                 request=request,
@@ -283,7 +283,8 @@ class Engine:
         targets = seq.prompt[start + 1 : end + 1]
         if not targets:
             return
-        chosen = logprobs[: len(targets)].gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+        target_ids = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
+        chosen = logprobs[: len(targets)].gather(1, target_ids).squeeze(1).tolist()
         top_lp, top_ids = (logprobs[: len(targets)].topk(n, dim=-1) if n > 0 else (None, None))
         for i, token in enumerate(targets):
             seq.prompt_logprobs.append(TokenLogprob(token, chosen[i], _top(top_ids, top_lp, i, n)))
@@ -307,14 +308,15 @@ class Engine:
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
 
     def _penalty_state(self, rows: list[_Sequence], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = torch.zeros(len(rows), vocab)
-        seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
+        device = self.model.device
+        counts = torch.zeros(len(rows), vocab, device=device)
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
         for i, s in enumerate(rows):
             if s.output_ids:
-                ids = torch.tensor(s.output_ids)
-                counts[i].index_add_(0, ids, torch.ones(len(ids)))
+                ids = torch.tensor(s.output_ids, device=device)
+                counts[i].index_add_(0, ids, torch.ones(len(ids), device=device))
                 seen[i, ids] = True
-            seen[i, torch.tensor(s.prompt)] = True
+            seen[i, torch.tensor(s.prompt, device=device)] = True
         return counts, seen
 
     def _sample_and_emit(self, rows: list[_Sequence], logits: torch.Tensor) -> None:

@@ -61,7 +61,7 @@ def sample(logits: torch.Tensor, controls: BatchControls,
     if controls.presence is not None and penalty_state is not None:
         logits = apply_penalties(logits, controls, *penalty_state)
     if controls.banned is not None:
-        logits = logits.index_put(controls.banned, torch.tensor(float("-inf")))
+        logits = logits.index_put(controls.banned, torch.tensor(float("-inf"), device=logits.device))
     greedy_tokens = logits.argmax(dim=-1)  # [B]
     if controls.all_greedy:
         tokens = greedy_tokens

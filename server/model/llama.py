@@ -29,6 +29,12 @@ class LlamaDecoder(nn.Module):
             return weight(name) if name in state_dict else None
 
         c = config
+        # Half weights on CPU also keep a float32 copy for batched rows (see Linear).
+        batched = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+
+        def linear(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
+            return Linear(w, b, batched_float32=batched)
+
         layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -38,8 +44,8 @@ class LlamaDecoder(nn.Module):
             if c.attention_bias:
                 qkv_b = torch.cat([weight(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             attn = Attention(
-                Linear(qkv_w, qkv_b),
-                Linear(weight(p + "self_attn.o_proj.weight"), optional(p + "self_attn.o_proj.bias")),
+                linear(qkv_w, qkv_b),
+                linear(weight(p + "self_attn.o_proj.weight"), optional(p + "self_attn.o_proj.bias")),
                 c.num_heads, c.num_kv_heads, c.head_dim,
             )
             gate_up_w = torch.cat([weight(p + "mlp.gate_proj.weight"), weight(p + "mlp.up_proj.weight")])
@@ -47,8 +53,8 @@ class LlamaDecoder(nn.Module):
             if c.mlp_bias:
                 gate_up_b = torch.cat([weight(p + "mlp.gate_proj.bias"), weight(p + "mlp.up_proj.bias")])
             mlp = SwiGLU(
-                Linear(gate_up_w, gate_up_b),
-                Linear(weight(p + "mlp.down_proj.weight"), optional(p + "mlp.down_proj.bias")),
+                linear(gate_up_w, gate_up_b),
+                linear(weight(p + "mlp.down_proj.weight"), optional(p + "mlp.down_proj.bias")),
                 c.intermediate_size,
             )
             layers.append(DecoderLayer(self._norm(state_dict, p + "input_layernorm.weight"), attn,
@@ -57,9 +63,9 @@ class LlamaDecoder(nn.Module):
         self.embed = nn.Parameter(weight("model.embed_tokens.weight"), requires_grad=False)  # [V, hidden]
         self.norm = self._norm(state_dict, "model.norm.weight")
         if c.tie_word_embeddings or "lm_head.weight" not in state_dict:
-            self.lm_head = self.embed  # shared, never edited in place
+            self.head = linear(self.embed.data, None)  # shares the embedding; never edited in place
         else:
-            self.lm_head = nn.Parameter(weight("lm_head.weight"), requires_grad=False)
+            self.head = linear(weight("lm_head.weight"), None)
         inv_freq, scale = c.rope_inv_freq(max_model_len)
         self.rope = RotaryEmbedding(inv_freq, scale, max_model_len).to(device)
 
@@ -110,5 +116,4 @@ class LlamaDecoder(nn.Module):
             h = layer(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal)
         if not all_logits:
             h = h[:, -1]  # [B, hidden]
-        h = self.norm(h)
-        return F.linear(h.to(self.dtype), self.lm_head).float()
+        return self.head(self.norm(h)).float()
