@@ -43,7 +43,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_f32 is not None and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]:
-            return F.linear(x.float(), self.weight_f32, self.bias_f32).to(self.weight.dtype)
+            rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
+            # W @ x^T (weight-major) runs 2-4x faster than x @ W^T in MKL for few rows.
+            y = torch.mm(self.weight_f32, rows.t()).t()  # [N, out]
+            if self.bias_f32 is not None:
+                y = y + self.bias_f32
+            return y.to(self.weight.dtype).view(*x.shape[:-1], -1)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
