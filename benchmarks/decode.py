@@ -46,8 +46,6 @@ import asyncio
 import datetime as _dt
 import gc
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -55,6 +53,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_machine import describe_machine
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -108,48 +108,9 @@ def _free() -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
+    import torch  # noqa: F401  (so that the machine block describes torch's threads)
 
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_model_name": None,
-        "cpu_count": os.cpu_count(),
-        "affinity_cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "python_version": platform.python_version(),
-        "torch_version": str(torch.__version__),
-        "transformers_version": None,
-        "llama_cpp_version": None,
-        "hostname": platform.node(),
-    }
-    try:
-        import transformers
-
-        info["transformers_version"] = transformers.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from importlib.metadata import version
-
-        info["llama_cpp_version"] = version("llama_cpp_python")
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    info["cpu_model_name"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        info["torch_parallel_info"] = torch.__config__.parallel_info()
-    except Exception:  # noqa: BLE001
-        pass
-    return info
+    return describe_machine(("torch", "transformers", "llama_cpp_python"))
 
 
 def _threads_seen_by_a_new_thread() -> int:

@@ -48,7 +48,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -57,9 +56,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from bench_machine import describe_machine
 
 try:  # imported lazily-safe: the module still imports (and --help works) without httpx
     import httpx
@@ -506,47 +507,7 @@ def stop_server(proc: subprocess.Popen, log: Any) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "system": platform.system(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "python_version": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "hostname": platform.node(),
-        "torch_version": None,
-        "cpu_model_name": None,
-    }
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            info["torch_version"] = version("torch")
-        except PackageNotFoundError:
-            pass
-    except ImportError:  # pragma: no cover
-        pass
-    if info["torch_version"] is None:
-        try:
-            import torch  # type: ignore
-
-            info["torch_version"] = str(torch.__version__)
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    info["cpu_model_name"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        info["httpx_version"] = httpx.__version__ if httpx is not None else None
-    except AttributeError:
-        info["httpx_version"] = None
-    return info
+    return describe_machine(("torch", "httpx"))
 
 
 def _fmt(v: Any, nd: int = 1) -> str:

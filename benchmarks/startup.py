@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             results["warm_s"].append(launch_to_healthy(Path(tmp)))
     report = {
         "command": " ".join(sys.argv), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version()},
+        "machine": describe_machine(),
         "definition": "seconds from process launch to the first 200 from /health (model loaded, "
                       "re-laid and warmed up); cold = empty cache dir, warm = cache from the cold run",
         **results,

@@ -261,7 +261,7 @@ def test_metrics_move_with_a_request(client):
                  "request_generation_tokens_count"):
         key = f"neuronserve:{name}{label}"
         assert after[key] > before.get(key, 0), name
-    success = f'neuronserve:request_success_total{{finished_reason="length",model_name="SmolLM2-135M-Instruct"}}'
+    success = 'neuronserve:request_success_total{finished_reason="length",model_name="SmolLM2-135M-Instruct"}'
     assert after[success] == before.get(success, 0) + 1
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert f"neuronserve:{gauge}{label}" in after

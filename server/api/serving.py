@@ -206,6 +206,28 @@ async def run_unless_disconnected(raw: Request, coro):
             task.cancel()
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens).model_dump()
+
+
+class _ChunkWriter:
+    """The id/object/created/model envelope of every streamed chunk of one response."""
+
+    def __init__(self, request_id: str, obj: str, model: str, stream_options) -> None:
+        self.head = {"id": request_id, "object": obj, "created": int(time.time()), "model": model}
+        self.include_usage = bool(stream_options and stream_options.include_usage)
+
+    def choice(self, choice: dict) -> str:
+        body = {**self.head, "choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None
+        return _sse(body)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        return _sse({**self.head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -321,26 +343,15 @@ class CompletionServing:
         completion_tokens = sum(c.generated for c in choices)
         return {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": ctx.model_name, "choices": out,
-                "usage": UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                   total_tokens=prompt_tokens + completion_tokens).model_dump()}
+                "usage": _usage(prompt_tokens, completion_tokens)}
 
     async def _stream(self, req: CompletionRequest, request_id: str, prompts: list[list[int]],
                       streams: list[RequestStream]) -> AsyncIterator[str]:
         ctx = self.ctx
-        created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        writer = _ChunkWriter(request_id, "text_completion", ctx.model_name, req.stream_options)
         generated = [0] * len(streams)
         offsets = [0] * len(streams)
         started = [False] * len(streams)
-
-        def chunk(index: int, text: str, logprobs, finish_reason, stop_reason=None) -> dict:
-            body = {"id": request_id, "object": "text_completion", "created": created,
-                    "model": ctx.model_name,
-                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                 "finish_reason": finish_reason, "stop_reason": stop_reason}]}
-            if include_usage:
-                body["usage"] = None
-            return body
 
         async with aclosing(merge_streams(streams)) as merged:
             async for index, out in merged:
@@ -370,16 +381,12 @@ class CompletionServing:
                 generated[index] = out.num_generated_tokens
                 if not out.finished and not text and logprobs is None:
                     continue
-                yield _sse(chunk(index, text, logprobs, out.finish_reason if out.finished else None,
-                                 out.stop_reason if out.finished else None))
+                yield writer.choice({"index": index, "text": text, "logprobs": logprobs,
+                                     "finish_reason": out.finish_reason if out.finished else None,
+                                     "stop_reason": out.stop_reason if out.finished else None})
             else:
-                if include_usage:
-                    prompt_tokens = sum(len(p) for p in prompts)
-                    completion = sum(generated)
-                    yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                                "model": ctx.model_name, "choices": [],
-                                "usage": UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                                   total_tokens=prompt_tokens + completion).model_dump()})
+                if writer.include_usage:
+                    yield writer.usage(sum(len(p) for p in prompts), sum(generated))
         yield _sse("[DONE]")
 
 
@@ -410,8 +417,7 @@ class ChatServing:
                          "logprobs": self._logprobs(c.logprobs) if req.logprobs else None,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for i, c in enumerate(choices)],
-            "usage": UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
-                               total_tokens=len(ids) + completion_tokens).model_dump(),
+            "usage": _usage(len(ids), completion_tokens),
         })
 
     def _entry(self, token_id: int, logprob: float) -> dict:
@@ -425,22 +431,15 @@ class ChatServing:
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, prompt_tokens: int,
                       streams: list[RequestStream]) -> AsyncIterator[str]:
-        ctx = self.ctx
-        created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        writer = _ChunkWriter(request_id, "chat.completion.chunk", self.ctx.model_name, req.stream_options)
         generated = [0] * len(streams)
 
-        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> dict:
-            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": ctx.model_name,
-                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                 "finish_reason": finish_reason, "stop_reason": stop_reason}]}
-            if include_usage:
-                body["usage"] = None
-            return body
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
+            return writer.choice({"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason, "stop_reason": stop_reason})
 
         for i in range(len(streams)):
-            yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+            yield chunk(i, {"role": "assistant", "content": ""})
         async with aclosing(merge_streams(streams)) as merged:
             async for index, out in merged:
                 if out.finished and out.finish_reason == "abort":
@@ -450,16 +449,12 @@ class ChatServing:
                 generated[index] = out.num_generated_tokens
                 logprobs = self._logprobs(out.logprobs) if req.logprobs and out.logprobs else None
                 if out.text or logprobs is not None:
-                    yield _sse(chunk(index, {"content": out.text}, logprobs))
+                    yield chunk(index, {"content": out.text}, logprobs)
                 if out.finished:
-                    yield _sse(chunk(index, {}, None, out.finish_reason, out.stop_reason))
+                    yield chunk(index, {}, None, out.finish_reason, out.stop_reason)
             else:
-                if include_usage:
-                    completion = sum(generated)
-                    yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                "model": ctx.model_name, "choices": [],
-                                "usage": UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                                   total_tokens=prompt_tokens + completion).model_dump()})
+                if writer.include_usage:
+                    yield writer.usage(prompt_tokens, sum(generated))
         yield _sse("[DONE]")
 
 

@@ -1,0 +1,44 @@
+"""The machine block every benchmark writes into its JSON (imported by the scripts beside it)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+
+def describe_machine(packages: tuple[str, ...] = ("torch", "transformers")) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_model_name": None,
+        "cpu_count": os.cpu_count(),
+        "affinity_cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python_version": platform.python_version(),
+        "hostname": platform.node(),
+        "gpu": None,
+    }
+    for name in packages:
+        try:
+            info[f"{name.replace('-', '_')}_version"] = version(name)
+        except PackageNotFoundError:
+            info[f"{name.replace('-', '_')}_version"] = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    info["cpu_model_name"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")  # only described when the benchmark itself uses torch
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_interop_threads"] = torch.get_num_interop_threads()
+        info["torch_parallel_info"] = torch.__config__.parallel_info()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
