@@ -125,14 +125,9 @@ class Engine:
 
     # ---- asyncio side -------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Run the engine loop in a new thread. Prefer `runtime.launch_engine`, which also loads
-        the model in that thread (see `run`)."""
-        threading.Thread(target=self.run, name="neuronserve-engine", daemon=True).start()
-
     def run(self) -> None:
-        """The engine loop; returns after `shutdown`. Call it from the thread that loaded the
-        model: torch's OpenMP pool is per calling thread, and a second thread doing the same small
+        """The engine loop; returns after `shutdown`. `runtime.launch_engine` calls it from the
+        thread that loaded the model: torch's OpenMP pool is per calling thread, and a second thread doing the same small
         ops runs them about half as fast on a 2-core CPU (measured in benchmarks/decode.py)."""
         self._thread = threading.current_thread()
         self._loop()
