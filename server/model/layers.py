@@ -1,5 +1,9 @@
 """The building blocks of a Llama-family decoder layer. No kernels live here: each block calls
-plain torch ops (or, later, the launchers in `kernels/`), so the model file stays composition."""
+plain torch ops (or, later, the launchers in `kernels/`), so the model file stays composition.
+
+Blocks call each other through `.forward`: we register no hooks (interventions are steps of the
+forward pass, by design), and `nn.Module.__call__` costs about 10 us a call, 270 calls a token:
+about 8% of batch-1 decode on the CPU."""
 
 from __future__ import annotations
 
@@ -100,7 +104,7 @@ class Attention(nn.Module):
         # None when is_causal says whether plain causal masking (keys from 0) or none is right.
         B, T, _ = x.shape
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * KVH, D)
+        qkv = self.qkv.forward(x).view(B, T, H + 2 * KVH, D)
         qk = apply_rope(qkv[:, :, : H + KVH].float(), *rope)  # q and k heads rotated together
         keys, values = cache.write_and_read(qk[:, :, H:], qkv[:, :, H + KVH :])  # [B, KVH, S, D]
         q = qk[:, :, :H].to(keys.dtype)
@@ -111,12 +115,12 @@ class Attention(nn.Module):
                 q.view(B, KVH, H // KVH, D), keys, values,
                 attn_mask=None if attn_mask is None else attn_mask.view(B, 1, 1, -1),
             )  # [B, KVH, G, D]
-            return self.o_proj(out.reshape(B, 1, H * D))
+            return self.o_proj.forward(out.reshape(B, 1, H * D))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=H != KVH,
         )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+        return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 class SwiGLU(nn.Module):
@@ -127,8 +131,8 @@ class SwiGLU(nn.Module):
         self.intermediate_size = intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
-        return self.down(F.silu(gate) * up)  # [B, T, hidden]
+        gate, up = self.gate_up.forward(x).split(self.intermediate_size, dim=-1)
+        return self.down.forward(F.silu(gate) * up)  # [B, T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -141,5 +145,5 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, rope, cache, attn_mask, is_causal):
         # h: [B, T, hidden] float32 residual stream; the adds promote the projections to float32
-        h = h + self.attn(self.attn_norm(h), rope, cache, attn_mask, is_causal)
-        return h + self.mlp(self.mlp_norm(h))
+        h = h + self.attn.forward(self.attn_norm.forward(h), rope, cache, attn_mask, is_causal)
+        return h + self.mlp.forward(self.mlp_norm.forward(h))

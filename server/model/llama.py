@@ -113,7 +113,7 @@ class LlamaDecoder(nn.Module):
         rope = self.rope.tables(positions)
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal)
+            h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal)
         if not all_logits:
             h = h[:, -1]  # [B, hidden]
-        return self.head(self.norm(h)).float()
+        return self.head.forward(self.norm.forward(h)).float()
