@@ -357,3 +357,17 @@ def test_graceful_shutdown_finishes_in_flight_requests():
     assert results["r"].json()["usage"]["completion_tokens"] == 40
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.base_url + "/health", timeout=2)
+
+
+def test_guidellm_style_stream_with_continuous_usage(client):
+    """guidellm sends stop: null, ignore_eos and continuous_usage_stats: usage on every chunk."""
+    with client.stream("POST", "/v1/completions", json={
+            "model": "SmolLM2-135M-Instruct", "prompt": "Benchmark me", "max_tokens": 6, "stop": None,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as r:
+        events = sse_events(r)
+    chunks = [e for e in events[:-1] if e["choices"]]
+    counts = [e["usage"]["completion_tokens"] for e in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert all(e["usage"]["prompt_tokens"] == chunks[0]["usage"]["prompt_tokens"] > 0 for e in chunks)
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 6

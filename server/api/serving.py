@@ -212,20 +212,24 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class _ChunkWriter:
-    """The id/object/created/model envelope of every streamed chunk of one response."""
+    """The id/object/created/model envelope of every streamed chunk of one response, with the
+    usage that stream_options asks for: a final usage chunk (include_usage) and, with
+    continuous_usage_stats (which guidellm sends), the running usage on every chunk as well."""
 
-    def __init__(self, request_id: str, obj: str, model: str, stream_options) -> None:
+    def __init__(self, request_id: str, obj: str, model: str, stream_options, prompt_tokens: int) -> None:
         self.head = {"id": request_id, "object": obj, "created": int(time.time()), "model": model}
         self.include_usage = bool(stream_options and stream_options.include_usage)
+        self.continuous = bool(self.include_usage and stream_options.continuous_usage_stats)
+        self.prompt_tokens = prompt_tokens
 
-    def choice(self, choice: dict) -> str:
+    def choice(self, choice: dict, completion_tokens: int) -> str:
         body = {**self.head, "choices": [choice]}
         if self.include_usage:
-            body["usage"] = None
+            body["usage"] = _usage(self.prompt_tokens, completion_tokens) if self.continuous else None
         return _sse(body)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        return _sse({**self.head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    def usage(self, completion_tokens: int) -> str:
+        return _sse({**self.head, "choices": [], "usage": _usage(self.prompt_tokens, completion_tokens)})
 
 
 def _sse(payload: dict | str) -> str:
@@ -348,7 +352,8 @@ class CompletionServing:
     async def _stream(self, req: CompletionRequest, request_id: str, prompts: list[list[int]],
                       streams: list[RequestStream]) -> AsyncIterator[str]:
         ctx = self.ctx
-        writer = _ChunkWriter(request_id, "text_completion", ctx.model_name, req.stream_options)
+        writer = _ChunkWriter(request_id, "text_completion", ctx.model_name, req.stream_options,
+                              sum(len(p) for p in prompts))
         generated = [0] * len(streams)
         offsets = [0] * len(streams)
         started = [False] * len(streams)
@@ -383,10 +388,11 @@ class CompletionServing:
                     continue
                 yield writer.choice({"index": index, "text": text, "logprobs": logprobs,
                                      "finish_reason": out.finish_reason if out.finished else None,
-                                     "stop_reason": out.stop_reason if out.finished else None})
+                                     "stop_reason": out.stop_reason if out.finished else None},
+                                    sum(generated))
             else:
                 if writer.include_usage:
-                    yield writer.usage(sum(len(p) for p in prompts), sum(generated))
+                    yield writer.usage(sum(generated))
         yield _sse("[DONE]")
 
 
@@ -431,12 +437,13 @@ class ChatServing:
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, prompt_tokens: int,
                       streams: list[RequestStream]) -> AsyncIterator[str]:
-        writer = _ChunkWriter(request_id, "chat.completion.chunk", self.ctx.model_name, req.stream_options)
+        writer = _ChunkWriter(request_id, "chat.completion.chunk", self.ctx.model_name, req.stream_options,
+                              prompt_tokens)
         generated = [0] * len(streams)
 
         def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
             return writer.choice({"index": index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": finish_reason, "stop_reason": stop_reason})
+                                  "finish_reason": finish_reason, "stop_reason": stop_reason}, sum(generated))
 
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -454,7 +461,7 @@ class ChatServing:
                     yield chunk(index, {}, None, out.finish_reason, out.stop_reason)
             else:
                 if writer.include_usage:
-                    yield writer.usage(prompt_tokens, sum(generated))
+                    yield writer.usage(sum(generated))
         yield _sse("[DONE]")
 
 
