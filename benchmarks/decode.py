@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_machine import describe_machine
+from bench_common import describe_machine, fmt as _fmt, format_table as _table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -400,22 +400,6 @@ def run_llama_cpp(gguf: Path, prompt: str, tokens: int, repeats: int, threads: i
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _fmt(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    return "\n".join([line, sep, *body])
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bench_machine import describe_machine
+from bench_common import describe_machine, fmt as _fmt, format_table as _table
 
 try:  # imported lazily-safe: the module still imports (and --help works) without httpx
     import httpx
@@ -508,22 +508,6 @@ def stop_server(proc: subprocess.Popen, log: Any) -> None:
 
 def machine_info() -> dict[str, Any]:
     return describe_machine(("torch", "httpx"))
-
-
-def _fmt(v: Any, nd: int = 1) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([line, sep, *body])
 
 
 def format_report(report: dict[str, Any]) -> str:

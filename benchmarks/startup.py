@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_machine import describe_machine
+from bench_common import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 

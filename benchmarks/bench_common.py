@@ -1,7 +1,9 @@
-"""The machine block every benchmark writes into its JSON (imported by the scripts beside it)."""
+"""What every benchmark shares: the machine block of its JSON and its plain-text tables (imported
+by the scripts beside it)."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -42,3 +44,22 @@ def describe_machine(packages: tuple[str, ...] = ("torch", "transformers")) -> d
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    """A table cell: '-' for a missing or NaN value, floats to `digits` places."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; the first left-aligned, the rest right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
