@@ -3,11 +3,13 @@ by the scripts beside it)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 
@@ -63,3 +65,11 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def write_report(report: dict[str, Any], text: str, out: Path) -> None:
+    """Print the human-readable report and write the JSON beside it."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {out}")

@@ -45,7 +45,6 @@ import multiprocessing
 import asyncio
 import datetime as _dt
 import gc
-import json
 import shlex
 import statistics
 import sys
@@ -54,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe_machine, fmt as _fmt, format_table as _table
+from bench_common import describe_machine, fmt as _fmt, format_table as _table, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -687,12 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     print()
-    print(format_report(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
-    print(f"\nwrote {args.out}")
+    write_report(report, format_report(report), args.out)
     return 0
 
 

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bench_common import describe_machine, fmt as _fmt, format_table as _table
+from bench_common import describe_machine, fmt as _fmt, format_table as _table, write_report
 
 try:  # imported lazily-safe: the module still imports (and --help works) without httpx
     import httpx
@@ -776,12 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "levels": levels,
     }
 
-    print(format_report(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
-    print(f"\nwrote {args.out}")
+    write_report(report, format_report(report), args.out)
     return 0 if all(lv["completed"] > 0 for lv in levels) else 1
 
 

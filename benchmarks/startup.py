@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import describe_machine
+from bench_common import describe_machine, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         "cold_median_s": sorted(results["cold_s"])[len(results["cold_s"]) // 2],
         "warm_median_s": sorted(results["warm_s"])[len(results["warm_s"]) // 2],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"launch to healthy: cold {report['cold_median_s']:.1f} s, warm {report['warm_median_s']:.1f} s "
-          f"(runs: cold {['%.1f' % x for x in results['cold_s']]}, warm {['%.1f' % x for x in results['warm_s']]})")
+    write_report(report, f"launch to healthy: cold {report['cold_median_s']:.1f} s, warm "
+                 f"{report['warm_median_s']:.1f} s (runs: cold {['%.1f' % x for x in results['cold_s']]}, "
+                 f"warm {['%.1f' % x for x in results['warm_s']]})", args.out)
     return 0
 
 

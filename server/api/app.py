@@ -49,11 +49,9 @@ class ServerState:
 def _load_blocking(state: ServerState) -> None:
     settings = state.settings
     engine, loaded = launch_engine(settings)
-    tokenizer = loaded.tokenizer
-    longest = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
     state.metrics = engine.metrics
-    state.serving = ServingContext(engine, tokenizer, settings, loaded.name, loaded.model.config.vocab_size,
-                                   max_token_chars=max(longest, 1) * 2)
+    state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name,
+                                   loaded.model.config.vocab_size)
     state.healthy_after_s = time.monotonic() - state.started_at
     logger.info("ready after %.1f s", state.healthy_after_s)
 

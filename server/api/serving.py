@@ -34,9 +34,15 @@ class ServingContext:
     settings: ServerSettings
     model_name: str
     vocab_size: int
-    max_token_chars: int = 64
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
+    max_token_chars: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # An upper bound on the characters one token decodes to (twice the longest token's
+        # spelling), so that encode() can refuse hopeless texts without tokenizing them.
+        spellings = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        self.max_token_chars = 2 * max(1, max(len(t) for t in spellings))
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -128,7 +128,7 @@ class Engine:
     def run(self) -> None:
         """The engine loop; returns after `shutdown`. `runtime.launch_engine` calls it from the
         thread that loaded the model: torch's OpenMP pool is per calling thread, and a second thread doing the same small
-        ops runs them about half as fast on a 2-core CPU (measured in benchmarks/decode.py)."""
+        ops runs them about half as fast on a 2-core CPU (17 vs 31-35 tok/s, benchmarks/RESULTS.md)."""
         self._thread = threading.current_thread()
         self._loop()
 

@@ -41,17 +41,7 @@ class KVCache:
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_slots = num_slots
-        self.max_len = max_len
 
     def layer(self, index: int, slot_ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
               single: tuple[int, int] | None) -> LayerCache:
         return LayerCache(self.keys[index], self.values[index], slot_ids, positions, kv_len, single)
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
-        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2

@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, hidden] float32 residual stream -> float32. Written out: on CPU this is
-        # faster than F.rms_norm's fused kernel for one token (19 vs 31 us, benchmarks/decode.py).
+        # faster than F.rms_norm's fused kernel for one token (19 vs 31 us measured here).
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
