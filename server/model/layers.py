@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.kv_cache import LayerCache
+from server.model.sparsity import LayerSparsity, SparseProjection
 
 
 class RMSNorm(nn.Module):
@@ -46,14 +47,27 @@ class Linear(nn.Module):
         self.bias_f32 = bias.float() if batched_float32 and bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_f32 is not None and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]:
+        return self._project(x, self.weight, self.bias, self.weight_f32, self.bias_f32)
+
+    def forward_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Outputs start:end only (one of a fused projection's parts), through the same path."""
+
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:end]
+
+        return self._project(x, self.weight[start:end], part(self.bias), part(self.weight_f32),
+                             part(self.bias_f32))
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 weight_f32: torch.Tensor | None, bias_f32: torch.Tensor | None) -> torch.Tensor:
+        if weight_f32 is not None and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]:
             rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
             # W @ x^T (weight-major) runs 2-4x faster than x @ W^T in MKL for few rows.
-            y = torch.mm(self.weight_f32, rows.t()).t()  # [N, out]
-            if self.bias_f32 is not None:
-                y = y + self.bias_f32
-            return y.to(self.weight.dtype).view(*x.shape[:-1], -1)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+            y = torch.mm(weight_f32, rows.t()).t()  # [N, out]
+            if bias_f32 is not None:
+                y = y + bias_f32
+            return y.to(weight.dtype).view(*x.shape[:-1], -1)
+        return F.linear(x.to(weight.dtype), weight, bias)
 
 
 class RotaryEmbedding(nn.Module):
@@ -91,6 +105,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # set by LlamaDecoder.attach_sparsity when a WINA profile is loaded
+        self.sparse_qkv: SparseProjection | None = None
+        self.sparse_o: SparseProjection | None = None
 
     def forward(
         self,
@@ -99,12 +116,17 @@ class Attention(nn.Module):
         cache: LayerCache,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
+        sparsity: LayerSparsity | None = None,
     ) -> torch.Tensor:
         # x: [B, T, hidden]; rope: cos/sin tables [B, T, 1, D]; attn_mask: [B, 1, T, S] bool, or
         # None when is_causal says whether plain causal masking (keys from 0) or none is right.
         B, T, _ = x.shape
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv.forward(x).view(B, T, H + 2 * KVH, D)
+        if sparsity is None:
+            qkv = self.qkv.forward(x)
+        else:
+            qkv = sparsity.apply(self.sparse_qkv, x, self.qkv.forward)
+        qkv = qkv.view(B, T, H + 2 * KVH, D)
         qk = apply_rope(qkv[:, :, : H + KVH].float(), *rope)  # q and k heads rotated together
         keys, values = cache.write_and_read(qk[:, :, H:], qkv[:, :, H + KVH :])  # [B, KVH, S, D]
         q = qk[:, :, :H].to(keys.dtype)
@@ -115,12 +137,17 @@ class Attention(nn.Module):
                 q.view(B, KVH, H // KVH, D), keys, values,
                 attn_mask=None if attn_mask is None else attn_mask.view(B, 1, 1, -1),
             )  # [B, KVH, G, D]
-            return self.o_proj.forward(out.reshape(B, 1, H * D))
+            return self._output(out.reshape(B, 1, H * D), sparsity)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=H != KVH,
         )  # [B, H, T, D]
-        return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, H * D))
+        return self._output(out.transpose(1, 2).reshape(B, T, H * D), sparsity)
+
+    def _output(self, out: torch.Tensor, sparsity: LayerSparsity | None) -> torch.Tensor:
+        if sparsity is None:
+            return self.o_proj.forward(out)
+        return sparsity.apply(self.sparse_o, out, self.o_proj.forward)
 
 
 class SwiGLU(nn.Module):
@@ -129,10 +156,18 @@ class SwiGLU(nn.Module):
         self.gate_up = gate_up  # fused [gate; up] rows
         self.down = down
         self.intermediate_size = intermediate_size
+        self.sparse_gate_up: SparseProjection | None = None  # set by LlamaDecoder.attach_sparsity
+        self.sparse_down: SparseProjection | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up.forward(x).split(self.intermediate_size, dim=-1)
-        return self.down.forward(F.silu(gate) * up)  # [B, T, hidden]
+        return F.silu(gate) * up  # [B, T, intermediate]
+
+    def forward(self, x: torch.Tensor, sparsity: LayerSparsity | None = None) -> torch.Tensor:
+        if sparsity is None:
+            return self.down.forward(self.activation(x))  # [B, T, hidden]
+        hidden = sparsity.apply(self.sparse_gate_up, x, self.activation)
+        return sparsity.apply(self.sparse_down, hidden, self.down.forward)
 
 
 class DecoderLayer(nn.Module):
@@ -143,7 +178,7 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = mlp_norm
         self.mlp = mlp
 
-    def forward(self, h, rope, cache, attn_mask, is_causal):
+    def forward(self, h, rope, cache, attn_mask, is_causal, sparsity: LayerSparsity | None = None):
         # h: [B, T, hidden] float32 residual stream; the adds promote the projections to float32
-        h = h + self.attn.forward(self.attn_norm.forward(h), rope, cache, attn_mask, is_causal)
-        return h + self.mlp.forward(self.mlp_norm.forward(h))
+        h = h + self.attn.forward(self.attn_norm.forward(h), rope, cache, attn_mask, is_causal, sparsity)
+        return h + self.mlp.forward(self.mlp_norm.forward(h), sparsity)

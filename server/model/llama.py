@@ -9,6 +9,10 @@ from torch import nn
 from server.model.config import ModelConfig
 from server.model.kv_cache import KVCache
 from server.model.layers import Attention, DecoderLayer, Linear, RMSNorm, RotaryEmbedding, SwiGLU
+from server.model.sparsity import (
+    DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, SparseProjection, SparsityPlan, WinaTable,
+)
+from kernels.wina_cpu import CpuWinaKernel
 
 
 class LlamaDecoder(nn.Module):
@@ -68,6 +72,33 @@ class LlamaDecoder(nn.Module):
             self.head = linear(weight("lm_head.weight"), None)
         inv_freq, scale = c.rope_inv_freq(max_model_len)
         self.rope = RotaryEmbedding(inv_freq, scale, max_model_len).to(device)
+        self.wina: WinaTable | None = None
+        q, kv, hidden, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        # per projection (q, k, v, o, gate, up, down): output width N_p and input width K_p
+        self._proj_out = torch.tensor([q, kv, kv, hidden, inter, inter, hidden], dtype=torch.float32, device=device)
+        self._layer_weight_total = float(hidden * (q + 2 * kv + 2 * inter) + q * hidden + inter * hidden)
+
+    def attach_sparsity(self, table: WinaTable, cpu_kernel: CpuWinaKernel | None) -> None:
+        """Prepare every projection for WINA sparsity with `table`'s criterion and thresholds. The
+        CPU kernel keeps a transposed copy of each weight (one more copy of the model's weights)."""
+        if table.thresholds.shape[1] != self.config.num_layers:
+            raise ValueError(f"WINA profile has {table.thresholds.shape[1]} layers, the model {self.config.num_layers}")
+        c = self.config
+        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        for layer in self.layers:
+            attn, mlp = layer.attn, layer.mlp
+            attn.sparse_qkv = SparseProjection(attn.qkv, (q, kv, kv), QKV_COLUMNS, table.criterion, cpu_kernel)
+            attn.sparse_o = SparseProjection(attn.o_proj, (c.hidden_size,), O_COLUMNS, table.criterion, cpu_kernel)
+            mlp.sparse_gate_up = SparseProjection(mlp.gate_up, (inter, inter), GATE_UP_COLUMNS, table.criterion,
+                                                  cpu_kernel, gate_up=True)
+            mlp.sparse_down = SparseProjection(mlp.down, (c.hidden_size,), DOWN_COLUMNS, table.criterion, cpu_kernel)
+        self.wina = WinaTable(table.criterion, table.levels.to(self.device), table.thresholds.to(self.device))
+
+    def sparsity_plan(self, targets: list[float], tokens_per_row: int) -> SparsityPlan | None:
+        """None when no row asks for sparsity: such a batch does no extra work."""
+        if self.wina is None or not any(t > 0 for t in targets):
+            return None
+        return SparsityPlan.build(self.wina, targets, tokens_per_row, self._proj_out, self._layer_weight_total)
 
     def _norm(self, state_dict: dict[str, torch.Tensor], name: str) -> RMSNorm:
         norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
@@ -93,6 +124,7 @@ class LlamaDecoder(nn.Module):
         start_positions: torch.Tensor,
         cache: KVCache,
         all_logits: bool = False,
+        sparsity: SparsityPlan | None = None,
     ) -> torch.Tensor:
         """token_ids: [B, T] (every row T new tokens, written at start_positions[b] onwards in its
         slot) -> float32 logits [B, V] for each row's last token, or [B, T, V] with all_logits."""
@@ -113,7 +145,8 @@ class LlamaDecoder(nn.Module):
         rope = self.rope.tables(positions)
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal)
+            h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal,
+                              None if sparsity is None else sparsity.layer(i))
         if not all_logits:
             h = h[:, -1]  # [B, hidden]
         return self.head.forward(self.norm.forward(h)).float()

@@ -1,0 +1,540 @@
+"""Triton kernels for WINA sparse GEMV: a linear layer that reads only the weight rows its rows keep.
+
+Semantics are those of `kernels/wina_reference.py` (the oracle): row b keeps input channel i for
+segment g when `|x[b, i]| * col_norms[g, i] > thresholds[b, g]`, and segment g's outputs are
+`(x[b] * keep[b, g]) @ weight_t[:, segment g]`, accumulated in float32.
+
+How the kernel skips memory traffic: `weight_t` is [K, N] row-major, so input channel k is one
+contiguous weight row. Each program owns a block of output columns (inside one segment) and a range
+of input channels; for every BLOCK_K chunk it loads x for all batch rows, computes each row's mask
+in registers, and loads the weight rows that *at least one* row keeps with a masked `tl.load`
+(masked-off rows issue no memory transactions). Each row then multiplies by its own masked input,
+so a row's result never depends on its neighbours' masks: a weight row loaded only for a neighbour
+meets a zero input. This is TEAL's gather idea made correct for every batch size (TEAL's kernel
+skips rows by batch row 0's mask alone).
+
+Above `DENSE_CROSSOVER_BATCH` rows, the union of the rows' masks covers most weight rows and
+cuBLAS wins, so the wrapper masks x in torch and runs a dense matmul (same semantics).
+
+Layers (Liger-style): private `@triton.jit` kernels; launchers `wina_linear_sparse` /
+`wina_gate_up_sparse` (check shapes, allocate, pick block sizes, launch); thin wrappers
+`wina_linear_triton` / `wina_gate_up_triton` that pick the sparse or dense path.
+
+Triton is imported only here. With `TRITON_INTERPRET=1` set before this module is imported the
+kernels run in Triton's interpreter on CPU tensors (the tests do this); otherwise they compile for
+CUDA and need CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.wina_reference import wina_mask
+
+# Batches larger than this take the dense path (mask x in torch, then cuBLAS). 16 is a first guess
+# from the roofline (the union of 16 rows' masks at 50 % sparsity already covers nearly every weight
+# row); tune it on a GPU with benchmarks/wina_kernel_gpu.py.
+DENSE_CROSSOVER_BATCH = 16
+MAX_SPARSE_BATCH = 32  # the sparse kernel holds every batch row in one tile (BLOCK_B <= 32)
+MAX_SEGMENTS = 3  # fused q/k/v
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_ELEMENTS = 2**31  # pointer offsets are int32 inside the kernels
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate(acc, xm, w, USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr):
+    """acc [BLOCK_B, BLOCK_N] fp32 += xm [BLOCK_B, BLOCK_K] fp32 @ w [BLOCK_K, BLOCK_N]."""
+    if USE_DOT:
+        if DOT_NATIVE:
+            # x and w share a 16-bit dtype, so casting the masked x back to it is exact; the
+            # tensor-core products are exact and accumulate in fp32.
+            acc = tl.dot(xm.to(w.dtype), w, acc)
+        else:
+            # fp32 (or mixed) inputs: full-precision dot, never TF32.
+            acc = tl.dot(xm, w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc += tl.sum(xm[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _wina_linear_kernel(
+    x_ptr,  # [B, K] input rows (fp32 / bf16 / fp16)
+    w_ptr,  # [K, N] transposed weight, row-major (column stride 1): row k is input channel k
+    cn_ptr,  # [G, K] float32 WINA column norms, one row per segment
+    thr_ptr,  # [B, G] float32 per-row, per-segment thresholds
+    bias_ptr,  # [N] bias; any pointer when HAS_BIAS is False (never read)
+    y_ptr,  # SPLIT_K == 1: [B, N] output in the weight dtype; else [SPLIT_K, B, N] fp32 partial sums
+    kept_ptr,  # [B, G] int32 kept counts: stored when SPLIT_K == 1, else atomically added (pre-zeroed)
+    B,  # batch rows (<= BLOCK_B)
+    K,  # input channels
+    N0,  # width of segment 0
+    N1,  # width of segment 1 (0 when there is one segment)
+    N2,  # width of segment 2 (0 when there are fewer than three)
+    stride_xb, stride_xk,  # x strides: row, channel
+    stride_wk,  # weight_t row stride (its column stride is 1)
+    stride_cg, stride_ck,  # col_norms strides: segment, channel
+    stride_tb, stride_tg,  # thresholds strides: row, segment
+    stride_ys, stride_yb,  # y strides: split (partials only), row (column stride is 1)
+    stride_kb, stride_kg,  # kept strides: row, segment
+    K_PER_SPLIT,  # input channels per split-K program, a multiple of BLOCK_K
+    HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (SPLIT_K == 1 only; the launcher adds it otherwise)
+    SPLIT_K: tl.constexpr,  # programs along K (grid axis 1)
+    BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B
+    BLOCK_K: tl.constexpr,  # input channels per loop step
+    BLOCK_N: tl.constexpr,  # output columns per program
+    USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
+    DOT_NATIVE: tl.constexpr,  # x and w share a 16-bit dtype: dot in that dtype
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+
+    # Grid axis 0 enumerates the column blocks of segment 0, then 1, then 2, so every block lies
+    # inside one segment and uses that segment's norms and thresholds.
+    nb0 = tl.cdiv(N0, BLOCK_N)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    in1 = (pid_n >= nb0).to(tl.int32)
+    in2 = (pid_n >= nb0 + nb1).to(tl.int32)
+    g = in1 + in2
+    seg_start = N0 * in1 + N1 * in2
+    seg_end = seg_start + N0 + (N1 - N0) * in1 + (N2 - N1) * in2
+    local_block = pid_n - nb0 * in1 - nb1 * in2
+    offs_n = seg_start + local_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seg_end
+
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    thr = tl.load(thr_ptr + offs_b * stride_tb + g * stride_tg, mask=b_ok, other=0.0)
+
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    kept = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.int32)  # per-lane counts, reduced after the loop
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        valid = b_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk,
+                    mask=valid, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_K]
+        cn = tl.load(cn_ptr + g * stride_cg + offs_k * stride_ck, mask=k_ok, other=0.0)  # [BLOCK_K]
+        keep = (tl.abs(x) * cn[None, :] > thr[:, None]) & valid  # each row's own mask
+        kept += keep.to(tl.int32)
+        need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row keeps channel k
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                    mask=need[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = _accumulate(acc, tl.where(keep, x, 0.0), w, USE_DOT, DOT_NATIVE)
+
+    kept = tl.sum(kept, axis=1)
+    out_mask = b_ok[:, None] & n_ok[None, :]
+    first_block = local_block == 0  # one program per (segment, split) reports the counts
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        if first_block:
+            tl.store(kept_ptr + offs_b * stride_kb + g * stride_kg, kept, mask=b_ok)
+    else:
+        tl.store(y_ptr + pid_k * stride_ys + offs_b[:, None] * stride_yb + offs_n[None, :], acc,
+                 mask=out_mask)
+        if first_block:
+            tl.atomic_add(kept_ptr + offs_b * stride_kb + g * stride_kg, kept, mask=b_ok)
+
+
+@triton.jit
+def _wina_gate_up_kernel(
+    x_ptr,  # [B, K] input rows (fp32 / bf16 / fp16)
+    w_ptr,  # [K, 2I] transposed gate|up weight, row-major (column stride 1)
+    cn_ptr,  # [2, K] float32 column norms: gate, up
+    thr_ptr,  # [B, 2] float32 thresholds: gate, up
+    bias_ptr,  # [2I] bias; any pointer when HAS_BIAS is False (never read)
+    y_ptr,  # SPLIT_K == 1: [B, I] silu(gate) * up in the weight dtype; else [SPLIT_K, B, 2I] fp32 partials
+    kept_ptr,  # [B, 2] int32 kept counts: stored when SPLIT_K == 1, else atomically added (pre-zeroed)
+    B,  # batch rows (<= BLOCK_B)
+    K,  # input channels
+    I,  # intermediate width (gate and up columns each)
+    stride_xb, stride_xk,  # x strides: row, channel
+    stride_wk,  # weight_t row stride (its column stride is 1)
+    stride_cg, stride_ck,  # col_norms strides: segment, channel
+    stride_tb, stride_tg,  # thresholds strides: row, segment
+    stride_ys, stride_yb,  # y strides: split (partials only), row (column stride is 1)
+    stride_kb, stride_kg,  # kept strides: row, segment
+    K_PER_SPLIT,  # input channels per split-K program, a multiple of BLOCK_K
+    HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (SPLIT_K == 1 only; the launcher adds it otherwise)
+    SPLIT_K: tl.constexpr,  # programs along K (grid axis 1)
+    BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B
+    BLOCK_K: tl.constexpr,  # input channels per loop step
+    BLOCK_N: tl.constexpr,  # intermediate columns per program (each of gate and up)
+    USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
+    DOT_NATIVE: tl.constexpr,  # x and w share a 16-bit dtype: dot in that dtype
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # gate columns; up columns are I + offs_n
+    n_ok = offs_n < I
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    thr_g = tl.load(thr_ptr + offs_b * stride_tb, mask=b_ok, other=0.0)
+    thr_u = tl.load(thr_ptr + offs_b * stride_tb + stride_tg, mask=b_ok, other=0.0)
+
+    acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    kept_g = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.int32)  # per-lane counts, reduced after the loop
+    kept_u = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.int32)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        valid = b_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk,
+                    mask=valid, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_K], read once for both
+        x_abs = tl.abs(x)
+        cn_g = tl.load(cn_ptr + offs_k * stride_ck, mask=k_ok, other=0.0)
+        cn_u = tl.load(cn_ptr + stride_cg + offs_k * stride_ck, mask=k_ok, other=0.0)
+        keep_g = (x_abs * cn_g[None, :] > thr_g[:, None]) & valid
+        keep_u = (x_abs * cn_u[None, :] > thr_u[:, None]) & valid
+        kept_g += keep_g.to(tl.int32)
+        kept_u += keep_u.to(tl.int32)
+        need_g = tl.max(keep_g.to(tl.int32), axis=0) > 0
+        need_u = tl.max(keep_u.to(tl.int32), axis=0) > 0
+        w_rows = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
+        w_g = tl.load(w_rows, mask=need_g[:, None] & n_ok[None, :], other=0.0)
+        w_u = tl.load(w_rows + I, mask=need_u[:, None] & n_ok[None, :], other=0.0)
+        acc_g = _accumulate(acc_g, tl.where(keep_g, x, 0.0), w_g, USE_DOT, DOT_NATIVE)
+        acc_u = _accumulate(acc_u, tl.where(keep_u, x, 0.0), w_u, USE_DOT, DOT_NATIVE)
+
+    kept_g = tl.sum(kept_g, axis=1)
+    kept_u = tl.sum(kept_u, axis=1)
+    out_mask = b_ok[:, None] & n_ok[None, :]
+    first_block = pid_n == 0  # one program per split reports the counts
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc_g += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias_ptr + I + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        # Round gate and up to the output dtype first, as the reference materialises them there.
+        gate = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty),
+                 mask=out_mask)
+        if first_block:
+            tl.store(kept_ptr + offs_b * stride_kb, kept_g, mask=b_ok)
+            tl.store(kept_ptr + offs_b * stride_kb + stride_kg, kept_u, mask=b_ok)
+    else:
+        partial = y_ptr + pid_k * stride_ys + offs_b[:, None] * stride_yb + offs_n[None, :]
+        tl.store(partial, acc_g, mask=out_mask)
+        tl.store(partial + I, acc_u, mask=out_mask)
+        if first_block:
+            tl.atomic_add(kept_ptr + offs_b * stride_kb, kept_g, mask=b_ok)
+            tl.atomic_add(kept_ptr + offs_b * stride_kb + stride_kg, kept_u, mask=b_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+# Decided when the kernels were decorated, i.e. by TRITON_INTERPRET at import time.
+INTERPRETED = not isinstance(_wina_linear_kernel, triton.runtime.jit.JITFunction)
+
+
+@dataclass(frozen=True)
+class WinaKernelConfig:
+    """Launch parameters of the sparse kernels (powers of two except split_k and num_warps)."""
+
+    block_k: int  # input channels per loop step
+    block_n: int  # output columns per program
+    split_k: int = 1  # programs along K; > 1 writes fp32 partials that the launcher sums
+    num_warps: int = 4
+
+
+def _block_b(batch: int) -> int:
+    """Batch tile: the next power of two; 16 or more switches the kernel to tl.dot, whose M dim
+    must be >= 16."""
+    block = triton.next_power_of_2(batch)
+    return max(block, 16) if block > 8 else block
+
+
+def pick_config(batch: int, k: int, widths: Sequence[int], gate_up: bool,
+                device: torch.device) -> WinaKernelConfig:
+    """Block sizes from the (bucketed) batch and shapes. First guesses, to be tuned on a GPU with
+    benchmarks/wina_kernel_gpu.py; they only change speed, never results beyond fp32 summation
+    order."""
+    block_b = _block_b(batch)
+    widest = triton.next_power_of_2(max(widths))
+    tiles = 2 if gate_up else 1  # gate_up holds two weight tiles and two accumulators
+    if device.type != "cuda":
+        # The interpreter runs each op once per program with numpy: fewer, larger programs win.
+        return WinaKernelConfig(block_k=min(128, max(16, triton.next_power_of_2(k))),
+                                block_n=min(128, max(16, widest)))
+    # 64 fp16 columns = one 128-byte line per kept weight row.
+    block_n = min(64, max(16, widest))
+    if block_b >= 16:
+        block_k = 64 // tiles
+    else:  # broadcast product tile of BLOCK_B * BLOCK_K * BLOCK_N fp32 values per weight tile
+        block_k = max(16, min(128, 8192 // (block_b * block_n * tiles)))
+    n_programs = sum(triton.cdiv(w, block_n) for w in widths)
+    k_chunks = triton.cdiv(k, block_k)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split_k = 1
+    # Split K until there are two waves of programs, keeping at least 4 chunks per split.
+    while n_programs * split_k < 2 * sms and k_chunks // (split_k * 2) >= 4:
+        split_k *= 2
+    return WinaKernelConfig(block_k=block_k, block_n=block_n, split_k=split_k)
+
+
+def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
+                  segments: Sequence[int], bias: torch.Tensor | None) -> tuple[int, int, list[int]]:
+    """Shape, dtype and device checks shared by the sparse and dense paths -> (B, K, widths)."""
+    widths = [int(w) for w in segments]
+    if x.dim() != 2 or weight_t.dim() != 2:
+        raise ValueError(f"x must be [B, K] and weight_t [K, N]; got {tuple(x.shape)} and {tuple(weight_t.shape)}")
+    batch, k = x.shape
+    if batch < 1 or k < 1:
+        raise ValueError(f"x must have at least one row and one channel; got {tuple(x.shape)}")
+    if not 1 <= len(widths) <= MAX_SEGMENTS or min(widths) < 1:
+        raise ValueError(f"segments must be 1..{MAX_SEGMENTS} positive widths; got {widths}")
+    if weight_t.shape != (k, sum(widths)):
+        raise ValueError(f"weight_t must be [K={k}, N={sum(widths)}]; got {tuple(weight_t.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES or weight_t.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"x and weight_t must be float32/bfloat16/float16; got {x.dtype}, {weight_t.dtype}")
+    if col_norms.shape != (len(widths), k) or col_norms.dtype != torch.float32:
+        raise ValueError(f"col_norms must be float32 [G={len(widths)}, K={k}]; "
+                         f"got {col_norms.dtype} {tuple(col_norms.shape)}")
+    if thresholds.shape != (batch, len(widths)) or thresholds.dtype != torch.float32:
+        raise ValueError(f"thresholds must be float32 [B={batch}, G={len(widths)}]; "
+                         f"got {thresholds.dtype} {tuple(thresholds.shape)}")
+    if bias is not None and bias.shape != (sum(widths),):
+        raise ValueError(f"bias must be [N={sum(widths)}]; got {tuple(bias.shape)}")
+    tensors = [x, weight_t, col_norms, thresholds] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"all tensors must be on one device; got {[str(t.device) for t in tensors]}")
+    return batch, k, widths
+
+
+def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int,
+                         config: WinaKernelConfig, block_b: int) -> None:
+    if batch > MAX_SPARSE_BATCH:
+        raise ValueError(f"the sparse kernel handles at most {MAX_SPARSE_BATCH} rows; got {batch} "
+                         "(use wina_linear_triton, which takes the dense path above the crossover)")
+    if not INTERPRETED and x.device.type != "cuda":
+        raise ValueError("the compiled Triton kernel needs CUDA tensors; set TRITON_INTERPRET=1 before "
+                         "importing kernels.wina_triton to run it on CPU in Triton's interpreter")
+    if not weight_t.is_contiguous():
+        raise ValueError("weight_t must be contiguous (row k = input channel k)")
+    if x.numel() >= _MAX_ELEMENTS or weight_t.numel() >= _MAX_ELEMENTS:
+        raise ValueError("tensors of 2**31 or more elements are not supported (int32 offsets)")
+    for name in ("block_k", "block_n"):
+        value = getattr(config, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two; got {value}")
+    if block_b >= 16 and min(config.block_k, config.block_n) < 16:
+        raise ValueError(f"batch tiles of 16+ rows use tl.dot, which needs block_k and block_n >= 16; "
+                         f"got {config}")
+    if config.split_k < 1:
+        raise ValueError(f"split_k must be >= 1; got {config.split_k}")
+
+
+def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor,
+            thresholds: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, kept: torch.Tensor,
+            grid_n: int, k: int, shape_args: tuple[int, ...], config: WinaKernelConfig, block_b: int,
+            k_per_split: int, split_k: int) -> None:
+    """The launch both kernels share: same argument order after their shape arguments."""
+    partials = split_k > 1
+    kernel[(grid_n, split_k)](
+        x, weight_t, col_norms, thresholds, bias if bias is not None else x, y, kept,
+        x.shape[0], k, *shape_args,
+        x.stride(0), x.stride(1),
+        weight_t.stride(0),
+        col_norms.stride(0), col_norms.stride(1),
+        thresholds.stride(0), thresholds.stride(1),
+        y.stride(0) if partials else 0, y.stride(1) if partials else y.stride(0),
+        kept.stride(0), kept.stride(1),
+        k_per_split,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
+        BLOCK_B=block_b,
+        BLOCK_K=config.block_k,
+        BLOCK_N=config.block_n,
+        USE_DOT=block_b >= 16,
+        # Triton 3.9's interpreter miscomputes bf16 tl.dot; there the fp32 dot of the same values
+        # (16-bit products are exact in fp32) gives the same result.
+        DOT_NATIVE=x.dtype == weight_t.dtype and x.dtype != torch.float32 and not INTERPRETED,
+        num_warps=config.num_warps,
+    )
+
+
+def _split(k: int, config: WinaKernelConfig) -> tuple[int, int]:
+    """-> (channels per split, a multiple of block_k; number of splits, none of them empty)."""
+    chunks = triton.cdiv(k, config.block_k)
+    k_per_split = triton.cdiv(chunks, min(config.split_k, chunks)) * config.block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
+def wina_linear_sparse(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    segments: Sequence[int],
+    bias: torch.Tensor | None = None,
+    *,
+    config: WinaKernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse kernel at any batch size up to MAX_SPARSE_BATCH (`wina_linear_triton` semantics).
+    `config` overrides the block-size heuristic (tests and tuning)."""
+    batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, segments, bias)
+    config = config or pick_config(batch, k, widths, False, x.device)
+    block_b = _block_b(batch)
+    _check_sparse_launch(x, weight_t, batch, config, block_b)
+    n = sum(widths)
+    k_per_split, split_k = _split(k, config)
+    grid_n = sum(triton.cdiv(w, config.block_n) for w in widths)
+    if split_k == 1:
+        y = torch.empty(batch, n, dtype=weight_t.dtype, device=x.device)
+        kept = torch.empty(batch, len(widths), dtype=torch.int32, device=x.device)
+    else:
+        y = torch.empty(split_k, batch, n, dtype=torch.float32, device=x.device)
+        kept = torch.zeros(batch, len(widths), dtype=torch.int32, device=x.device)
+    padded = widths + [0] * (MAX_SEGMENTS - len(widths))
+    _launch(_wina_linear_kernel, x, weight_t, col_norms, thresholds, bias, y, kept, grid_n, k,
+            tuple(padded), config, block_b, k_per_split, split_k)
+    if split_k > 1:  # a deterministic reduction (no float atomics): results do not vary run to run
+        y = y.sum(dim=0)
+        if bias is not None:
+            y += bias.float()
+        y = y.to(weight_t.dtype)
+    return y, kept
+
+
+def wina_gate_up_sparse(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: WinaKernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused SwiGLU sparse kernel at any batch size up to MAX_SPARSE_BATCH
+    (`wina_gate_up_triton` semantics). `config` overrides the block-size heuristic."""
+    half = weight_t.shape[1] // 2 if weight_t.dim() == 2 else 0
+    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
+        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, (half, half), bias)
+    config = config or pick_config(batch, k, widths, True, x.device)
+    block_b = _block_b(batch)
+    _check_sparse_launch(x, weight_t, batch, config, block_b)
+    k_per_split, split_k = _split(k, config)
+    if split_k == 1:
+        y = torch.empty(batch, half, dtype=weight_t.dtype, device=x.device)
+        kept = torch.empty(batch, 2, dtype=torch.int32, device=x.device)
+    else:
+        y = torch.empty(split_k, batch, 2 * half, dtype=torch.float32, device=x.device)
+        kept = torch.zeros(batch, 2, dtype=torch.int32, device=x.device)
+    _launch(_wina_gate_up_kernel, x, weight_t, col_norms, thresholds, bias, y, kept,
+            triton.cdiv(half, config.block_n), k, (half,), config, block_b, k_per_split, split_k)
+    if split_k > 1:
+        gate_up = y.sum(dim=0)
+        if bias is not None:
+            gate_up += bias.float()
+        y = _swiglu(gate_up.to(weight_t.dtype))
+    return y, kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense path and wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[B, 2I] gate|up in the weight dtype -> silu(gate) * up [B, I], computed in fp32."""
+    gate, up = gate_up.float().chunk(2, dim=1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def wina_linear_dense(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    segments: Sequence[int],
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The large-batch path: mask x per row and segment in torch, then one dense matmul per segment
+    (cuBLAS on CUDA, accumulating in fp32). Same semantics as the sparse kernel, any batch size."""
+    _check_inputs(x, weight_t, col_norms, thresholds, segments, bias)
+    mask = wina_mask(x, col_norms, thresholds)  # [B, G, K]
+    native = x.dtype == weight_t.dtype
+    compute_dtype = weight_t.dtype if native else torch.float32
+    outputs = []
+    start = 0
+    for g, width in enumerate(segments):
+        w_g = weight_t[:, start:start + width]  # [K, N_g]
+        w_g = w_g if native else w_g.float()
+        x_g = (x * mask[:, g]).to(compute_dtype)  # [B, K]
+        if bias is None:
+            outputs.append(x_g @ w_g)
+        else:
+            outputs.append(torch.addmm(bias[start:start + width].to(compute_dtype), x_g, w_g))
+        start += width
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return y.to(weight_t.dtype), mask.sum(dim=-1, dtype=torch.int32)
+
+
+def wina_linear_triton(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    segments: Sequence[int],
+    bias: torch.Tensor | None = None,
+    *,
+    crossover_batch: int = DENSE_CROSSOVER_BATCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WINA sparse linear (semantics of `wina_linear_reference`).
+
+    x [B, K] fp32/bf16/fp16; weight_t [K, N] contiguous; col_norms [G, K] float32; thresholds
+    [B, G] float32; segments: G (1..3) output widths summing to N; bias [N] or None
+    -> (y [B, N] in weight_t's dtype, fp32 accumulation; kept [B, G] int32).
+    Batches up to `crossover_batch` (<= MAX_SPARSE_BATCH) run the sparse kernel, larger ones the
+    dense path."""
+    if not 0 <= crossover_batch <= MAX_SPARSE_BATCH:
+        raise ValueError(f"crossover_batch must be in 0..{MAX_SPARSE_BATCH}; got {crossover_batch}")
+    if x.dim() == 2 and x.shape[0] > crossover_batch:
+        return wina_linear_dense(x, weight_t, col_norms, thresholds, segments, bias)
+    return wina_linear_sparse(x, weight_t, col_norms, thresholds, segments, bias)
+
+
+def wina_gate_up_triton(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    crossover_batch: int = DENSE_CROSSOVER_BATCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused SwiGLU input half (semantics of `wina_gate_up_reference`): weight_t [K, 2I] holds gate
+    then up columns, col_norms [2, K], thresholds [B, 2] -> (silu(gate) * up [B, I] in weight_t's
+    dtype, kept [B, 2] int32). x is read once; gate and up keep their own masks."""
+    if not 0 <= crossover_batch <= MAX_SPARSE_BATCH:
+        raise ValueError(f"crossover_batch must be in 0..{MAX_SPARSE_BATCH}; got {crossover_batch}")
+    if x.dim() == 2 and x.shape[0] > crossover_batch:
+        half = weight_t.shape[1] // 2
+        if 2 * half != weight_t.shape[1]:
+            raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+        gate_up, kept = wina_linear_dense(x, weight_t, col_norms, thresholds, (half, half), bias)
+        return _swiglu(gate_up), kept
+    return wina_gate_up_sparse(x, weight_t, col_norms, thresholds, bias)

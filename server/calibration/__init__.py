@@ -1,0 +1,1 @@
+"""Offline calibration commands (`neuronserve calibrate ...`): each writes a profile (server/profiles.py)."""

@@ -1,0 +1,33 @@
+"""Calibration text from `../shared/data/` (validation splits and instruction data only: the test
+splits are for measuring). Every reader takes the data directory as an argument."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> Path:
+    """NEURONSERVE_DATA_DIR, else ../shared/data beside the project."""
+    return Path(os.environ.get("NEURONSERVE_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+def alpaca_texts(data_dir: Path) -> list[str]:
+    """Instruction plus answer, one text each: the 805 AlpacaEval items, then the 175 seed tasks."""
+    texts = []
+    items = json.loads((data_dir / "alpaca" / "alpaca_eval_text_davinci_003_outputs.json").read_text())
+    texts.extend(f"{item['instruction']}\n\n{item['output']}" for item in items)
+    for line in (data_dir / "alpaca" / "seed_tasks.jsonl").read_text().splitlines():
+        task = json.loads(line)
+        for instance in task["instances"]:
+            prompt = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"] else "")
+            texts.append(f"{prompt}\n\n{instance['output']}")
+    return texts
+
+
+def wikitext_valid_text(data_dir: Path) -> str:
+    """The WikiText-2 validation split (tokenized release), as one string."""
+    return (data_dir / "wikitext2" / "wiki.valid.tokens").read_text()
