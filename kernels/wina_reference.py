@@ -86,5 +86,5 @@ def thresholds_for_topk(x: torch.Tensor, col_norms: torch.Tensor, keep: int) -> 
     assert 0 <= keep <= K
     scores = x.float().abs().unsqueeze(1) * col_norms.unsqueeze(0)  # [B, G, K]
     if keep == K:
-        return torch.full(scores.shape[:2], -1.0)
+        return torch.full(scores.shape[:2], -1.0, device=x.device)
     return scores.sort(dim=-1, descending=True).values[..., keep].contiguous()

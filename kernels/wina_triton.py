@@ -27,8 +27,9 @@ CUDA and need CUDA tensors.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,10 @@ from kernels.wina_reference import wina_mask
 DENSE_CROSSOVER_BATCH = 16
 MAX_SPARSE_BATCH = 32  # the sparse kernel holds every batch row in one tile (BLOCK_B <= 32)
 MAX_SEGMENTS = 3  # fused q/k/v
+# Batches of at least this many rows pad the batch tile to >= 16 rows and use tl.dot (tensor cores)
+# instead of a broadcast multiply-and-sum; memory-bound, the padding costs no bandwidth. A first
+# guess, to be tuned on a GPU like the crossover.
+DOT_MIN_BATCH = 9
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ELEMENTS = 2**31  # pointer offsets are int32 inside the kernels
 
@@ -91,7 +96,7 @@ def _wina_linear_kernel(
     K_PER_SPLIT,  # input channels per split-K program, a multiple of BLOCK_K
     HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (SPLIT_K == 1 only; the launcher adds it otherwise)
     SPLIT_K: tl.constexpr,  # programs along K (grid axis 1)
-    BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B
+    BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B (>= 16 with USE_DOT)
     BLOCK_K: tl.constexpr,  # input channels per loop step
     BLOCK_N: tl.constexpr,  # output columns per program
     USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
@@ -173,7 +178,7 @@ def _wina_gate_up_kernel(
     K_PER_SPLIT,  # input channels per split-K program, a multiple of BLOCK_K
     HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (SPLIT_K == 1 only; the launcher adds it otherwise)
     SPLIT_K: tl.constexpr,  # programs along K (grid axis 1)
-    BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B
+    BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B (>= 16 with USE_DOT)
     BLOCK_K: tl.constexpr,  # input channels per loop step
     BLOCK_N: tl.constexpr,  # intermediate columns per program (each of gate and up)
     USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
@@ -257,21 +262,24 @@ class WinaKernelConfig:
     block_n: int  # output columns per program
     split_k: int = 1  # programs along K; > 1 writes fp32 partials that the launcher sums
     num_warps: int = 4
+    use_dot: bool | None = None  # tl.dot on a batch tile padded to >= 16; None: batch >= DOT_MIN_BATCH
 
 
-def _block_b(batch: int) -> int:
-    """Batch tile: the next power of two; 16 or more switches the kernel to tl.dot, whose M dim
-    must be >= 16."""
+def _tile(batch: int, use_dot: bool | None = None) -> tuple[int, bool]:
+    """-> (BLOCK_B: the next power of two >= batch, at least 16 for tl.dot; USE_DOT)."""
+    use_dot = batch >= DOT_MIN_BATCH if use_dot is None else use_dot
     block = triton.next_power_of_2(batch)
-    return max(block, 16) if block > 8 else block
+    return (max(block, 16), True) if use_dot else (block, False)
 
 
-def pick_config(batch: int, k: int, widths: Sequence[int], gate_up: bool,
+@functools.lru_cache(maxsize=512)
+def pick_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
                 device: torch.device) -> WinaKernelConfig:
-    """Block sizes from the (bucketed) batch and shapes. First guesses, to be tuned on a GPU with
-    benchmarks/wina_kernel_gpu.py; they only change speed, never results beyond fp32 summation
-    order."""
-    block_b = _block_b(batch)
+    """Block sizes from the batch and shapes (cached: decode calls it every step). First guesses,
+    to be tuned on a GPU with benchmarks/wina_kernel_gpu.py; they only change speed, never results
+    beyond fp32 summation order. Triton compiles once per distinct (BLOCK_B, BLOCK_K, BLOCK_N,
+    SPLIT_K, flags), and BLOCK_B is bucketed to powers of two."""
+    block_b, use_dot = _tile(batch)
     widest = triton.next_power_of_2(max(widths))
     tiles = 2 if gate_up else 1  # gate_up holds two weight tiles and two accumulators
     if device.type != "cuda":
@@ -280,10 +288,13 @@ def pick_config(batch: int, k: int, widths: Sequence[int], gate_up: bool,
                                 block_n=min(128, max(16, widest)))
     # 64 fp16 columns = one 128-byte line per kept weight row.
     block_n = min(64, max(16, widest))
-    if block_b >= 16:
+    num_warps = 4
+    if use_dot:
         block_k = 64 // tiles
     else:  # broadcast product tile of BLOCK_B * BLOCK_K * BLOCK_N fp32 values per weight tile
         block_k = max(16, min(128, 8192 // (block_b * block_n * tiles)))
+        if block_b * block_k * block_n * tiles > 8192:
+            num_warps = 8  # spread the larger product tiles over more registers
     n_programs = sum(triton.cdiv(w, block_n) for w in widths)
     k_chunks = triton.cdiv(k, block_k)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -291,7 +302,7 @@ def pick_config(batch: int, k: int, widths: Sequence[int], gate_up: bool,
     # Split K until there are two waves of programs, keeping at least 4 chunks per split.
     while n_programs * split_k < 2 * sms and k_chunks // (split_k * 2) >= 4:
         split_k *= 2
-    return WinaKernelConfig(block_k=block_k, block_n=block_n, split_k=split_k)
+    return WinaKernelConfig(block_k=block_k, block_n=block_n, split_k=split_k, num_warps=num_warps)
 
 
 def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
@@ -301,8 +312,8 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tens
     if x.dim() != 2 or weight_t.dim() != 2:
         raise ValueError(f"x must be [B, K] and weight_t [K, N]; got {tuple(x.shape)} and {tuple(weight_t.shape)}")
     batch, k = x.shape
-    if batch < 1 or k < 1:
-        raise ValueError(f"x must have at least one row and one channel; got {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"x must have at least one input channel; got {tuple(x.shape)}")
     if not 1 <= len(widths) <= MAX_SEGMENTS or min(widths) < 1:
         raise ValueError(f"segments must be 1..{MAX_SEGMENTS} positive widths; got {widths}")
     if weight_t.shape != (k, sum(widths)):
@@ -324,7 +335,7 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tens
 
 
 def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int,
-                         config: WinaKernelConfig, block_b: int) -> None:
+                         config: WinaKernelConfig, use_dot: bool) -> None:
     if batch > MAX_SPARSE_BATCH:
         raise ValueError(f"the sparse kernel handles at most {MAX_SPARSE_BATCH} rows; got {batch} "
                          "(use wina_linear_triton, which takes the dense path above the crossover)")
@@ -339,19 +350,19 @@ def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int,
         value = getattr(config, name)
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two; got {value}")
-    if block_b >= 16 and min(config.block_k, config.block_n) < 16:
-        raise ValueError(f"batch tiles of 16+ rows use tl.dot, which needs block_k and block_n >= 16; "
-                         f"got {config}")
+    if use_dot and min(config.block_k, config.block_n) < 16:
+        raise ValueError(f"tl.dot needs block_k and block_n >= 16; got {config}")
     if config.split_k < 1:
         raise ValueError(f"split_k must be >= 1; got {config.split_k}")
 
 
 def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor,
             thresholds: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, kept: torch.Tensor,
-            grid_n: int, k: int, shape_args: tuple[int, ...], config: WinaKernelConfig, block_b: int,
-            k_per_split: int, split_k: int) -> None:
+            grid_n: int, k: int, shape_args: tuple[int, ...], config: WinaKernelConfig,
+            tile: tuple[int, bool], k_per_split: int, split_k: int) -> None:
     """The launch both kernels share: same argument order after their shape arguments."""
     partials = split_k > 1
+    block_b, use_dot = tile
     kernel[(grid_n, split_k)](
         x, weight_t, col_norms, thresholds, bias if bias is not None else x, y, kept,
         x.shape[0], k, *shape_args,
@@ -367,7 +378,7 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
         BLOCK_B=block_b,
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
-        USE_DOT=block_b >= 16,
+        USE_DOT=use_dot,
         # Triton 3.9's interpreter miscomputes bf16 tl.dot; there the fp32 dot of the same values
         # (16-bit products are exact in fp32) gives the same result.
         DOT_NATIVE=x.dtype == weight_t.dtype and x.dtype != torch.float32 and not INTERPRETED,
@@ -395,9 +406,11 @@ def wina_linear_sparse(
     """The sparse kernel at any batch size up to MAX_SPARSE_BATCH (`wina_linear_triton` semantics).
     `config` overrides the block-size heuristic (tests and tuning)."""
     batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, segments, bias)
-    config = config or pick_config(batch, k, widths, False, x.device)
-    block_b = _block_b(batch)
-    _check_sparse_launch(x, weight_t, batch, config, block_b)
+    if batch == 0:  # nothing to launch
+        return wina_linear_dense(x, weight_t, col_norms, thresholds, segments, bias)
+    config = config or pick_config(batch, k, tuple(widths), False, x.device)
+    tile = _tile(batch, config.use_dot)
+    _check_sparse_launch(x, weight_t, batch, config, tile[1])
     n = sum(widths)
     k_per_split, split_k = _split(k, config)
     grid_n = sum(triton.cdiv(w, config.block_n) for w in widths)
@@ -409,7 +422,7 @@ def wina_linear_sparse(
         kept = torch.zeros(batch, len(widths), dtype=torch.int32, device=x.device)
     padded = widths + [0] * (MAX_SEGMENTS - len(widths))
     _launch(_wina_linear_kernel, x, weight_t, col_norms, thresholds, bias, y, kept, grid_n, k,
-            tuple(padded), config, block_b, k_per_split, split_k)
+            tuple(padded), config, tile, k_per_split, split_k)
     if split_k > 1:  # a deterministic reduction (no float atomics): results do not vary run to run
         y = y.sum(dim=0)
         if bias is not None:
@@ -429,13 +442,15 @@ def wina_gate_up_sparse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused SwiGLU sparse kernel at any batch size up to MAX_SPARSE_BATCH
     (`wina_gate_up_triton` semantics). `config` overrides the block-size heuristic."""
-    half = weight_t.shape[1] // 2 if weight_t.dim() == 2 else 0
+    half = weight_t.shape[-1] // 2
     if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
         raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
     batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, (half, half), bias)
-    config = config or pick_config(batch, k, widths, True, x.device)
-    block_b = _block_b(batch)
-    _check_sparse_launch(x, weight_t, batch, config, block_b)
+    if batch == 0:  # nothing to launch
+        return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
+    config = config or pick_config(batch, k, tuple(widths), True, x.device)
+    tile = _tile(batch, config.use_dot)
+    _check_sparse_launch(x, weight_t, batch, config, tile[1])
     k_per_split, split_k = _split(k, config)
     if split_k == 1:
         y = torch.empty(batch, half, dtype=weight_t.dtype, device=x.device)
@@ -444,7 +459,7 @@ def wina_gate_up_sparse(
         y = torch.empty(split_k, batch, 2 * half, dtype=torch.float32, device=x.device)
         kept = torch.zeros(batch, 2, dtype=torch.int32, device=x.device)
     _launch(_wina_gate_up_kernel, x, weight_t, col_norms, thresholds, bias, y, kept,
-            triton.cdiv(half, config.block_n), k, (half,), config, block_b, k_per_split, split_k)
+            triton.cdiv(half, config.block_n), k, (half,), config, tile, k_per_split, split_k)
     if split_k > 1:
         gate_up = y.sum(dim=0)
         if bias is not None:
@@ -493,6 +508,21 @@ def wina_linear_dense(
     return y.to(weight_t.dtype), mask.sum(dim=-1, dtype=torch.int32)
 
 
+def wina_gate_up_dense(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The large-batch path of the fused SwiGLU: `wina_linear_dense` on (I, I), then silu(gate) * up."""
+    half = weight_t.shape[-1] // 2
+    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
+        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    gate_up, kept = wina_linear_dense(x, weight_t, col_norms, thresholds, (half, half), bias)
+    return _swiglu(gate_up), kept
+
+
 def wina_linear_triton(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -532,9 +562,5 @@ def wina_gate_up_triton(
     if not 0 <= crossover_batch <= MAX_SPARSE_BATCH:
         raise ValueError(f"crossover_batch must be in 0..{MAX_SPARSE_BATCH}; got {crossover_batch}")
     if x.dim() == 2 and x.shape[0] > crossover_batch:
-        half = weight_t.shape[1] // 2
-        if 2 * half != weight_t.shape[1]:
-            raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
-        gate_up, kept = wina_linear_dense(x, weight_t, col_norms, thresholds, (half, half), bias)
-        return _swiglu(gate_up), kept
+        return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
     return wina_gate_up_sparse(x, weight_t, col_norms, thresholds, bias)

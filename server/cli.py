@@ -37,7 +37,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         env = f"NEURONSERVE_{name.upper()}"
         help_text = f"{field.description} [env {env}; default: {default}]"
         kind, choices = _arg_type(field.annotation)
-        if kind is bool:
+        if typing.get_origin(field.annotation) is list:
+            item = typing.get_args(field.annotation)[0]
+            parser.add_argument(_flag(name), dest=name, type=item, action="append", default=None,
+                                help=help_text)
+        elif kind is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         else:
@@ -70,12 +74,72 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
+def _model_slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower()).strip("-") or "model"
+
+
+def add_calibrate_parsers(commands) -> None:
+    calibrate = commands.add_parser("calibrate", help="Make a calibration profile for the served model.")
+    methods = calibrate.add_subparsers(dest="method", required=True)
+    wina = methods.add_parser(
+        "wina", help="WINA / TEAL sparsity thresholds for a grid of target sparsities.",
+        description="Per-layer, per-projection WINA (and TEAL) score thresholds from calibration text "
+        "(Alpaca + WikiText-2 validation; never a test split). Writes wina-<criterion>-<allocation>"
+        ".safetensors profiles.")
+    wina.add_argument("--model", default="default", help="Model to calibrate (as for serve). [default]")
+    wina.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    wina.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="Calibrate in the dtype you serve with (auto: as serve picks).")
+    wina.add_argument("--criterion", default="both", choices=["wina", "teal", "both"])
+    wina.add_argument("--allocation", default="uniform", choices=["uniform", "greedy", "both"],
+                      help="uniform: every projection at the target; greedy: TEAL-style allocation "
+                      "within each layer by projection output error.")
+    wina.add_argument("--sequences", type=int, default=48, help="Sequences per source (Alpaca, WikiText).")
+    wina.add_argument("--sequence-length", type=int, default=256)
+    wina.add_argument("--seed", type=int, default=0)
+    wina.add_argument("--data-dir", type=Path, default=None, help="Default: ../shared/data.")
+    wina.add_argument("--out", type=Path, default=None,
+                      help="Output directory. Default: <cache>/profiles/<model name>/.")
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from server.calibration.wina import WinaCalibrationConfig, calibrate_wina, write_profiles
+    from server.runtime import load_model
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(model=args.model, device=args.device, dtype=args.dtype,
+                              max_model_len=max(args.sequence_length, 16), wina_profile="none")
+    loaded = load_model(settings)
+    config = WinaCalibrationConfig(
+        criteria=("wina", "teal") if args.criterion == "both" else (args.criterion,),
+        allocations=("uniform", "greedy") if args.allocation == "both" else (args.allocation,),
+        sequences_per_source=args.sequences, sequence_length=args.sequence_length, seed=args.seed,
+        **({"data_dir": args.data_dir} if args.data_dir else {}))
+    missing = [p for p in (config.data_dir / "alpaca", config.data_dir / "wikitext2") if not p.is_dir()]
+    if missing:
+        print(f"neuronserve: calibration data not found: {', '.join(map(str, missing))} (--data-dir)",
+              file=sys.stderr)
+        return 2
+    profiles = calibrate_wina(loaded.model, loaded.tokenizer, config)
+    out = args.out or settings.cache_dir / "profiles" / _model_slug(loaded.name)
+    for path in write_profiles(profiles, out, loaded.fingerprint, loaded.name):
+        print(f"wrote {path}")
+    for name, profile in profiles.items():
+        summary = ", ".join(f"s={level}: ppl {q['heldout_ppl']:.2f} (achieved {q['achieved_sparsity']:.3f})"
+                            for level, q in profile["quality"].items())
+        print(f"{name}: held-out {summary}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="neuronserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="Serve a model over the OpenAI-compatible API.")
     add_settings_arguments(serve_parser)
+    add_calibrate_parsers(commands)
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        return calibrate(args)
     if args.command == "serve":
         try:
             settings = settings_from_args(args)

@@ -8,6 +8,7 @@ PREFIX = "neuronserve:"
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_SPARSITY_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
@@ -43,6 +44,9 @@ class ServerMetrics:
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length per sequence.", _TOKEN_BUCKETS)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per sequence.",
                                         _TOKEN_BUCKETS)
+        self.request_sparsity = histogram(
+            "request_sparsity_achieved", "WINA sparsity achieved per sequence: the share of projection "
+            "weights its tokens skipped (0 for dense requests).", _SPARSITY_BUCKETS)
 
     def request_finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 HEADER_KEY = "neuronserve"
-PROJECT_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 
 class ProfileError(ValueError):
@@ -88,9 +87,10 @@ def load_profile(path: Path) -> Profile:
 
 
 def find_profiles(directories: list[Path], method: str) -> list[Path]:
-    """Every `<method>-*.safetensors` file in the given directories, in order, sorted by name."""
+    """Every `<method>-*.safetensors` file in the given directories and their subdirectories (one
+    per model, by convention), directory by directory, sorted by path."""
     found: list[Path] = []
     for directory in directories:
         if directory.is_dir():
-            found.extend(sorted(directory.glob(f"{method}-*.safetensors")))
+            found.extend(sorted(directory.glob(f"**/{method}-*.safetensors")))
     return found

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,8 @@ from server.metrics import ServerMetrics
 from server.model.config import ModelConfig
 from server.model.llama import LlamaDecoder
 from server.model.loader import load_checkpoint
+from server.model.sparsity import WinaTable
+from server.profiles import Profile, ProfileError, find_profiles, load_profile
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class LoadedModel:
     fingerprint: str
     load_seconds: float
     from_cache: bool
+    wina_profile: Profile | None = None
 
 
 def load_model(settings: ServerSettings) -> LoadedModel:
@@ -60,10 +64,54 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len)
     del ckpt.state_dict
     name = settings.served_model_name or ckpt.name
+    wina = find_wina_profile(settings, ckpt.fingerprint, name)
+    if wina is not None:
+        attach_wina(model, wina, settings)
     elapsed = time.monotonic() - started
     logger.info("loaded %s (%s, %s, %s) in %.1f s%s", name, ckpt.source, dtype, device, elapsed,
                 " from cache" if ckpt.from_cache else "")
-    return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache)
+    return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache, wina)
+
+
+def find_wina_profile(settings: ServerSettings, fingerprint: str, model_name: str) -> Profile | None:
+    """The WINA profile the settings name, made for this model. A path given explicitly must fit
+    the model (else start-up fails); profiles found by name in the directories that were made for
+    other models are passed over."""
+    wanted = settings.wina_profile
+    if wanted == "none":
+        return None
+    if wanted.endswith(".safetensors") or Path(wanted).is_file():
+        profile = load_profile(Path(wanted))
+        if profile.method != "wina":
+            raise ProfileError(f"{wanted} is a {profile.method!r} profile, not a WINA one")
+        profile.check_model(fingerprint, model_name)
+        return profile
+    seen = []
+    for path in find_profiles(settings.profiles, "wina"):
+        try:
+            profile = load_profile(path)
+        except ProfileError as error:
+            logger.warning("skipping %s", error)
+            continue
+        if profile.header.get("model_fingerprint") != fingerprint:
+            continue
+        seen.append(profile.name)
+        if profile.name == wanted:
+            logger.info("WINA sparsity profile %r from %s", wanted, path)
+            return profile
+    logger.warning("no WINA profile %r for this model in %s (found: %s); requests asking for sparsity "
+                   "get 400. Make one with `neuronserve calibrate wina`.", wanted,
+                   ", ".join(map(str, settings.profiles)), ", ".join(seen) or "none")
+    return None
+
+
+def attach_wina(model: LlamaDecoder, profile: Profile, settings: ServerSettings) -> None:
+    from kernels.wina_cpu import CpuWinaKernel
+
+    table = WinaTable(profile.header["parameters"]["criterion"], profile.tensors["levels"].float(),
+                      profile.tensors["thresholds"].float())
+    kernel = CpuWinaKernel.load(settings.cache_dir / "kernels") if model.device.type == "cpu" else None
+    model.attach_sparsity(table, kernel)
 
 
 def launch_engine(settings: ServerSettings) -> tuple[Engine, LoadedModel]:
@@ -113,5 +161,8 @@ def warm_up(engine: Engine) -> None:
     for slot in range(slots):
         model(tokens, torch.tensor([slot], device=device), torch.tensor([0], device=device), engine.cache)
     for step in range(2):
+        # the second step runs the sparse path when a WINA profile is loaded, so that its first
+        # use in a request pays no one-time cost either
+        plan = model.sparsity_plan([0.5] * slots, 1) if step == 1 else None
         model(torch.zeros(slots, 1, dtype=torch.long, device=device), torch.arange(slots, device=device),
-              torch.full((slots,), 8 + step, device=device), engine.cache)
+              torch.full((slots,), 8 + step, device=device), engine.cache, sparsity=plan)

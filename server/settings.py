@@ -15,6 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = "default"
 
 
+def default_profile_dirs() -> list[Path]:
+    """The profiles committed with the project, then the user's calibration output."""
+    return [Path(__file__).resolve().parent.parent / "profiles", default_cache_dir() / "profiles"]
+
+
 def default_cache_dir() -> Path:
     """Where re-laid weights and converted tokenizers are cached between starts."""
     import os
@@ -81,6 +86,20 @@ class ServerSettings(BaseSettings):
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
         description="Cache for re-laid weights and converted tokenizers (warm starts).",
+    )
+    profiles: list[Path] = Field(
+        default_factory=default_profile_dirs,
+        description="Directories searched (with their subdirectories) for calibration profiles; the "
+        "profiles made for the served model are loaded. Repeat the flag to give several.",
+    )
+    wina_profile: str = Field(
+        "wina-uniform", description="The WINA sparsity profile to serve with: a profile name found "
+        "in --profiles (wina-uniform, teal-uniform, wina-greedy, ...), a .safetensors path, or 'none'. "
+        "Without one, requests that ask for sparsity get 400.",
+    )
+    default_sparsity: float = Field(
+        0.0, ge=0.0, le=0.9, description="WINA sparsity for requests that do not set 'sparsity' "
+        "(0 = dense).",
     )
     warmup: bool = Field(True, description="Run one generation step before /health turns 200.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(

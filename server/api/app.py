@@ -16,7 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.errors import APIError, error_response, install_error_handlers
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.api.serving import ChatServing, CompletionServing, ServingContext, detokenize, tokenize
+from server.api.serving import (
+    ChatServing, CompletionServing, ServingContext, describe_profiles, detokenize, tokenize,
+)
 from server.metrics import ServerMetrics
 from server.runtime import launch_engine
 from server.settings import ServerSettings
@@ -51,7 +53,8 @@ def _load_blocking(state: ServerState) -> None:
     engine, loaded = launch_engine(settings)
     state.metrics = engine.metrics
     state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name,
-                                   loaded.model.config.vocab_size)
+                                   loaded.model.config.vocab_size,
+                                   [loaded.wina_profile] if loaded.wina_profile is not None else [])
     state.healthy_after_s = time.monotonic() - state.started_at
     logger.info("ready after %.1f s", state.healthy_after_s)
 
@@ -160,6 +163,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return {"object": "list", "data": [{
             "id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "neuronserve",
             "root": str(ctx.settings.model), "max_model_len": ctx.settings.max_model_len}]}
+
+    @app.get("/v1/interventions")
+    async def interventions():
+        return describe_profiles(state.ready())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

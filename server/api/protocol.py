@@ -48,6 +48,8 @@ class SamplingFields(StrictModel):
     user: str | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # neuronserve: WINA sparsity for this request (0 = dense; None = the server's default_sparsity)
+    sparsity: float | None = Field(None, ge=0.0, le=0.9)
 
     @field_validator("stop")
     @classmethod

@@ -19,6 +19,7 @@ from server.api.protocol import (ChatCompletionRequest, CompletionRequest, Detok
                                  SamplingFields, TokenizeRequest, UsageInfo)
 from server.engine.engine import Engine, EngineStoppedError, QueueFullError, RequestStream
 from server.engine.request import GenerationRequest, SamplingParams, StepOutput, TokenLogprob
+from server.profiles import Profile
 from server.settings import ServerSettings
 
 _DISCONNECT_POLL_S = 0.25
@@ -34,6 +35,7 @@ class ServingContext:
     settings: ServerSettings
     model_name: str
     vocab_size: int
+    profiles: list[Profile] = field(default_factory=list)  # loaded calibration profiles
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
     max_token_chars: int = field(init=False)
@@ -118,6 +120,20 @@ class ServingContext:
             skip_special_tokens=req.skip_special_tokens,
         )
 
+    def sparsity_target(self, req: SamplingFields) -> float:
+        target = self.settings.default_sparsity if req.sparsity is None else req.sparsity
+        if target <= 0:
+            return 0.0
+        table = self.engine.model.wina
+        if table is None:
+            raise APIError(400, f"sparsity {target} asked for, but no WINA profile is loaded for this model "
+                           f"(--wina-profile {self.settings.wina_profile!r}); make one with "
+                           "`neuronserve calibrate wina`", "sparsity")
+        if target > table.max_sparsity:
+            raise APIError(400, f"sparsity {target} is above the loaded WINA profile's largest calibrated "
+                           f"level, {table.max_sparsity}", "sparsity")
+        return target
+
     def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         try:
             text.encode("utf-8")
@@ -157,18 +173,43 @@ class ServingContext:
             raise APIError(503, str(exc), None, "shutting_down") from exc
 
 
+def describe_profiles(ctx: ServingContext) -> dict:
+    """GET /v1/interventions: every loaded profile with its metadata."""
+    data = []
+    for profile in ctx.profiles:
+        header = profile.header
+        entry = {"type": header["method"], "name": header["name"], "path": str(profile.path),
+                 "model_name": header.get("model_name"), "model_fingerprint": header.get("model_fingerprint"),
+                 "created": header.get("created"), "parameters": header.get("parameters"),
+                 "data": header.get("data"), "quality": header.get("quality")}
+        if header["method"] == "wina":
+            entry["request_field"] = "sparsity"
+            entry["max_sparsity"] = round(float(profile.tensors["levels"].max()), 6)
+        data.append(entry)
+    return {"object": "list", "data": data,
+            "defaults": {"sparsity": ctx.settings.default_sparsity}}
+
+
 def _with_seed_offset(params: SamplingParams, offset: int) -> SamplingParams:
     if params.seed is None or offset == 0:
         return params
     return replace(params, seed=(params.seed + offset) % (2**63))
 
 
-def expand_requests(prefix: str, prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[GenerationRequest]:
+def expand_requests(prefix: str, prompts: list[list[int]], params: list[SamplingParams], n: int,
+                    sparsity: float) -> list[GenerationRequest]:
     """One engine sequence per (prompt, choice); choice i of prompt p has index p * n + i."""
     return [
-        GenerationRequest(f"{prefix}-{p}-{i}", tuple(ids), _with_seed_offset(params[p], i))
+        GenerationRequest(f"{prefix}-{p}-{i}", tuple(ids), _with_seed_offset(params[p], i), sparsity)
         for p, ids in enumerate(prompts) for i in range(n)
     ]
+
+
+def sparsity_report(target: float, achieved: list[float | None]) -> dict:
+    """The response's `sparsity` field: the target asked for and the share of projection weights
+    that the request's tokens actually skipped (mean over its choices)."""
+    values = [a for a in achieved if a is not None]
+    return {"target": target, "achieved": round(sum(values) / len(values), 4) if values else 0.0}
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -228,10 +269,12 @@ class _ChunkWriter:
         self.continuous = bool(self.include_usage and stream_options.continuous_usage_stats)
         self.prompt_tokens = prompt_tokens
 
-    def choice(self, choice: dict, completion_tokens: int) -> str:
+    def choice(self, choice: dict, completion_tokens: int, sparsity: dict | None = None) -> str:
         body = {**self.head, "choices": [choice]}
         if self.include_usage:
             body["usage"] = _usage(self.prompt_tokens, completion_tokens) if self.continuous else None
+        if sparsity is not None:  # on each choice's finishing chunk
+            body["sparsity"] = sparsity
         return _sse(body)
 
     def usage(self, completion_tokens: int) -> str:
@@ -256,6 +299,7 @@ class _Choice:
     stop_reason: str | int | None = None
     generated: int = 0
     prompt_tokens: int = 0
+    sparsity_achieved: float | None = None
 
 
 class CompletionServing:
@@ -283,13 +327,16 @@ class CompletionServing:
         max_tokens = req.max_tokens if req.max_tokens is not None else OPENAI_DEFAULT_MAX_TOKENS
         params = [ctx.sampling_params(req, len(ids), max_tokens, req.logprobs, prompt_logprobs,
                                       allow_zero=req.echo) for ids in prompts]
+        sparsity = ctx.sparsity_target(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = ctx.submit(expand_requests(request_id, prompts, params, req.n))
+        streams = ctx.submit(expand_requests(request_id, prompts, params, req.n, sparsity))
         if req.stream:
-            return StreamingResponse(self._stream(req, request_id, prompts, streams),
+            return StreamingResponse(self._stream(req, request_id, prompts, streams, sparsity),
                                      media_type="text/event-stream")
         choices = await run_unless_disconnected(raw, self._collect(streams, len(prompts) * req.n))
-        return JSONResponse(self._response(req, request_id, prompts, choices))
+        body = self._response(req, request_id, prompts, choices)
+        body["sparsity"] = sparsity_report(sparsity, [c.sparsity_achieved for c in choices])
+        return JSONResponse(body)
 
     async def _collect(self, streams: list[RequestStream], count: int) -> list[_Choice]:
         choices = [_Choice() for _ in range(count)]
@@ -308,6 +355,7 @@ class CompletionServing:
                 c.generated = out.num_generated_tokens
                 if out.finished:
                     c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+                    c.sparsity_achieved = out.sparsity_achieved
         return choices
 
     def _logprobs_block(self, entries: list[TokenLogprob | None], offset: int) -> dict:
@@ -356,7 +404,7 @@ class CompletionServing:
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
     async def _stream(self, req: CompletionRequest, request_id: str, prompts: list[list[int]],
-                      streams: list[RequestStream]) -> AsyncIterator[str]:
+                      streams: list[RequestStream], sparsity: float) -> AsyncIterator[str]:
         ctx = self.ctx
         writer = _ChunkWriter(request_id, "text_completion", ctx.model_name, req.stream_options,
                               sum(len(p) for p in prompts))
@@ -395,7 +443,8 @@ class CompletionServing:
                 yield writer.choice({"index": index, "text": text, "logprobs": logprobs,
                                      "finish_reason": out.finish_reason if out.finished else None,
                                      "stop_reason": out.stop_reason if out.finished else None},
-                                    sum(generated))
+                                    sum(generated),
+                                    sparsity_report(sparsity, [out.sparsity_achieved]) if out.finished else None)
             else:
                 if writer.include_usage:
                     yield writer.usage(sum(generated))
@@ -415,10 +464,11 @@ class ChatServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.sampling_params(req, len(ids), max_tokens, logprobs, None, allow_zero=False,
                                      logprobs_param="top_logprobs")
+        sparsity = ctx.sparsity_target(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = ctx.submit(expand_requests(request_id, [ids], [params], req.n))
+        streams = ctx.submit(expand_requests(request_id, [ids], [params], req.n, sparsity))
         if req.stream:
-            return StreamingResponse(self._stream(req, request_id, len(ids), streams),
+            return StreamingResponse(self._stream(req, request_id, len(ids), streams, sparsity),
                                      media_type="text/event-stream")
         choices = await run_unless_disconnected(raw, CompletionServing(ctx)._collect(streams, req.n))
         completion_tokens = sum(c.generated for c in choices)
@@ -430,6 +480,7 @@ class ChatServing:
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for i, c in enumerate(choices)],
             "usage": _usage(len(ids), completion_tokens),
+            "sparsity": sparsity_report(sparsity, [c.sparsity_achieved for c in choices]),
         })
 
     def _entry(self, token_id: int, logprob: float) -> dict:
@@ -442,14 +493,16 @@ class ChatServing:
                             for e in entries if e is not None]}
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, prompt_tokens: int,
-                      streams: list[RequestStream]) -> AsyncIterator[str]:
+                      streams: list[RequestStream], sparsity: float) -> AsyncIterator[str]:
         writer = _ChunkWriter(request_id, "chat.completion.chunk", self.ctx.model_name, req.stream_options,
                               prompt_tokens)
         generated = [0] * len(streams)
 
-        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None,
+                  sparsity_field: dict | None = None) -> str:
             return writer.choice({"index": index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": finish_reason, "stop_reason": stop_reason}, sum(generated))
+                                  "finish_reason": finish_reason, "stop_reason": stop_reason}, sum(generated),
+                                 sparsity_field)
 
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -464,7 +517,8 @@ class ChatServing:
                 if out.text or logprobs is not None:
                     yield chunk(index, {"content": out.text}, logprobs)
                 if out.finished:
-                    yield chunk(index, {}, None, out.finish_reason, out.stop_reason)
+                    yield chunk(index, {}, None, out.finish_reason, out.stop_reason,
+                                sparsity_report(sparsity, [out.sparsity_achieved]))
             else:
                 if writer.include_usage:
                     yield writer.usage(sum(generated))

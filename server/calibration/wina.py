@@ -238,7 +238,7 @@ def calibrate_wina(model: LlamaDecoder, tokenizer, config: WinaCalibrationConfig
                                "greedy_rows": config.greedy_rows if allocation == "greedy" else None},
             }
     for name, profile in profiles.items():
-        profile["quality"] = heldout_quality(model, profile["table"], heldout, name)
+        profile["quality"] = heldout_quality(model, profile["table"], heldout, name) if heldout else {}
     return profiles
 
 

@@ -87,6 +87,11 @@ class _Sequence:
     scheduled_at: float | None = None
     last_token_at: float | None = None
     finished: bool = False
+    skipped_weight_tokens: float = 0.0  # sum over processed tokens of the share of weights skipped
+    sparse_tokens: int = 0
+
+    def sparsity_achieved(self) -> float:
+        return self.skipped_weight_tokens / self.sparse_tokens if self.sparse_tokens else 0.0
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -250,9 +255,13 @@ class Engine:
         end = min(len(prompt), start + self.limits.prefill_chunk_tokens)
         want_prompt_lp = seq.request.params.prompt_logprobs is not None
         tokens = torch.tensor([prompt[start:end]], device=self.model.device)
+        plan = self.model.sparsity_plan([seq.request.sparsity], end - start)
         logits = self.model(tokens, torch.tensor([seq.slot], device=self.model.device),
                             torch.tensor([start], device=self.model.device), self.cache,
-                            all_logits=want_prompt_lp)  # [1, V] or [1, T, V]
+                            all_logits=want_prompt_lp, sparsity=plan)  # [1, V] or [1, T, V]
+        if plan is not None:
+            seq.skipped_weight_tokens += float(plan.skipped_fraction()[0]) * (end - start)
+            seq.sparse_tokens += end - start
         seq.num_cached = end
         self.metrics.prompt_tokens.inc(end - start)
         if want_prompt_lp:
@@ -290,7 +299,14 @@ class Engine:
         tokens = torch.tensor([[s.output_ids[-1]] for s in rows], device=device)  # [B, 1]
         slots = torch.tensor([s.slot for s in rows], device=device)
         starts = torch.tensor([s.num_cached for s in rows], device=device)
-        logits = self.model(tokens, slots, starts, self.cache)  # [B, V]
+        plan = self.model.sparsity_plan([s.request.sparsity for s in rows], 1)
+        logits = self.model(tokens, slots, starts, self.cache, sparsity=plan)  # [B, V]
+        if plan is not None:
+            skipped = iter(plan.skipped_fraction().tolist())  # one per sparse row, in batch order
+            for s in rows:
+                if s.request.sparsity > 0:
+                    s.skipped_weight_tokens += next(skipped)
+                    s.sparse_tokens += 1
         for s in rows:
             s.num_cached += 1
         self._sample_and_emit(list(rows), logits)
@@ -375,6 +391,7 @@ class Engine:
             num_generated_tokens=len(seq.output_ids),
             prompt_logprobs=seq.prompt_logprobs,
             error=error,
+            sparsity_achieved=seq.sparsity_achieved() if finished else None,
         )
         seq.prompt_logprobs = None  # sent once
         seq.pending_logprobs.clear()
@@ -397,6 +414,7 @@ class Engine:
         self.metrics.request_finished(reason)
         self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         self.metrics.generation_len.observe(len(seq.output_ids))
+        self.metrics.request_sparsity.observe(seq.sparsity_achieved())
         self._emit(seq, finished=True, reason=reason, stop_reason=stop_reason, error=error)
 
     def _update_gauges(self) -> None:

@@ -40,6 +40,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    sparsity: float = 0.0  # WINA target for this row, 0 = dense
 
 
 @dataclass(frozen=True)
@@ -64,4 +65,5 @@ class StepOutput:
     num_generated_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only
     error: str | None = None
+    sparsity_achieved: float | None = None  # on the finishing output: share of weights skipped
     extra: dict = field(default_factory=dict)

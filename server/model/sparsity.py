@@ -52,7 +52,7 @@ class WinaTable:
 
     @property
     def max_sparsity(self) -> float:
-        return float(self.levels[-1])
+        return round(float(self.levels[-1]), 6)  # levels are float32: 0.9 reads back as 0.89999998
 
     def thresholds_for(self, targets: torch.Tensor) -> torch.Tensor:
         """targets: [R] in [0, max_sparsity] -> [L, R, 7], piecewise linear between levels."""

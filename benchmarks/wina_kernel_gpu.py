@@ -1,0 +1,225 @@
+"""WINA sparse GEMV (kernels/wina_triton.py) against cuBLAS dense, on one CUDA GPU.
+
+Layers (weight [N, K], fp16 by default):
+
+* default model (SmolLM2-135M, hidden 576, intermediate 1536): ``qkv`` K=576 N=960 in segments
+  (576, 192, 192); ``o`` K=576 N=576; ``gate_up`` K=576 N=2x1536; ``down`` K=1536 N=576.
+* Llama-3-8B MLP: ``llama8b_gate_up`` K=4096 N=2x14336; ``llama8b_down`` K=14336 N=4096.
+
+For each layer, batch (``--batches``, default 1,2,4,8) and sparsity s (``--sparsities``, default
+0,0.5,0.9), x ~ N(0, 1), weight ~ N(0, 1/K); thresholds from ``thresholds_for_topk`` keep exactly
+round((1-s) K) channels per row and segment. Timed with ``triton.testing.do_bench`` (median; it
+flushes the L2 cache between runs, so weights stream from HBM as in a real decode step):
+
+* triton: the sparse kernel (``wina_linear_sparse`` / ``wina_gate_up_sparse``: always the kernel,
+  whatever DENSE_CROSSOVER_BATCH says, so that batches above it can be measured to tune it);
+* dense: cuBLAS through ``F.linear(x, W)``; for gate_up followed by ``silu(gate) * up``, which
+  the fused kernel also does.
+
+Columns: ``ratio`` = triton / dense time; ``1-s`` = that ratio on the memory roofline when every
+row keeps the same channels; ``rows`` = the fraction of weight rows the kernel must read, i.e. that
+at least one batch row keeps (for independent rows ~ 1 - s**B: the real roofline for B > 1);
+``GB/s`` = weight bytes read (dense: all; triton: ``rows`` of them) / time; ``err`` = max |triton -
+reference| (kernels/wina_reference.py).
+
+    python benchmarks/wina_kernel_gpu.py [--layers qkv,o,...] [--batches 1,2,4,8]
+        [--sparsities 0,0.5,0.9] [--dtype float16] [--rep-ms 100] [--out benchmarks/out/wina_kernel_gpu.json]
+
+A table goes to stdout and everything (command line, UTC time, machine, GPU, every case) to
+``--out`` as JSON. Exits with a message where there is no CUDA device. Nothing runs on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_common import describe_machine, fmt, format_table, write_report
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "wina_kernel_gpu.json"
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    k: int  # input channels
+    segments: tuple[int, ...]  # output widths; gate_up layers are (I, I)
+    gate_up: bool = False  # fused SwiGLU: output silu(gate) * up [B, I]
+
+
+LAYERS = {
+    layer.name: layer
+    for layer in (
+        Layer("qkv", 576, (576, 192, 192)),
+        Layer("o", 576, (576,)),
+        Layer("gate_up", 576, (1536, 1536), gate_up=True),
+        Layer("down", 1536, (576,)),
+        Layer("llama8b_gate_up", 4096, (14336, 14336), gate_up=True),
+        Layer("llama8b_down", 14336, (4096,)),
+    )
+}
+
+
+def _csv(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=_csv(str), default=list(LAYERS),
+                        help=f"comma-separated subset of {','.join(LAYERS)} (default: all)")
+    parser.add_argument("--batches", type=_csv(int), default=[1, 2, 4, 8],
+                        help="comma-separated batch sizes, each <= 32 (default: 1,2,4,8)")
+    parser.add_argument("--sparsities", type=_csv(float), default=[0.0, 0.5, 0.9],
+                        help="comma-separated fractions of input channels skipped (default: 0,0.5,0.9)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float16", help="weight and input dtype")
+    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.layers if name not in LAYERS]
+    if unknown:
+        parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
+    if any(not 1 <= b <= 32 for b in args.batches):
+        parser.error("batch sizes must be in 1..32 (the sparse kernel's limit)")
+    if any(not 0.0 <= s <= 1.0 for s in args.sparsities):
+        parser.error("sparsities must be in [0, 1]")
+    return args
+
+
+def bench_case(layer: Layer, batch: int, sparsity: float, dtype, args: argparse.Namespace,
+               weights: tuple) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    import triton.testing
+
+    from kernels import wina_triton
+    from kernels.wina_reference import (
+        thresholds_for_topk,
+        wina_gate_up_reference,
+        wina_linear_reference,
+    )
+
+    weight, weight_t, col_norms = weights  # [N, K], [K, N], [G, K]
+    gen = torch.Generator(device="cuda").manual_seed(args.seed + batch)
+    x = torch.randn(batch, layer.k, device="cuda", generator=gen).to(dtype)
+    keep = round((1.0 - sparsity) * layer.k)
+    thresholds = thresholds_for_topk(x, col_norms, keep).to("cuda")  # keep == K builds it on the CPU
+    half = layer.segments[0]
+
+    if layer.gate_up:
+        def sparse():
+            return wina_triton.wina_gate_up_sparse(x, weight_t, col_norms, thresholds)
+
+        def dense():
+            gate_up = F.linear(x, weight)
+            return F.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+        ref, _ = wina_gate_up_reference(x, weight_t, col_norms, thresholds)
+    else:
+        def sparse():
+            return wina_triton.wina_linear_sparse(x, weight_t, col_norms, thresholds, layer.segments)
+
+        def dense():
+            return F.linear(x, weight)
+
+        ref, _ = wina_linear_reference(x, weight_t, col_norms, thresholds, layer.segments)
+
+    out, kept = sparse()
+    err = (out.float() - ref.float()).abs().max().item()
+    # The kernel reads weight row k for segment g when any batch row keeps channel k for g.
+    scores = x.float().abs().unsqueeze(1) * col_norms.unsqueeze(0)  # [B, G, K]
+    any_row = (scores > thresholds.unsqueeze(-1)).any(dim=0).float()  # [G, K]
+    widths = torch.tensor(layer.segments, dtype=torch.float32, device="cuda")
+    rows = float((any_row.mean(dim=1) * widths).sum() / widths.sum())
+    weight_bytes = weight.numel() * weight.element_size()
+
+    triton_ms = triton.testing.do_bench(sparse, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+    dense_ms = triton.testing.do_bench(dense, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+    config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device)
+    return {
+        "layer": layer.name, "k": layer.k, "segments": list(layer.segments), "gate_up": layer.gate_up,
+        "batch": batch, "sparsity": sparsity, "kept_per_row": keep,
+        "kept_matches": bool((kept == keep).all()),
+        "triton_us": triton_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": triton_ms / dense_ms,
+        "roofline_ratio": 1.0 - sparsity, "rows_read": rows,
+        "triton_gbps": rows * weight_bytes / (triton_ms * 1e-3) / 1e9,
+        "dense_gbps": weight_bytes / (dense_ms * 1e-3) / 1e9,
+        "max_abs_err": err, "config": asdict(config),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        sys.exit("wina_kernel_gpu: torch is not installed")
+    if not torch.cuda.is_available():
+        sys.exit("wina_kernel_gpu: no CUDA device (torch.cuda.is_available() is False); "
+                 "this benchmark times the compiled Triton kernel and needs an NVIDIA GPU")
+    try:
+        from kernels import wina_triton
+    except ImportError as exc:
+        sys.exit(f"wina_kernel_gpu: cannot import the Triton kernels ({exc}); pip install 'neuronserve[triton]'")
+    if wina_triton.INTERPRETED:
+        sys.exit("wina_kernel_gpu: TRITON_INTERPRET is set; unset it to time the compiled kernel")
+    from kernels.wina_reference import column_norms
+
+    dtype = getattr(torch, args.dtype)
+    gpu = torch.cuda.get_device_name(0)
+    print(f"GPU: {gpu}; dtype {args.dtype}; DENSE_CROSSOVER_BATCH={wina_triton.DENSE_CROSSOVER_BATCH}\n")
+    torch.manual_seed(args.seed)
+    cases = []
+    for name in args.layers:
+        layer = LAYERS[name]
+        n = sum(layer.segments)
+        weight = (torch.randn(n, layer.k, device="cuda") / layer.k**0.5).to(dtype)  # [N, K]
+        weights = (weight, weight.t().contiguous(), column_norms(weight, layer.segments))
+        for batch in args.batches:
+            for sparsity in args.sparsities:
+                case = bench_case(layer, batch, sparsity, dtype, args, weights)
+                cases.append(case)
+                print(f"  {name} B={batch} s={sparsity}: triton {case['triton_us']:.1f} us, "
+                      f"dense {case['dense_us']:.1f} us", flush=True)
+        del weight, weights
+        torch.cuda.empty_cache()
+
+    headers = ["layer", "B", "s", "triton us", "dense us", "ratio", "1-s", "rows", "triton GB/s",
+               "dense GB/s", "err", "kept ok"]
+    rows = [[c["layer"], str(c["batch"]), fmt(c["sparsity"], 2), fmt(c["triton_us"]), fmt(c["dense_us"]),
+             fmt(c["ratio"], 2), fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["triton_gbps"], 0),
+             fmt(c["dense_gbps"], 0), f"{c['max_abs_err']:.1e}", "yes" if c["kept_matches"] else "NO"]
+            for c in cases]
+    text = (f"WINA sparse GEMV vs cuBLAS dense on {gpu} ({args.dtype})\n"
+            "ratio = triton/dense time; 1-s = that ratio on the roofline; rows = weight rows read\n\n"
+            + format_table(headers, rows))
+    report = {
+        "benchmark": "wina_kernel_gpu",
+        "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "utc_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(("torch", "triton")),
+        "gpu": gpu,
+        "dtype": args.dtype,
+        "dense_crossover_batch": wina_triton.DENSE_CROSSOVER_BATCH,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cases": cases,
+    }
+    write_report(report, text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""WINA decode speed against dense, in one run, as ratios (issue 3).
+
+1. Decode through the engine (the serving path minus HTTP): the default model with the committed
+   wina-uniform profile and the CPU kernel, ``launch_engine`` as the server does. For batch 1 and
+   batch 8, every row greedy with ``ignore_eos``, all rows at the same sparsity; decode tok/s =
+   tokens generated after each row's first / time from the first output to the last. Sparsities run
+   interleaved (dense, 0.25, ..., then again) so drift on this shared machine hits all of them;
+   medians of ``--repeats``.
+2. llama.cpp (llama-cpp-python, if installed) batch-1 tok/s on the same GGUF, for the ratio the
+   issue asks to print beside ours.
+3. GEMV microbenchmark (a separate process): our CPU kernel at batch 1 and 8 against dense
+   ``F.linear`` in the weight dtype and the (1 - s) roofline, on the default model's projections and
+   on Llama-3-8B's MLP (4096 x 14336), with per-token top-k thresholds (exact sparsity).
+
+    python benchmarks/wina_speed.py [--sparsities 0.25 0.4 0.5 0.65 0.9] [--tokens 64] [--repeats 3]
+        [--skip-decode] [--skip-micro] [--skip-llama-cpp] [--out benchmarks/out/wina_speed.json]
+
+On a GPU the Triton kernel's microbenchmark is benchmarks/wina_kernel_gpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_common import describe_machine, fmt, format_table, write_report
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+PROMPTS = [
+    "The history of the Roman Empire", "Write a short story about a robot who learns to paint.",
+    "Explain how photosynthesis works.", "def quicksort(items):", "The best way to learn a language is",
+    "List the planets of the solar system:", "Once upon a time, in a faraway kingdom,",
+    "The stock market today",
+]
+MICRO_SHAPES = {  # name: (K, segments, gate_up)
+    "smollm2 qkv 576->960": (576, (576, 192, 192), False),
+    "smollm2 o 576->576": (576, (576,), False),
+    "smollm2 gate_up 576->2x1536": (576, (1536, 1536), True),
+    "smollm2 down 1536->576": (1536, (576,), False),
+    "llama3-8b gate_up 4096->2x14336": (4096, (14336, 14336), True),
+    "llama3-8b down 14336->4096": (14336, (4096,), False),
+}
+MICRO_SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+async def _batch(engine: Any, prompts: list[list[int]], tokens: int, sparsity: float, tag: str) -> dict:
+    from server.engine.request import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    streams = engine.submit([GenerationRequest(f"{tag}-{i}", tuple(p), params, sparsity)
+                             for i, p in enumerate(prompts)])
+    first: list[float | None] = [None] * len(streams)
+    last: list[float] = [0.0] * len(streams)
+    achieved: list[float | None] = [None] * len(streams)
+
+    async def drain(i: int, stream: Any) -> None:
+        async for out in stream:
+            now = time.perf_counter()
+            if first[i] is None:
+                first[i] = now
+            last[i] = now
+            if out.finished:
+                achieved[i] = out.sparsity_achieved
+
+    await asyncio.gather(*(drain(i, s) for i, s in enumerate(streams)))
+    start, end = max(f for f in first if f is not None), max(last)
+    decoded = len(streams) * (tokens - 1)
+    return {"decode_tok_s": decoded / (end - start), "achieved": statistics.mean(a or 0.0 for a in achieved)}
+
+
+def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, repeats: int) -> dict:
+    from server.runtime import launch_engine
+    from server.settings import ServerSettings
+
+    engine, loaded = launch_engine(ServerSettings(max_model_len=1024, max_batch_size=max(batch_sizes),
+                                                  log_level="warning"))
+    if loaded.wina_profile is None:
+        raise SystemExit("no WINA profile loaded: run `neuronserve calibrate wina` first")
+    kernel = loaded.model.layers[0].attn.sparse_qkv.prepared is not None
+    prompts = [list(loaded.tokenizer(p).input_ids) for p in PROMPTS]
+    levels = [0.0, *sparsities]
+    runs: dict[tuple[int, float], list[dict]] = {(b, s): [] for b in batch_sizes for s in levels}
+
+    async def session() -> None:
+        for b in batch_sizes:
+            await _batch(engine, prompts[:b], 8, 0.5, f"warm{b}")
+        for r in range(repeats):
+            for b in batch_sizes:
+                for s in levels:
+                    runs[(b, s)].append(await _batch(engine, prompts[:b], tokens, s, f"b{b}-s{s}-r{r}"))
+
+    try:
+        asyncio.run(session())
+    finally:
+        engine.shutdown()
+    rows = []
+    for b in batch_sizes:
+        dense = statistics.median(x["decode_tok_s"] for x in runs[(b, 0.0)])
+        for s in levels:
+            tok_s = statistics.median(x["decode_tok_s"] for x in runs[(b, s)])
+            rows.append({"batch": b, "sparsity": s, "decode_tok_s": tok_s, "ratio_to_dense": tok_s / dense,
+                         "achieved_sparsity": statistics.mean(x["achieved"] for x in runs[(b, s)]),
+                         "runs": runs[(b, s)]})
+    return {"profile": loaded.wina_profile.name, "profile_path": str(loaded.wina_profile.path),
+            "cpu_kernel": kernel, "dtype": str(loaded.model.dtype), "tokens": tokens, "repeats": repeats,
+            "rows": rows}
+
+
+def run_llama_cpp_batch1(tokens: int, repeats: int) -> dict | None:
+    try:
+        from decode import run_llama_cpp
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    from server.model.loader import resolve_model_path
+
+    import torch
+
+    gguf, _ = resolve_model_path("default")
+    return run_llama_cpp(gguf, PROMPTS[0], tokens, repeats, torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------- GEMV microbenchmark
+
+
+def _time(fn, min_seconds: float = 0.3) -> float:
+    for _ in range(3):
+        fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds or n < 5:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def run_micro(batch_sizes: list[int]) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from kernels.wina_cpu import CpuWinaKernel
+    from kernels.wina_reference import column_norms, thresholds_for_topk
+
+    kernel = CpuWinaKernel.load()
+    if kernel is None:
+        return {"error": "CPU kernel unavailable"}
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (K, segments, gate_up) in MICRO_SHAPES.items():
+        N = sum(segments)
+        weight = (torch.randn(N, K, generator=g) * 0.02).half()
+        weight_t = weight.t().contiguous()
+        norms = column_norms(weight, segments)
+        prepared = kernel.prepare(weight_t, norms, segments, gate_up=gate_up, out_dtype=torch.float32)
+        weight_f32 = weight.float()
+        for B in batch_sizes:
+            x = torch.randn(B, K, generator=g)
+            x_half = x.half()
+            dense_half = _time(lambda: F.linear(x_half, weight))
+            dense_f32 = _time(lambda: torch.mm(weight_f32, x.t())) if B > 1 else None
+            dense = min(t for t in (dense_half, dense_f32) if t is not None)
+            for s in MICRO_SPARSITIES:
+                thresholds = thresholds_for_topk(x, norms, K - round(s * K))
+                kept = torch.empty(B, len(segments), dtype=torch.int32)
+                t = _time(lambda: prepared(x, thresholds.data_ptr(), len(segments), kept.data_ptr(),
+                                           len(segments)))
+                rows.append({"shape": name, "batch": B, "sparsity": s, "kernel_us": t * 1e6,
+                             "dense_half_us": dense_half * 1e6,
+                             "dense_f32_us": dense_f32 * 1e6 if dense_f32 else None,
+                             "speedup_vs_best_dense": dense / t, "roofline": 1 / (1 - s) if s < 1 else None,
+                             "kernel_weight_gb_s": N * K * 2 * (1 - s) / t / 1e9})
+        del weight, weight_t, weight_f32, prepared
+    return {"rows": rows, "dtype": "float16 weights, float32 inputs"}
+
+
+def _in_subprocess(fn, *args) -> Any:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_report(report: dict) -> str:
+    parts = [f"WINA speed, {report['machine'].get('cpu_model_name')} ({report['machine']['cpu_count']} cores), "
+             f"{report['utc']}", f"command: {report['command']}"]
+    decode = report.get("decode")
+    if decode:
+        llama = report.get("llama_cpp") or {}
+        parts.append(f"\nDecode through the engine ({decode['dtype']}, profile {decode['profile']}, CPU kernel "
+                     f"{'on' if decode['cpu_kernel'] else 'OFF'}; {decode['tokens']} tokens, median of "
+                     f"{decode['repeats']})")
+        rows = []
+        for r in decode["rows"]:
+            vs_llama = r["decode_tok_s"] / llama["tok_s"] if r["batch"] == 1 and llama.get("tok_s") else None
+            rows.append([str(r["batch"]), fmt(r["sparsity"], 2), fmt(r["achieved_sparsity"], 3),
+                         fmt(r["decode_tok_s"]), fmt(r["ratio_to_dense"], 2), fmt(vs_llama, 2)])
+        parts.append(format_table(["batch", "target", "achieved", "decode tok/s", "x dense", "x llama.cpp"],
+                                  rows))
+        if llama.get("tok_s"):
+            parts.append(f"llama.cpp batch 1 on the same GGUF (Q4_1): {llama['tok_s']:.1f} tok/s (incl. prefill)")
+        else:
+            parts.append("llama.cpp: not installed (pip install llama-cpp-python to compare)")
+    micro = report.get("micro")
+    if micro and "rows" in micro:
+        parts.append("\nGEMV microbenchmark (our CPU kernel vs dense; x dense uses the faster of fp16 F.linear and "
+                     "fp32 mm)")
+        rows = [[r["shape"], str(r["batch"]), fmt(r["sparsity"], 2), fmt(r["kernel_us"]), fmt(r["dense_half_us"]),
+                 fmt(r["dense_f32_us"]), fmt(r["speedup_vs_best_dense"], 2), fmt(r["roofline"], 2),
+                 fmt(r["kernel_weight_gb_s"], 1)] for r in micro["rows"]]
+        parts.append(format_table(["shape", "B", "s", "kernel us", "fp16 us", "fp32 us", "x dense", "roofline",
+                                   "GB/s"], rows))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65, 0.9])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "out" / "wina_speed.json")
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]),
+                              "utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if not args.skip_decode:
+        report["decode"] = _in_subprocess(run_decode, args.sparsities, args.batch_sizes, args.tokens, args.repeats)
+        if not args.skip_llama_cpp:
+            report["llama_cpp"] = _in_subprocess(run_llama_cpp_batch1, args.tokens, args.repeats)
+    if not args.skip_micro:
+        report["micro"] = _in_subprocess(run_micro, args.batch_sizes)
+    import torch  # noqa: F401  (so that describe_machine reports torch's threads)
+
+    report["machine"] = describe_machine()
+    write_report(report, format_report(report), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
