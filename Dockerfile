@@ -93,17 +93,16 @@ LABEL org.opencontainers.image.title="neuronserve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.neuronserve.torch-variant="${TORCH_VARIANT}"
 
-# CUDA images only: triton compiles small C launcher stubs with the system C compiler at run time
-# (Python.h is already in the python image). Nothing is installed for the CPU image.
+# A C compiler in every image: on CPU the WINA sparse kernel (kernels/csrc/wina_cpu.c) is compiled
+# on first use and cached, and on CUDA triton compiles small C launcher stubs at run time
+# (Python.h is already in the python image).
 # DL3008 (pin apt versions) is ignored on purpose: the python:3.11-slim tag moves across Debian
 # point releases and the Debian mirrors drop superseded package versions, so exact apt pins would
 # break future builds; gcc/libc6-dev from the base image's own Debian release is what triton needs.
 # hadolint ignore=DL3008
-RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends gcc libc6-dev \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 neuronserve \
     && useradd --system --no-log-init --uid 10001 --gid neuronserve \

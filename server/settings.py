@@ -16,8 +16,9 @@ DEFAULT_MODEL = "default"
 
 
 def default_profile_dirs() -> list[Path]:
-    """The profiles committed with the project, then the user's calibration output."""
-    return [Path(__file__).resolve().parent.parent / "profiles", default_cache_dir() / "profiles"]
+    """The profiles that ship with the package (the default model's), then the user's calibration
+    output (`neuronserve calibrate ... ` writes there by default)."""
+    return [Path(__file__).resolve().parent / "default_profiles", default_cache_dir() / "profiles"]
 
 
 def default_cache_dir() -> Path:

@@ -23,8 +23,9 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def profiles(loaded):
-    config = WinaCalibrationConfig(sequences_per_source=3, sequence_length=96, positions_per_sequence=48,
-                                   heldout_sequences=0, allocations=("uniform", "greedy"), greedy_rows=96)
+    # a few seconds of calibration: thresholds from 2 x 2 sequences, enough for these checks
+    config = WinaCalibrationConfig(sequences_per_source=2, sequence_length=64, positions_per_sequence=40,
+                                   heldout_sequences=0, allocations=("uniform", "greedy"), greedy_rows=64)
     return calibrate_wina(loaded.model, loaded.tokenizer, config)
 
 

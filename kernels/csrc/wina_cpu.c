@@ -19,7 +19,7 @@
 #include <string.h>
 
 enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2 };
-enum { MAX_SEGMENTS = 4, MIN_TASK_COLUMNS = 64, MAX_TASKS = 4096 };
+enum { MAX_SEGMENTS = 4 };
 
 static inline __m256 load8(const void *base, int64_t offset, int dtype) {
     if (dtype == DTYPE_F16) {
@@ -68,14 +68,35 @@ typedef struct {
     float *coefficients;  // [count, B]
 } ActiveSet;
 
-// acc[b, 0:width] += sum over the active set of coef[a, b] * W^T[channel_a, col0 : col0 + width].
-// Four channels per pass: four weight streams are read side by side and each accumulator is loaded
+// Rows [a_begin, a_end) of the active set, ahead of which accumulate() prefetches.
+static inline void prefetch_rows(const ActiveSet *set, int32_t a, int32_t a_end, const char *base,
+                                 int64_t row_bytes, int64_t ldw_bytes, int64_t col0_bytes) {
+    for (; a < a_end; ++a) {
+        const char *row = base + (int64_t)set->channels[a] * ldw_bytes + col0_bytes;
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    }
+}
+
+// acc[b, 0:width] (row stride acc_stride) += sum over active entries [a_begin, a_end) of
+// coef[a, b] * W^T[channel_a, col0 : col0 + width].
+// Four channels per pass: four weight rows are read side by side and each accumulator is loaded
 // and stored once per four multiply-adds (still applied one channel after another, in order).
-static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype,
-                       int64_t col0, int64_t width, float *acc) {
+// The kept channels are scattered, which defeats the hardware prefetcher, so rows a few passes
+// ahead are prefetched in software.
+static void accumulate(const ActiveSet *set, int32_t a_begin, int32_t a_end, int64_t B, const void *weight_t,
+                       int64_t ldw, int dtype, int64_t col0, int64_t width, float *acc, int64_t acc_stride) {
     const int64_t vec_end = width & ~(int64_t)7;
-    int32_t a = 0;
-    for (; a + 4 <= set->count; a += 4) {
+    const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
+    const int64_t row_bytes = width * elem;
+    int32_t ahead = (int32_t)(16384 / (row_bytes + 1));  // about 16 KiB in flight
+    ahead = ahead < 8 ? 8 : (ahead > 64 ? 64 : ahead);
+    const char *base = (const char *)weight_t;
+    prefetch_rows(set, a_begin, a_begin + ahead < a_end ? a_begin + ahead : a_end, base, row_bytes, ldw * elem,
+                  col0 * elem);
+    int32_t a = a_begin;
+    for (; a + 4 <= a_end; a += 4) {
+        const int32_t p0 = a + ahead, p1 = p0 + 4 < a_end ? p0 + 4 : a_end;
+        if (p0 < p1) prefetch_rows(set, p0, p1, base, row_bytes, ldw * elem, col0 * elem);
         const int64_t r0 = (int64_t)set->channels[a] * ldw + col0;
         const int64_t r1 = (int64_t)set->channels[a + 1] * ldw + col0;
         const int64_t r2 = (int64_t)set->channels[a + 2] * ldw + col0;
@@ -85,7 +106,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             const __m256 w0 = load8(weight_t, r0 + j, dtype), w1 = load8(weight_t, r1 + j, dtype);
             const __m256 w2 = load8(weight_t, r2 + j, dtype), w3 = load8(weight_t, r3 + j, dtype);
             for (int64_t b = 0; b < B; ++b) {
-                float *dst = acc + b * width + j;
+                float *dst = acc + b * acc_stride + j;
                 __m256 v = _mm256_loadu_ps(dst);
                 v = _mm256_fmadd_ps(_mm256_set1_ps(coef[b]), w0, v);
                 v = _mm256_fmadd_ps(_mm256_set1_ps(coef[B + b]), w1, v);
@@ -98,30 +119,40 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             const float w0 = load1(weight_t, r0 + j, dtype), w1 = load1(weight_t, r1 + j, dtype);
             const float w2 = load1(weight_t, r2 + j, dtype), w3 = load1(weight_t, r3 + j, dtype);
             for (int64_t b = 0; b < B; ++b) {
-                float v = acc[b * width + j];
+                float v = acc[b * acc_stride + j];
                 v = fmaf(coef[b], w0, v);
                 v = fmaf(coef[B + b], w1, v);
                 v = fmaf(coef[2 * B + b], w2, v);
                 v = fmaf(coef[3 * B + b], w3, v);
-                acc[b * width + j] = v;
+                acc[b * acc_stride + j] = v;
             }
         }
     }
-    for (; a < set->count; ++a) {
+    for (; a < a_end; ++a) {
         const int64_t r0 = (int64_t)set->channels[a] * ldw + col0;
         const float *coef = set->coefficients + (int64_t)a * B;
         for (int64_t j = 0; j < vec_end; j += 8) {
             const __m256 w0 = load8(weight_t, r0 + j, dtype);
             for (int64_t b = 0; b < B; ++b) {
-                float *dst = acc + b * width + j;
+                float *dst = acc + b * acc_stride + j;
                 _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_set1_ps(coef[b]), w0, _mm256_loadu_ps(dst)));
             }
         }
         for (int64_t j = vec_end; j < width; ++j) {
             const float w0 = load1(weight_t, r0 + j, dtype);
-            for (int64_t b = 0; b < B; ++b) acc[b * width + j] = fmaf(coef[b], w0, acc[b * width + j]);
+            for (int64_t b = 0; b < B; ++b) acc[b * acc_stride + j] = fmaf(coef[b], w0, acc[b * acc_stride + j]);
         }
     }
+}
+
+// First active entry whose channel is >= channel (channels ascend).
+static int32_t lower_bound(const ActiveSet *set, int64_t channel) {
+    int32_t lo = 0, hi = set->count;
+    while (lo < hi) {
+        const int32_t mid = (lo + hi) / 2;
+        if (set->channels[mid] < channel) lo = mid + 1; else hi = mid;
+    }
+    return lo;
 }
 
 // The value as the weight dtype holds it: outputs are rounded to it (as a half GEMV's are) whatever
@@ -181,71 +212,53 @@ int wina_linear(const float *x, int64_t B, int64_t K, const void *weight_t, int6
         }
     }
 
-    // Tasks: column chunks of the output, each inside one segment (or, for gate_up, one chunk of
-    // the gate columns together with the matching up columns). One wide chunk per thread and
-    // segment keeps each weight row's read long and contiguous, which the prefetcher needs.
+    // Threads split the input channels at fixed boundaries (not by how many are kept, which
+    // depends on the neighbours): each reads whole rows of W^T, long contiguous runs, into its own
+    // partial sums, which are then added in thread order. A row's result thus depends only on its
+    // own mask and the thread count.
     const int64_t out_width = gate_up ? N / 2 : N;
-    int64_t task_segment[MAX_TASKS], task_col0[MAX_TASKS], task_width[MAX_TASKS];
-    int64_t num_tasks = 0;
-    const int64_t task_groups = gate_up ? 1 : G;
-    const int64_t threads = omp_get_max_threads();
-    for (int64_t g = 0; g < task_groups; ++g) {
-        const int64_t start = gate_up ? 0 : segment_start[g];
-        const int64_t end = gate_up ? out_width : segment_start[g + 1];
-        int64_t chunk = ((end - start + threads - 1) / threads + 7) & ~(int64_t)7;
-        if (chunk < MIN_TASK_COLUMNS) chunk = MIN_TASK_COLUMNS;
-        for (int64_t c = start; c < end; c += chunk) {
-            if (num_tasks == MAX_TASKS) {
-                free(channel_buffer);
-                free(coef_buffer);
-                return -1;
-            }
-            task_segment[num_tasks] = g;
-            task_col0[num_tasks] = c;
-            task_width[num_tasks] = end - c < chunk ? end - c : chunk;
-            ++num_tasks;
-        }
+    const int threads = (int)omp_get_max_threads();
+    float *partial = calloc((size_t)threads * B * N, sizeof(float));  // [threads, B, N]
+    if (!partial) {
+        free(channel_buffer);
+        free(coef_buffer);
+        return -1;
     }
-
-    int failed = 0;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < num_tasks; ++t) {
-        const int64_t col0 = task_col0[t], width = task_width[t];
-        const int64_t acc_len = B * width;
-        float *gate_acc = malloc(sizeof(float) * (gate_up ? 2 : 1) * acc_len);  // [B, width] (x2)
-        if (!gate_acc) {
-            failed = 1;
-            continue;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *acc = partial + (int64_t)t * B * N;
+        const int64_t k0 = K * t / nt, k1 = K * (t + 1) / nt;
+        for (int64_t g = 0; g < G; ++g) {
+            const ActiveSet *set = &sets[g];
+            accumulate(set, lower_bound(set, k0), lower_bound(set, k1), B, weight_t, N, dtype, segment_start[g],
+                       segment_sizes[g], acc + segment_start[g], N);
         }
-        memset(gate_acc, 0, sizeof(float) * (gate_up ? 2 : 1) * acc_len);
-        if (gate_up) {
-            float *up_acc = gate_acc + acc_len;
-            accumulate(&sets[0], B, weight_t, N, dtype, col0, width, gate_acc);
-            accumulate(&sets[1], B, weight_t, N, dtype, out_width + col0, width, up_acc);
-            for (int64_t b = 0; b < B; ++b) {
-                for (int64_t j = 0; j < width; ++j) {
-                    float g = gate_acc[b * width + j], u = up_acc[b * width + j];
-                    if (bias) {
-                        g += bias[col0 + j];
-                        u += bias[out_width + col0 + j];
-                    }
-                    g = round_to(dtype, g);  // gate and up rounded first, as the reference does
+#pragma omp barrier
+        const int64_t c0 = out_width * t / nt, c1 = out_width * (t + 1) / nt;
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t j = c0; j < c1; ++j) {
+                float v = 0.0f, u = 0.0f;
+                for (int s = 0; s < nt; ++s) {
+                    const float *row = partial + ((int64_t)s * B + b) * N;
+                    v += row[j];
+                    if (gate_up) u += row[out_width + j];
+                }
+                if (bias) {
+                    v += bias[j];
+                    if (gate_up) u += bias[out_width + j];
+                }
+                if (gate_up) {
+                    v = round_to(dtype, v);  // gate and up rounded first, as the reference does
                     u = round_to(dtype, u);
-                    store1(out, b * out_width + col0 + j, out_dtype, round_to(dtype, silu(g) * u));
+                    v = silu(v) * u;
                 }
-            }
-        } else {
-            accumulate(&sets[task_segment[t]], B, weight_t, N, dtype, col0, width, gate_acc);
-            for (int64_t b = 0; b < B; ++b) {
-                for (int64_t j = 0; j < width; ++j) {
-                    const float v = gate_acc[b * width + j] + (bias ? bias[col0 + j] : 0.0f);
-                    store1(out, b * N + col0 + j, out_dtype, round_to(dtype, v));
-                }
+                store1(out, b * out_width + j, out_dtype, round_to(dtype, v));
             }
         }
-        free(gate_acc);
     }
+    free(partial);
     free(channel_buffer);
     free(coef_buffer);
-    return failed ? -1 : 0;
+    return 0;
 }

@@ -112,7 +112,7 @@ class SparsityPlan:
         dense = [i for i, t in enumerate(targets) if t <= 0]
         device = table.thresholds.device
         row_thresholds = table.thresholds_for(torch.tensor([targets[i] for i in sparse], device=device))
-        thresholds = row_thresholds.repeat_interleave(tokens_per_row, dim=1).contiguous()  # [L, R*T, 7]
+        thresholds = row_thresholds.float().repeat_interleave(tokens_per_row, dim=1).contiguous()  # [L, R*T, 7]
         return cls(
             thresholds=thresholds,
             kept=torch.zeros(thresholds.shape, dtype=torch.int32, device=device),
@@ -136,10 +136,23 @@ class SparsityPlan:
 
 
 class LayerSparsity:
+    """One layer's view of the plan. Decode at batch 1 calls `apply` 4 times a layer, 120 times a
+    token, so the kernel path works on raw addresses into the plan's tables instead of views."""
+
     def __init__(self, plan: SparsityPlan, index: int) -> None:
         self.plan = plan
-        self.thresholds = plan.thresholds[index]  # [R*T, 7]
-        self.kept = plan.kept[index]
+        self.index = index
+        offset = index * plan.kept.shape[1] * 7 * 4  # both tables are [L, R*T, 7] of 4-byte elements
+        self._thresholds_ptr = plan.thresholds.data_ptr() + offset
+        self._kept_ptr = plan.kept.data_ptr() + offset
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        return self.plan.thresholds[self.index]  # [R*T, 7]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.plan.kept[self.index]  # [R*T, 7]
 
     def apply(self, projection: SparseProjection, x: torch.Tensor,
               dense: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -151,10 +164,9 @@ class LayerSparsity:
         rows = sparse_x.reshape(-1, K)  # [R*T, K]
         start, end = projection.columns
         if projection.prepared is not None and rows.shape[0] <= CPU_KERNEL_MAX_ROWS:
-            rows = rows.float().contiguous()
-            elem = self.thresholds.element_size()
-            y = projection.prepared(rows, self.thresholds.data_ptr() + start * elem, 7,
-                                    self.kept.data_ptr() + start * self.kept.element_size(), 7)
+            if rows.dtype != torch.float32 or not rows.is_contiguous():
+                rows = rows.float().contiguous()
+            y = projection.prepared(rows, self._thresholds_ptr + 4 * start, 7, self._kept_ptr + 4 * start, 7)
         elif projection.weight_t is not None:
             from kernels.wina_triton import wina_gate_up_triton, wina_linear_triton
 
