@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton reads TRITON_INTERPRET when it is first imported, and torch may import it early: set it
+# before anything else so the kernel tests run in the interpreter on CPU tensors. (The GPU test
+# reruns the compiled kernel in a fresh process with TRITON_INTERPRET=0.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import contextlib
 import socket
 import threading
