@@ -147,12 +147,43 @@ def _time(fn, min_seconds: float = 0.3) -> float:
     return (time.perf_counter() - start) / n
 
 
-def run_micro(batch_sizes: list[int]) -> dict:
+def _micro_shape(kernel: Any, name: str, K: int, segments: tuple[int, ...], gate_up: bool,
+                 batch_sizes: list[int], g: Any) -> list[dict]:
+    """One shape's rows; its weights (up to ~1 GB for Llama-3-8B's MLP with the copies) are freed
+    when this returns, before the next shape is built."""
     import torch
     import torch.nn.functional as F
 
-    from kernels.wina_cpu import CpuWinaKernel
     from kernels.wina_reference import column_norms, thresholds_for_topk
+
+    N = sum(segments)
+    weight = (torch.randn(N, K, generator=g) * 0.02).half()
+    norms = column_norms(weight, segments)
+    prepared = kernel.prepare(weight.t().contiguous(), norms, segments, gate_up=gate_up, out_dtype=torch.float32)
+    weight_f32 = weight.float()
+    rows = []
+    for B in batch_sizes:
+        x = torch.randn(B, K, generator=g)
+        x_half = x.half()
+        dense_half = _time(lambda: F.linear(x_half, weight))
+        dense_f32 = _time(lambda: torch.mm(weight_f32, x.t())) if B > 1 else None
+        dense = min(t for t in (dense_half, dense_f32) if t is not None)
+        for s in MICRO_SPARSITIES:
+            thresholds = thresholds_for_topk(x, norms, K - round(s * K))
+            kept = torch.empty(B, len(segments), dtype=torch.int32)
+            t = _time(lambda: prepared(x, thresholds.data_ptr(), len(segments), kept.data_ptr(), len(segments)))
+            rows.append({"shape": name, "batch": B, "sparsity": s, "kernel_us": t * 1e6,
+                         "dense_half_us": dense_half * 1e6,
+                         "dense_f32_us": dense_f32 * 1e6 if dense_f32 else None,
+                         "speedup_vs_best_dense": dense / t, "roofline": 1 / (1 - s) if s < 1 else None,
+                         "kernel_weight_gb_s": N * K * 2 * (1 - s) / t / 1e9})
+    return rows
+
+
+def run_micro(batch_sizes: list[int]) -> dict:
+    import torch
+
+    from kernels.wina_cpu import CpuWinaKernel
 
     kernel = CpuWinaKernel.load()
     if kernel is None:
@@ -160,29 +191,7 @@ def run_micro(batch_sizes: list[int]) -> dict:
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, (K, segments, gate_up) in MICRO_SHAPES.items():
-        N = sum(segments)
-        weight = (torch.randn(N, K, generator=g) * 0.02).half()
-        weight_t = weight.t().contiguous()
-        norms = column_norms(weight, segments)
-        prepared = kernel.prepare(weight_t, norms, segments, gate_up=gate_up, out_dtype=torch.float32)
-        weight_f32 = weight.float()
-        for B in batch_sizes:
-            x = torch.randn(B, K, generator=g)
-            x_half = x.half()
-            dense_half = _time(lambda: F.linear(x_half, weight))
-            dense_f32 = _time(lambda: torch.mm(weight_f32, x.t())) if B > 1 else None
-            dense = min(t for t in (dense_half, dense_f32) if t is not None)
-            for s in MICRO_SPARSITIES:
-                thresholds = thresholds_for_topk(x, norms, K - round(s * K))
-                kept = torch.empty(B, len(segments), dtype=torch.int32)
-                t = _time(lambda: prepared(x, thresholds.data_ptr(), len(segments), kept.data_ptr(),
-                                           len(segments)))
-                rows.append({"shape": name, "batch": B, "sparsity": s, "kernel_us": t * 1e6,
-                             "dense_half_us": dense_half * 1e6,
-                             "dense_f32_us": dense_f32 * 1e6 if dense_f32 else None,
-                             "speedup_vs_best_dense": dense / t, "roofline": 1 / (1 - s) if s < 1 else None,
-                             "kernel_weight_gb_s": N * K * 2 * (1 - s) / t / 1e9})
-        del weight, weight_t, weight_f32, prepared
+        rows.extend(_micro_shape(kernel, name, K, segments, gate_up, batch_sizes, g))
     return {"rows": rows, "dtype": "float16 weights, float32 inputs"}
 
 

@@ -35,10 +35,6 @@ from server.profiles import save_profile
 
 logger = logging.getLogger(__name__)
 
-# Each projection's fused call: (which call, segment index within it)
-PROJECTION_CALLS = {"q": ("qkv", 0), "k": ("qkv", 1), "v": ("qkv", 2), "o": ("o", 0),
-                    "gate": ("gate_up", 0), "up": ("gate_up", 1), "down": ("down", 0)}
-CALL_COLUMNS = {(0, 3): "qkv", (3, 4): "o", (4, 6): "gate_up", (6, 7): "down"}
 GREEDY_STEP = 0.05
 EVAL_LEVELS = (0.25, 0.5, 0.65)
 
@@ -108,40 +104,32 @@ class _LayerRecorder:
         self.index = index
 
     def apply(self, projection: SparseProjection, x: torch.Tensor, dense) -> torch.Tensor:
-        # x: [1, T, K]
-        call = CALL_COLUMNS[projection.columns]
+        # x: [1, T, K]; kept per fused call, named by its columns in the [*, 7] tables
         rows = x[0, self.recorder.positions].float()  # [P, K]
-        self.recorder.inputs.setdefault((self.index, call), []).append(rows)
+        self.recorder.inputs.setdefault((self.index, projection.columns), []).append(rows)
         return dense(x)
 
 
-def _segment_norms(model: LlamaDecoder, layer: int, criterion: str) -> dict[str, torch.Tensor]:
-    """Projection name -> [K] norms used in its score (all ones for TEAL)."""
-    c = model.config
-    attn, mlp = model.layers[layer].attn, model.layers[layer].mlp
-    q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    weights = {"qkv": (attn.qkv.weight, (q, kv, kv)), "o": (attn.o_proj.weight, (c.hidden_size,)),
-               "gate_up": (mlp.gate_up.weight, (inter, inter)), "down": (mlp.down.weight, (c.hidden_size,))}
-    norms = {}
-    for name, (call, segment) in PROJECTION_CALLS.items():
-        weight, segments = weights[call]
-        if criterion == "wina":
-            norms[name] = column_norms(weight, segments)[segment]
-        else:
-            norms[name] = torch.ones(weight.shape[1])
-    return norms
+@dataclass(frozen=True)
+class _Projection:
+    weight: torch.Tensor  # [N_p, K] float32
+    norms: torch.Tensor  # [K]: the score's factor, column norms for WINA, ones for TEAL
+    columns: tuple[int, int]  # the fused call it belongs to (its recorded inputs' key)
 
 
-def _projection_weight(model: LlamaDecoder, layer: int, name: str) -> torch.Tensor:
-    """The [N_p, K] weight of one projection, float32."""
-    c = model.config
+def _layer_projections(model: LlamaDecoder, layer: int, criterion: str) -> dict[str, _Projection]:
+    """The seven projections of one layer, in PROJECTIONS order, split out of the fused calls that
+    attach_sparsity set up (q/k/v, o, gate/up, down)."""
     attn, mlp = model.layers[layer].attn, model.layers[layer].mlp
-    q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    parts = {"q": (attn.qkv.weight, 0, q), "k": (attn.qkv.weight, q, q + kv), "v": (attn.qkv.weight, q + kv, q + 2 * kv),
-             "o": (attn.o_proj.weight, 0, c.hidden_size), "gate": (mlp.gate_up.weight, 0, inter),
-             "up": (mlp.gate_up.weight, inter, 2 * inter), "down": (mlp.down.weight, 0, c.hidden_size)}
-    weight, start, end = parts[name]
-    return weight[start:end].float()
+    names = iter(PROJECTIONS)
+    projections = {}
+    for fused in (attn.sparse_qkv, attn.sparse_o, mlp.sparse_gate_up, mlp.sparse_down):
+        weight = fused.linear.weight.float()
+        norms = column_norms(weight, fused.segments)  # [G, K]
+        for part, part_norms in zip(weight.split(list(fused.segments)), norms):
+            factor = part_norms if criterion == "wina" else torch.ones_like(part_norms)
+            projections[next(names)] = _Projection(part, factor, fused.columns)
+    return projections
 
 
 def _quantile(sorted_scores: torch.Tensor, sparsity: float) -> float:
@@ -153,19 +141,19 @@ def _quantile(sorted_scores: torch.Tensor, sparsity: float) -> float:
     return float(sorted_scores[index])
 
 
-def _greedy_allocation(model: LlamaDecoder, layer: int, inputs: dict[str, torch.Tensor],
-                       sorted_scores: dict[str, torch.Tensor], norms: dict[str, torch.Tensor],
-                       levels: tuple[float, ...], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _greedy_allocation(projections: dict[str, _Projection], inputs: dict[str, torch.Tensor],
+                       sorted_scores: dict[str, torch.Tensor], levels: tuple[float, ...],
+                       rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (thresholds [S, 7], per-projection sparsity [S, 7]) for one layer."""
     steps = [round(GREEDY_STEP * i, 4) for i in range(int(round(0.95 / GREEDY_STEP)) + 1)]
-    sizes = torch.tensor([float(_projection_weight(model, layer, p).numel()) for p in PROJECTIONS])
+    sizes = torch.tensor([float(projections[p].weight.numel()) for p in PROJECTIONS])
     share = sizes / sizes.sum()
     errors = torch.zeros(len(PROJECTIONS), len(steps))
     for pi, name in enumerate(PROJECTIONS):
         x = inputs[name][:rows]  # [R, K]
-        w = _projection_weight(model, layer, name)
+        w = projections[name].weight
         reference = (x @ w.t()).pow(2).sum()
-        scores = x.abs() * norms[name]
+        scores = x.abs() * projections[name].norms
         for si, s in enumerate(steps[1:], start=1):
             dropped = x * (scores <= _quantile(sorted_scores[name], s))
             errors[pi, si] = (dropped @ w.t()).pow(2).sum() / reference
@@ -209,16 +197,17 @@ def calibrate_wina(model: LlamaDecoder, tokenizer, config: WinaCalibrationConfig
         count = min(config.positions_per_sequence, T - 1)
         recorder.positions = 1 + torch.randperm(T - 1, generator=rng)[:count]
         model(torch.tensor([seq]), torch.tensor([0]), torch.tensor([0]), cache, sparsity=recorder)
-    calls = {key: torch.cat(rows) for key, rows in recorder.inputs.items()}  # (layer, call) -> [P, K]
+    calls = {key: torch.cat(rows) for key, rows in recorder.inputs.items()}  # (layer, columns) -> [P, K]
     levels = torch.tensor(config.levels, dtype=torch.float32)
     profiles = {}
     for criterion in config.criteria:
         per_allocation = {a: (torch.zeros(len(levels), L, 7), torch.zeros(len(levels), L, 7))
                           for a in config.allocations}
         for layer in tqdm(range(L), desc=f"calibrate wina: {criterion} thresholds", unit="layer"):
-            norms = _segment_norms(model, layer, criterion)
-            inputs = {p: calls[(layer, PROJECTION_CALLS[p][0])] for p in PROJECTIONS}
-            sorted_scores = {p: (inputs[p].abs() * norms[p]).flatten().sort().values for p in PROJECTIONS}
+            projections = _layer_projections(model, layer, criterion)
+            inputs = {p: calls[(layer, projections[p].columns)] for p in PROJECTIONS}
+            sorted_scores = {p: (inputs[p].abs() * projections[p].norms).flatten().sort().values
+                             for p in PROJECTIONS}
             for allocation, (thresholds, shares) in per_allocation.items():
                 if allocation == "uniform":
                     for si, s in enumerate(config.levels):
@@ -226,7 +215,7 @@ def calibrate_wina(model: LlamaDecoder, tokenizer, config: WinaCalibrationConfig
                         shares[si, layer] = s
                 else:
                     thresholds[:, layer], shares[:, layer] = _greedy_allocation(
-                        model, layer, inputs, sorted_scores, norms, config.levels, config.greedy_rows)
+                        projections, inputs, sorted_scores, config.levels, config.greedy_rows)
         for allocation, (thresholds, shares) in per_allocation.items():
             profiles[f"{criterion}-{allocation}"] = {
                 "table": WinaTable(criterion, levels, thresholds), "allocation": shares,

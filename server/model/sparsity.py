@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.wina_cpu import CpuWinaKernel, PreparedWinaLinear
-from kernels.wina_reference import column_norms
+from kernels.wina_reference import column_norms, wina_mask
 
 if TYPE_CHECKING:
     from server.model.layers import Linear
@@ -194,9 +194,7 @@ class LayerSparsity:
         projection restricted to that segment's outputs. For many token rows (prefill) and where
         no kernel runs. rows: [RT, K] -> [RT, N] (or [RT, N/2] for gate_up)."""
         start, end = projection.columns
-        thresholds = self.thresholds[:, start:end]  # [RT, G]
-        scores = rows.float().abs().unsqueeze(1) * projection.col_norms.unsqueeze(0)  # [RT, G, K]
-        mask = scores > thresholds.unsqueeze(-1)
+        mask = wina_mask(rows, projection.col_norms, self.thresholds[:, start:end])  # [RT, G, K]
         self.kept[:, start:end] = mask.sum(dim=-1, dtype=torch.int32)
         outputs = []
         offset = 0
