@@ -48,5 +48,14 @@ class ServerMetrics:
             "request_sparsity_achieved", "WINA sparsity achieved per sequence: the share of projection "
             "weights its tokens skipped (0 for dense requests).", _SPARSITY_BUCKETS)
 
+        self._interventions = Counter(
+            PREFIX + "intervention_requests", "Requests that applied an intervention, by type and "
+            "profile (SAE id, vector name or profile name).", labels + ["type", "profile"], registry=r)
+
+    def intervention_requested(self, entry: dict) -> None:
+        """entry: one applied request entry (RowInterventions.applied)."""
+        profile = entry.get("profile") or entry.get("sae") or entry.get("vector") or ""
+        self._interventions.labels(self.model_name, entry["type"], profile).inc()
+
     def request_finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from server.engine.engine import Engine, EngineLimits
+from server.interventions.registry import InterventionRegistry
 from server.metrics import ServerMetrics
 from server.model.config import ModelConfig
 from server.model.llama import LlamaDecoder
@@ -51,6 +52,7 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool
     wina_profile: Profile | None = None
+    interventions: InterventionRegistry | None = None
 
 
 def load_model(settings: ServerSettings) -> LoadedModel:
@@ -67,10 +69,13 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     wina = find_wina_profile(settings, ckpt.fingerprint, name)
     if wina is not None:
         attach_wina(model, wina, settings)
+    registry = InterventionRegistry(model, ckpt.fingerprint, name)
+    if settings.load_interventions:
+        registry.load(settings.profiles)
     elapsed = time.monotonic() - started
     logger.info("loaded %s (%s, %s, %s) in %.1f s%s", name, ckpt.source, dtype, device, elapsed,
                 " from cache" if ckpt.from_cache else "")
-    return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache, wina)
+    return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache, wina, registry)
 
 
 def find_wina_profile(settings: ServerSettings, fingerprint: str, model_name: str) -> Profile | None:

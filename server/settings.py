@@ -102,6 +102,14 @@ class ServerSettings(BaseSettings):
         0.0, ge=0.0, le=0.9, description="WINA sparsity for requests that do not set 'sparsity' "
         "(0 = dense).",
     )
+    load_interventions: bool = Field(
+        True, description="Load the intervention profiles (SAEs, steering vectors, EigenShift, "
+        "memorization) found in --profiles for the served model.",
+    )
+    default_interventions: str = Field(
+        "", description="JSON list of interventions applied to requests that name none, e.g. "
+        "'[{\"type\": \"eigenshift\", \"profile\": \"toxicity\"}]'. Empty: none.",
+    )
     warmup: bool = Field(True, description="Run one generation step before /health turns 200.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Server log level."

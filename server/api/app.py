@@ -17,7 +17,8 @@ from server import __version__
 from server.api.errors import APIError, error_response, install_error_handlers
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.api.serving import (
-    ChatServing, CompletionServing, ServingContext, describe_profiles, detokenize, tokenize,
+    ChatServing, CompletionServing, ServingContext, compare_steering, describe_profiles, detokenize,
+    parse_default_interventions, tokenize,
 )
 from server.metrics import ServerMetrics
 from server.runtime import launch_engine
@@ -52,9 +53,11 @@ def _load_blocking(state: ServerState) -> None:
     settings = state.settings
     engine, loaded = launch_engine(settings)
     state.metrics = engine.metrics
+    defaults = parse_default_interventions(settings, loaded.interventions)
     state.serving = ServingContext(engine, loaded.tokenizer, settings, loaded.name,
                                    loaded.model.config.vocab_size,
-                                   [loaded.wina_profile] if loaded.wina_profile is not None else [])
+                                   [loaded.wina_profile] if loaded.wina_profile is not None else [],
+                                   loaded.interventions, engine.metrics, defaults)
     state.healthy_after_s = time.monotonic() - state.started_at
     logger.info("ready after %.1f s", state.healthy_after_s)
 
@@ -175,6 +178,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await ChatServing(state.ready()).create(body, raw)
+
+    @app.post("/v1/steer/compare")
+    async def steer_compare(body: CompletionRequest, raw: Request):
+        return await compare_steering(state.ready(), body, raw)
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest):

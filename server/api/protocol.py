@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from server.interventions.spec import MAX_INTERVENTIONS, InterventionSpec
+
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -50,6 +52,8 @@ class SamplingFields(StrictModel):
     include_stop_str_in_output: StrictBool = False
     # neuronserve: WINA sparsity for this request (0 = dense; None = the server's default_sparsity)
     sparsity: float | None = Field(None, ge=0.0, le=0.9)
+    # neuronserve: per-request interventions (DESIGN.md); None = the server's default_interventions
+    interventions: list[InterventionSpec] | None = Field(None, max_length=MAX_INTERVENTIONS)
 
     @field_validator("stop")
     @classmethod

@@ -19,6 +19,9 @@ from server.api.protocol import (ChatCompletionRequest, CompletionRequest, Detok
                                  SamplingFields, TokenizeRequest, UsageInfo)
 from server.engine.engine import Engine, EngineStoppedError, QueueFullError, RequestStream
 from server.engine.request import GenerationRequest, SamplingParams, StepOutput, TokenLogprob
+from server.interventions.plan import RowInterventions
+from server.interventions.registry import InterventionError, InterventionRegistry
+from server.metrics import ServerMetrics
 from server.profiles import Profile
 from server.settings import ServerSettings
 
@@ -36,6 +39,9 @@ class ServingContext:
     model_name: str
     vocab_size: int
     profiles: list[Profile] = field(default_factory=list)  # loaded calibration profiles
+    registry: InterventionRegistry | None = None  # loaded intervention profiles
+    metrics: ServerMetrics | None = None
+    default_interventions: list = field(default_factory=list)  # parsed settings.default_interventions
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
     max_token_chars: int = field(init=False)
@@ -134,6 +140,23 @@ class ServingContext:
                            f"level, {table.max_sparsity}", "sparsity")
         return target
 
+    def resolve_interventions(self, req: SamplingFields) -> RowInterventions | None:
+        """The request's interventions (or the server's defaults when it names none) resolved
+        against the loaded profiles; an unknown name or bad entry is a 400 naming it."""
+        entries = self.default_interventions if req.interventions is None else req.interventions
+        if not entries:
+            return None
+        if self.registry is None:
+            raise APIError(400, "this server loads no interventions (--no-load-interventions)", "interventions")
+        try:
+            resolved = self.registry.resolve(entries)
+        except InterventionError as error:
+            raise APIError(400, str(error), error.param) from None
+        if self.metrics is not None:
+            for entry in resolved.applied:
+                self.metrics.intervention_requested(entry)
+        return resolved
+
     def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         try:
             text.encode("utf-8")
@@ -186,8 +209,18 @@ def describe_profiles(ctx: ServingContext) -> dict:
             entry["request_field"] = "sparsity"
             entry["max_sparsity"] = round(float(profile.tensors["levels"].max()), 6)
         data.append(entry)
-    return {"object": "list", "data": data,
-            "defaults": {"sparsity": ctx.settings.default_sparsity}}
+    refused = []
+    if ctx.registry is not None:
+        described = ctx.registry.describe()
+        refused = described.pop("refused")
+        for kind, entries in described.items():
+            for entry in entries:
+                data.append({"type": {"saes": "sae", "vectors": "vector"}.get(kind, kind),
+                             "request_field": "interventions", **entry})
+    return {"object": "list", "data": data, "refused": refused,
+            "defaults": {"sparsity": ctx.settings.default_sparsity,
+                         "interventions": [e if isinstance(e, dict) else e.model_dump(exclude_none=True)
+                                           for e in ctx.default_interventions]}}
 
 
 def _with_seed_offset(params: SamplingParams, offset: int) -> SamplingParams:
@@ -196,20 +229,35 @@ def _with_seed_offset(params: SamplingParams, offset: int) -> SamplingParams:
     return replace(params, seed=(params.seed + offset) % (2**63))
 
 
+@dataclass(frozen=True)
+class RequestControls:
+    """Our fields of one request, resolved: WINA target and interventions."""
+
+    sparsity: float
+    interventions: RowInterventions | None
+
+    def report(self, achieved: list[float | None]) -> dict:
+        """The response's `sparsity` (the target, and the share of projection weights the request's
+        tokens actually skipped, mean over its choices) and `interventions` (what was applied,
+        defaults filled in) fields."""
+        values = [a for a in achieved if a is not None]
+        return {"sparsity": {"target": self.sparsity,
+                             "achieved": round(sum(values) / len(values), 4) if values else 0.0},
+                "interventions": list(self.interventions.applied) if self.interventions else []}
+
+
+def request_controls(ctx: ServingContext, req: SamplingFields) -> RequestControls:
+    return RequestControls(ctx.sparsity_target(req), ctx.resolve_interventions(req))
+
+
 def expand_requests(prefix: str, prompts: list[list[int]], params: list[SamplingParams], n: int,
-                    sparsity: float) -> list[GenerationRequest]:
+                    controls: RequestControls) -> list[GenerationRequest]:
     """One engine sequence per (prompt, choice); choice i of prompt p has index p * n + i."""
     return [
-        GenerationRequest(f"{prefix}-{p}-{i}", tuple(ids), _with_seed_offset(params[p], i), sparsity)
+        GenerationRequest(f"{prefix}-{p}-{i}", tuple(ids), _with_seed_offset(params[p], i), controls.sparsity,
+                          controls.interventions)
         for p, ids in enumerate(prompts) for i in range(n)
     ]
-
-
-def sparsity_report(target: float, achieved: list[float | None]) -> dict:
-    """The response's `sparsity` field: the target asked for and the share of projection weights
-    that the request's tokens actually skipped (mean over its choices)."""
-    values = [a for a in achieved if a is not None]
-    return {"target": target, "achieved": round(sum(values) / len(values), 4) if values else 0.0}
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -269,12 +317,12 @@ class _ChunkWriter:
         self.continuous = bool(self.include_usage and stream_options.continuous_usage_stats)
         self.prompt_tokens = prompt_tokens
 
-    def choice(self, choice: dict, completion_tokens: int, sparsity: dict | None = None) -> str:
+    def choice(self, choice: dict, completion_tokens: int, report: dict | None = None) -> str:
         body = {**self.head, "choices": [choice]}
         if self.include_usage:
             body["usage"] = _usage(self.prompt_tokens, completion_tokens) if self.continuous else None
-        if sparsity is not None:  # on each choice's finishing chunk
-            body["sparsity"] = sparsity
+        if report is not None:  # on each choice's finishing chunk: RequestControls.report
+            body.update(report)
         return _sse(body)
 
     def usage(self, completion_tokens: int) -> str:
@@ -327,15 +375,15 @@ class CompletionServing:
         max_tokens = req.max_tokens if req.max_tokens is not None else OPENAI_DEFAULT_MAX_TOKENS
         params = [ctx.sampling_params(req, len(ids), max_tokens, req.logprobs, prompt_logprobs,
                                       allow_zero=req.echo) for ids in prompts]
-        sparsity = ctx.sparsity_target(req)
+        controls = request_controls(ctx, req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = ctx.submit(expand_requests(request_id, prompts, params, req.n, sparsity))
+        streams = ctx.submit(expand_requests(request_id, prompts, params, req.n, controls))
         if req.stream:
-            return StreamingResponse(self._stream(req, request_id, prompts, streams, sparsity),
+            return StreamingResponse(self._stream(req, request_id, prompts, streams, controls),
                                      media_type="text/event-stream")
         choices = await run_unless_disconnected(raw, self._collect(streams, len(prompts) * req.n))
         body = self._response(req, request_id, prompts, choices)
-        body["sparsity"] = sparsity_report(sparsity, [c.sparsity_achieved for c in choices])
+        body.update(controls.report([c.sparsity_achieved for c in choices]))
         return JSONResponse(body)
 
     async def _collect(self, streams: list[RequestStream], count: int) -> list[_Choice]:
@@ -404,7 +452,7 @@ class CompletionServing:
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
     async def _stream(self, req: CompletionRequest, request_id: str, prompts: list[list[int]],
-                      streams: list[RequestStream], sparsity: float) -> AsyncIterator[str]:
+                      streams: list[RequestStream], controls: RequestControls) -> AsyncIterator[str]:
         ctx = self.ctx
         writer = _ChunkWriter(request_id, "text_completion", ctx.model_name, req.stream_options,
                               sum(len(p) for p in prompts))
@@ -444,7 +492,7 @@ class CompletionServing:
                                      "finish_reason": out.finish_reason if out.finished else None,
                                      "stop_reason": out.stop_reason if out.finished else None},
                                     sum(generated),
-                                    sparsity_report(sparsity, [out.sparsity_achieved]) if out.finished else None)
+                                    controls.report([out.sparsity_achieved]) if out.finished else None)
             else:
                 if writer.include_usage:
                     yield writer.usage(sum(generated))
@@ -464,11 +512,11 @@ class ChatServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.sampling_params(req, len(ids), max_tokens, logprobs, None, allow_zero=False,
                                      logprobs_param="top_logprobs")
-        sparsity = ctx.sparsity_target(req)
+        controls = request_controls(ctx, req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = ctx.submit(expand_requests(request_id, [ids], [params], req.n, sparsity))
+        streams = ctx.submit(expand_requests(request_id, [ids], [params], req.n, controls))
         if req.stream:
-            return StreamingResponse(self._stream(req, request_id, len(ids), streams, sparsity),
+            return StreamingResponse(self._stream(req, request_id, len(ids), streams, controls),
                                      media_type="text/event-stream")
         choices = await run_unless_disconnected(raw, CompletionServing(ctx)._collect(streams, req.n))
         completion_tokens = sum(c.generated for c in choices)
@@ -480,7 +528,7 @@ class ChatServing:
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for i, c in enumerate(choices)],
             "usage": _usage(len(ids), completion_tokens),
-            "sparsity": sparsity_report(sparsity, [c.sparsity_achieved for c in choices]),
+            **controls.report([c.sparsity_achieved for c in choices]),
         })
 
     def _entry(self, token_id: int, logprob: float) -> dict:
@@ -493,16 +541,16 @@ class ChatServing:
                             for e in entries if e is not None]}
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, prompt_tokens: int,
-                      streams: list[RequestStream], sparsity: float) -> AsyncIterator[str]:
+                      streams: list[RequestStream], controls: RequestControls) -> AsyncIterator[str]:
         writer = _ChunkWriter(request_id, "chat.completion.chunk", self.ctx.model_name, req.stream_options,
                               prompt_tokens)
         generated = [0] * len(streams)
 
         def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, stop_reason=None,
-                  sparsity_field: dict | None = None) -> str:
+                  report: dict | None = None) -> str:
             return writer.choice({"index": index, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": finish_reason, "stop_reason": stop_reason}, sum(generated),
-                                 sparsity_field)
+                                 report)
 
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -518,11 +566,64 @@ class ChatServing:
                     yield chunk(index, {"content": out.text}, logprobs)
                 if out.finished:
                     yield chunk(index, {}, None, out.finish_reason, out.stop_reason,
-                                sparsity_report(sparsity, [out.sparsity_achieved]))
+                                controls.report([out.sparsity_achieved]))
             else:
                 if writer.include_usage:
                     yield writer.usage(sum(generated))
         yield _sse("[DONE]")
+
+
+def parse_default_interventions(settings: ServerSettings, registry: InterventionRegistry | None) -> list:
+    """settings.default_interventions (JSON) -> entries, checked against what is loaded: a bad
+    default stops the server at start, not at the first request."""
+    if not settings.default_interventions.strip():
+        return []
+    try:
+        entries = json.loads(settings.default_interventions)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"default_interventions is not JSON: {error}") from None
+    if not isinstance(entries, list):
+        raise ValueError("default_interventions must be a JSON list of intervention entries")
+    if registry is None:
+        raise ValueError("default_interventions given, but interventions are not loaded")
+    try:
+        registry.resolve(entries, param="default_interventions")
+    except InterventionError as error:
+        raise ValueError(str(error)) from None
+    return entries
+
+
+async def compare_steering(ctx: ServingContext, req: CompletionRequest, raw: Request) -> JSONResponse:
+    """POST /v1/steer/compare: the same prompt, seed and sampling without and with the request's
+    interventions, as two rows submitted together (so they decode in the same batch)."""
+    ctx.check_model(req.model)
+    if not req.interventions:
+        raise APIError(400, "compare needs `interventions` (what to compare against no intervention)",
+                       "interventions")
+    if req.stream or req.n != 1 or req.echo:
+        raise APIError(400, "compare takes one prompt with n=1, no stream and no echo", "stream")
+    prompts = CompletionServing(ctx)._prompts(req.prompt)
+    if len(prompts) != 1:
+        raise APIError(400, "compare takes one prompt", "prompt")
+    max_tokens = req.max_tokens if req.max_tokens is not None else OPENAI_DEFAULT_MAX_TOKENS
+    params = ctx.sampling_params(req, len(prompts[0]), max_tokens, req.logprobs, None, allow_zero=False)
+    steered = request_controls(ctx, req)
+    plain = RequestControls(steered.sparsity, None)
+    request_id = f"cmp-{uuid.uuid4().hex}"
+    rows = (expand_requests(request_id + "-default", prompts, [params], 1, plain)
+            + expand_requests(request_id + "-steered", prompts, [params], 1, steered))
+    choices = await run_unless_disconnected(raw, CompletionServing(ctx)._collect(ctx.submit(rows), 2))
+
+    def side(c: _Choice) -> dict:
+        return {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.generated}
+
+    return JSONResponse({
+        "id": request_id, "object": "steer.compare", "created": int(time.time()), "model": ctx.model_name,
+        "prompt": ctx.tokenizer.decode(prompts[0]), "seed": req.seed,
+        "default": side(choices[0]), "steered": side(choices[1]),
+        "usage": _usage(2 * len(prompts[0]), choices[0].generated + choices[1].generated),
+        **steered.report([c.sparsity_achieved for c in choices]),
+    })
 
 
 def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:

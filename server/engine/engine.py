@@ -24,6 +24,7 @@ from server.engine.controls import BatchControls
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import GenerationRequest, StepOutput, TokenLogprob
 from server.engine.sampling import sample
+from server.interventions.plan import InterventionPlan
 from server.metrics import ServerMetrics
 from server.model.llama import LlamaDecoder
 
@@ -198,6 +199,17 @@ class Engine:
             self._wake.notify()
         return streams
 
+    def drain_incoming(self) -> None:
+        """For in-process batch use (engine/offline.py), which steps the engine itself instead of
+        running the worker loop: take in what was submitted."""
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
     # ---- worker thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -256,9 +268,10 @@ class Engine:
         want_prompt_lp = seq.request.params.prompt_logprobs is not None
         tokens = torch.tensor([prompt[start:end]], device=self.model.device)
         plan = self.model.sparsity_plan([seq.request.sparsity], end - start)
+        edits = InterventionPlan.build([seq.request.interventions], prompt_step=True, device=self.model.device)
         logits = self.model(tokens, torch.tensor([seq.slot], device=self.model.device),
                             torch.tensor([start], device=self.model.device), self.cache,
-                            all_logits=want_prompt_lp, sparsity=plan)  # [1, V] or [1, T, V]
+                            all_logits=want_prompt_lp, sparsity=plan, edits=edits)  # [1, V] or [1, T, V]
         if plan is not None:
             seq.skipped_weight_tokens += float(plan.skipped_fraction()[0]) * (end - start)
             seq.sparse_tokens += end - start
@@ -300,7 +313,9 @@ class Engine:
         slots = torch.tensor([s.slot for s in rows], device=device)
         starts = torch.tensor([s.num_cached for s in rows], device=device)
         plan = self.model.sparsity_plan([s.request.sparsity for s in rows], 1)
-        logits = self.model(tokens, slots, starts, self.cache, sparsity=plan)  # [B, V]
+        edits = InterventionPlan.build([s.request.interventions for s in rows], prompt_step=False,
+                                       device=device)
+        logits = self.model(tokens, slots, starts, self.cache, sparsity=plan, edits=edits)  # [B, V]
         if plan is not None:
             skipped = iter(plan.skipped_fraction().tolist())  # one per sparse row, in batch order
             for s in rows:

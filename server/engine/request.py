@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.interventions.plan import RowInterventions
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     sparsity: float = 0.0  # WINA target for this row, 0 = dense
+    interventions: "RowInterventions | None" = None  # resolved by the registry; None = none
 
 
 @dataclass(frozen=True)

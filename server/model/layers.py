@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.edits import NeuronEdit
 from server.model.kv_cache import LayerCache
 from server.model.sparsity import LayerSparsity, SparseProjection
 
@@ -163,11 +164,18 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up.forward(x).split(self.intermediate_size, dim=-1)
         return F.silu(gate) * up  # [B, T, intermediate]
 
-    def forward(self, x: torch.Tensor, sparsity: LayerSparsity | None = None) -> torch.Tensor:
-        if sparsity is None:
+    def forward(self, x: torch.Tensor, sparsity: LayerSparsity | None = None,
+                neurons: NeuronEdit | None = None) -> torch.Tensor:
+        if sparsity is None and neurons is None:
             return self.down.forward(self.activation(x))  # [B, T, hidden]
-        hidden = sparsity.apply(self.sparse_gate_up, x, self.activation)
-        return sparsity.apply(self.sparse_down, hidden, self.down.forward)
+        if sparsity is None:
+            hidden = self.activation(x)  # [B, T, intermediate]
+        else:
+            hidden = sparsity.apply(self.sparse_gate_up, x, self.activation)
+        if neurons is not None:
+            hidden = neurons.hidden(hidden)
+        out = self.down.forward(hidden) if sparsity is None else sparsity.apply(self.sparse_down, hidden, self.down.forward)
+        return out if neurons is None else neurons.output(hidden, out)
 
 
 class DecoderLayer(nn.Module):
@@ -178,7 +186,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = mlp_norm
         self.mlp = mlp
 
-    def forward(self, h, rope, cache, attn_mask, is_causal, sparsity: LayerSparsity | None = None):
+    def forward(self, h, rope, cache, attn_mask, is_causal, sparsity: LayerSparsity | None = None,
+                neurons: NeuronEdit | None = None):
         # h: [B, T, hidden] float32 residual stream; the adds promote the projections to float32
         h = h + self.attn.forward(self.attn_norm.forward(h), rope, cache, attn_mask, is_causal, sparsity)
-        return h + self.mlp.forward(self.mlp_norm.forward(h), sparsity)
+        return h + self.mlp.forward(self.mlp_norm.forward(h), sparsity, neurons)

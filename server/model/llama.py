@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.config import ModelConfig
+from server.model.edits import ForwardEdits
 from server.model.kv_cache import KVCache
 from server.model.layers import Attention, DecoderLayer, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from server.model.sparsity import (
@@ -125,9 +126,11 @@ class LlamaDecoder(nn.Module):
         cache: KVCache,
         all_logits: bool = False,
         sparsity: SparsityPlan | None = None,
+        edits: ForwardEdits | None = None,
     ) -> torch.Tensor:
         """token_ids: [B, T] (every row T new tokens, written at start_positions[b] onwards in its
-        slot) -> float32 logits [B, V] for each row's last token, or [B, T, V] with all_logits."""
+        slot) -> float32 logits [B, V] for each row's last token, or [B, T, V] with all_logits.
+        `edits`: the per-row interventions of this step (None: a batch that asks for none)."""
         B, T = token_ids.shape
         positions = start_positions.unsqueeze(1) + torch.arange(T, device=token_ids.device)  # [B, T]
         kv_len = int(positions.max()) + 1
@@ -146,7 +149,31 @@ class LlamaDecoder(nn.Module):
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal,
-                              None if sparsity is None else sparsity.layer(i))
+                              None if sparsity is None else sparsity.layer(i),
+                              None if edits is None else edits.neurons(i))
+            if edits is not None:
+                h = edits.residual(i, h, positions)
         if not all_logits:
             h = h[:, -1]  # [B, hidden]
-        return self.head.forward(self.norm.forward(h)).float()
+        hidden = self.norm.forward(h)
+        logits = self.head.forward(hidden).float()
+        return logits if edits is None else edits.logits(hidden, logits)
+
+    @torch.inference_mode()
+    def residual_stream(self, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """token_ids: [B, T] whole sequences (no padding) -> float32 residual stream after decoder
+        layer `layer`, [B, T, hidden]. Runs only layers 0..layer (for calibration: SAE training,
+        steering vectors)."""
+        B, T = token_ids.shape
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer {layer} outside 0..{len(self.layers) - 1}")
+        cache = KVCache(layer + 1, B, T, self.config.num_kv_heads, self.config.head_dim, self.kv_dtype, self.device)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        slots = torch.arange(B, device=self.device)
+        attn_mask = None if B == 1 else (torch.arange(T, device=self.device).view(1, 1, -1)
+                                         <= positions.unsqueeze(-1)).unsqueeze(1)
+        rope = self.rope.tables(positions)
+        h = F.embedding(token_ids.to(self.device), self.embed).float()
+        for i in range(layer + 1):
+            h = self.layers[i].forward(h, rope, cache.layer(i, slots, positions, T, None), attn_mask, B == 1)
+        return h
