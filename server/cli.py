@@ -78,7 +78,9 @@ def _model_slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower()).strip("-") or "model"
 
 
-def add_calibrate_parsers(commands) -> None:
+def add_calibrate_parsers(commands, interventions: bool = True) -> None:
+    """interventions=False leaves out the intervention methods, whose modules import on demand
+    (`serve` does not need them)."""
     calibrate = commands.add_parser("calibrate", help="Make a calibration profile for the served model.")
     methods = calibrate.add_subparsers(dest="method", required=True)
     wina = methods.add_parser(
@@ -100,9 +102,38 @@ def add_calibrate_parsers(commands) -> None:
     wina.add_argument("--data-dir", type=Path, default=None, help="Default: ../shared/data.")
     wina.add_argument("--out", type=Path, default=None,
                       help="Output directory. Default: <cache>/profiles/<model name>/.")
+    if interventions:
+        _add_intervention_calibrations(methods)
+
+
+# `neuronserve calibrate <method>` for the intervention profiles: each module exposes
+# add_arguments(parser) and run(args) -> exit code.
+INTERVENTION_CALIBRATIONS = {
+    "sae": ("server.calibration.sae", "Train a TopK sparse autoencoder on the served model's residual "
+            "stream (SAELens layout)."),
+    "vector": ("server.calibration.vector", "A difference-in-means steering vector from two sets of "
+               "texts, or a llama.cpp control vector converted."),
+    "eigenshift": ("server.calibration.eigenshift", "EigenShift toxicity components of the output "
+                   "matrix, from RTP prompts and a toxicity scorer."),
+    "memorization": ("server.calibration.memorization", "Neuron or weight masks of down_proj that "
+                     "carry memorized text."),
+}
+
+
+def _add_intervention_calibrations(methods) -> None:
+    import importlib
+
+    for method, (module, help_text) in INTERVENTION_CALIBRATIONS.items():
+        parser = methods.add_parser(method, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(parser)
 
 
 def calibrate(args: argparse.Namespace) -> int:
+    if args.method in INTERVENTION_CALIBRATIONS:
+        import importlib
+
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return importlib.import_module(INTERVENTION_CALIBRATIONS[args.method][0]).run(args)
     from server.calibration.wina import WinaCalibrationConfig, calibrate_wina, write_profiles
     from server.runtime import load_model
 
@@ -136,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="Serve a model over the OpenAI-compatible API.")
     add_settings_arguments(serve_parser)
-    add_calibrate_parsers(commands)
+    argv = sys.argv[1:] if argv is None else argv
+    add_calibrate_parsers(commands, interventions=bool(argv) and argv[0] == "calibrate")
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         return calibrate(args)
