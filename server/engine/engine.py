@@ -128,6 +128,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._decode_edits_key: tuple | None = None
+        self._decode_edits_plan: InterventionPlan | None = None
 
     # ---- asyncio side -------------------------------------------------------------------
 
@@ -313,8 +315,7 @@ class Engine:
         slots = torch.tensor([s.slot for s in rows], device=device)
         starts = torch.tensor([s.num_cached for s in rows], device=device)
         plan = self.model.sparsity_plan([s.request.sparsity for s in rows], 1)
-        edits = InterventionPlan.build([s.request.interventions for s in rows], prompt_step=False,
-                                       device=device)
+        edits = self._decode_edits([s.request.interventions for s in rows])
         logits = self.model(tokens, slots, starts, self.cache, sparsity=plan, edits=edits)  # [B, V]
         if plan is not None:
             skipped = iter(plan.skipped_fraction().tolist())  # one per sparse row, in batch order
@@ -326,6 +327,15 @@ class Engine:
             s.num_cached += 1
         self._sample_and_emit(list(rows), logits)
         self._running = [s for s in rows if not s.finished]
+
+    def _decode_edits(self, rows: list) -> InterventionPlan | None:
+        """The decode plan of these rows' interventions; rebuilt only when the batch changes (the
+        same RowInterventions objects in the same order give the same plan)."""
+        key = self._decode_edits_key
+        if key is None or len(key) != len(rows) or any(a is not b for a, b in zip(key, rows)):
+            self._decode_edits_key = tuple(rows)
+            self._decode_edits_plan = InterventionPlan.build(rows, prompt_step=False, device=self.model.device)
+        return self._decode_edits_plan
 
     def _banned_tokens(self, seq: _Sequence) -> list[int]:
         p = seq.request.params
