@@ -1,0 +1,32 @@
+"""What the forward pass asks of an intervention plan (DESIGN.md, "Per-request control").
+
+The model only knows these three places; `server/interventions/plan.py` implements them for the
+rows of an engine step, and calibration code implements them to record activations. Each method
+leaves the rows that ask for nothing untouched (same tensor values, no arithmetic on them).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class NeuronEdit(Protocol):
+    def hidden(self, act: torch.Tensor) -> torch.Tensor:
+        """act: [B, T, intermediate] SwiGLU activations, before down_proj -> the same shape."""
+
+    def output(self, act: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out: [B, T, hidden] down_proj output of `act` -> the same shape."""
+
+
+class ForwardEdits(Protocol):
+    def neurons(self, layer: int) -> NeuronEdit | None:
+        """The MLP edit of decoder layer `layer`, or None."""
+
+    def residual(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, hidden] float32 residual stream after decoder layer `layer`; positions: [B, T]."""
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, (T,) hidden] final normed hidden state (the head's input); logits: float32
+        [B, (T,) vocab] -> the same shape."""
