@@ -389,6 +389,9 @@ class ClientCore:
     def _op_complete(self, prompt: Prompt, params: Mapping[str, Any]) -> Op[Completion]:
         return self._op_generate("/v1/completions", completion_body(prompt, params), Completion.from_dict)
 
+    def _op_compare(self, prompt: Prompt, params: Mapping[str, Any]) -> Op[dict[str, Any]]:
+        return self._op_generate("/v1/steer/compare", completion_body(prompt, params), dict)
+
     def _op_chat(self, messages: Messages, params: Mapping[str, Any]) -> Op[ChatCompletion]:
         return self._op_generate("/v1/chat/completions", chat_body(messages, params), ChatCompletion.from_dict)
 

@@ -141,6 +141,11 @@ class NeuronServeClient(ClientCore):
         """The intervention profiles the server has loaded; None if the server predates the endpoint (404)."""
         return self._run(self._op_interventions())
 
+    def compare(self, prompt: Prompt, **params: Unpack[GenerationParams]) -> dict[str, Any]:
+        """``POST /v1/steer/compare``: the completion without and with ``interventions`` (same seed,
+        same batch), as ``{"default": {"text", ...}, "steered": {...}, "interventions": [...]}``."""
+        return self._run(self._op_compare(prompt, params))
+
     # --- lifecycle
 
     def close(self) -> None:
@@ -257,6 +262,9 @@ class AsyncNeuronServeClient(ClientCore):
 
     async def interventions(self) -> list[dict[str, Any]] | None:
         return await self._run(self._op_interventions())
+
+    async def compare(self, prompt: Prompt, **params: Unpack[GenerationParams]) -> dict[str, Any]:
+        return await self._run(self._op_compare(prompt, params))
 
     # --- lifecycle
 

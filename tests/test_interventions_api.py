@@ -185,3 +185,15 @@ def test_default_interventions_are_checked_at_start(steer_server):
                        ('{"type": "eigenshift"}', "JSON list")):
         with pytest.raises(ValueError, match=words):
             parse_default_interventions(ServerSettings(default_interventions=bad), registry)
+
+
+def test_python_client_steers_and_compares(steer_server):
+    from clients import NeuronServeClient
+
+    with NeuronServeClient(steer_server.base_url) as client:
+        listed = client.interventions()
+        assert any(item.get("id") == "sae-test" for item in listed)
+        out = client.complete("Hello", max_tokens=4, temperature=0.0, interventions=[STEER])
+        assert out.interventions[0]["sae"] == "sae-test"
+        both = client.compare("Hello", max_tokens=4, temperature=0.0, interventions=[STEER])
+        assert both["steered"]["text"] == out.text
