@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 CONFIG_FILE = "cfg.json"
+SAE_LENS_FORMAT_VERSION = "6.0.0"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
@@ -51,7 +52,7 @@ class SaeConfig:
         return int(match.group(1))
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "SaeConfig":
+    def from_dict(cls, cfg: dict[str, Any]) -> SaeConfig:
         """Read a v6 config, or a pre-6.0 one (hook_point / activation_fn_kwargs.k)."""
         metadata = dict(cfg.get("metadata") or {})
         architecture = cfg.get("architecture", "standard")
@@ -70,7 +71,7 @@ class SaeConfig:
             raise SaeFormatError(f"normalize_activations={normalize!r} is not supported; only 'none'")
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise SaeFormatError("rescale_acts_by_decoder_norm=true is not supported")
-        known = {"model_name", "hook_name", "context_size"}
+        known = {"model_name", "hook_name", "context_size", "sae_lens_version"}
         return cls(
             architecture=architecture,
             d_in=int(cfg["d_in"]),
@@ -96,12 +97,35 @@ class SaeConfig:
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": self.normalize_activations,
             "reshape_activations": "none",
-            "metadata": {"model_name": self.model_name, "hook_name": self.hook_name,
-                         "context_size": self.context_size, **self.extra_metadata},
+            # sae_lens_version marks the v6 layout: SAELens reads a config without it as pre-6.0 and
+            # then ignores the metadata block.
+            "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, "model_name": self.model_name,
+                         "hook_name": self.hook_name, "context_size": self.context_size, **self.extra_metadata},
         }
         if self.architecture == "topk":
             cfg["k"] = self.k
+            cfg["rescale_acts_by_decoder_norm"] = False  # latents are plain TopK values (SAELens default)
         return cfg
+
+
+FINGERPRINT_KEY = "neuronserve_model_fingerprint"
+
+
+def check_model(sae: SparseAutoencoder, hidden_size: int, fingerprint: str | None, num_layers: int | None = None) -> None:
+    """Refuse an SAE made for another model: its d_in must be the served model's hidden size, its layer
+    must exist, and when the file records the fingerprint of the model it was trained on
+    (metadata.neuronserve_model_fingerprint) it must be the served model's."""
+    where = f"SAE {sae.name!r}" if sae.name else "SAE"
+    if sae.cfg.d_in != hidden_size:
+        raise SaeFormatError(f"{where} has d_in={sae.cfg.d_in} but the served model's hidden size is {hidden_size} "
+                             f"(made for {sae.cfg.model_name or 'another model'})")
+    if num_layers is not None and not 0 <= sae.layer < num_layers:
+        raise SaeFormatError(f"{where} reads layer {sae.layer} but the served model has layers 0..{num_layers - 1}")
+    recorded = sae.cfg.extra_metadata.get(FINGERPRINT_KEY)
+    if recorded and fingerprint and recorded != fingerprint:
+        raise SaeFormatError(f"{where} was trained on model {sae.cfg.model_name or '?'} with fingerprint {recorded}, "
+                             f"but the served model's fingerprint is {fingerprint}; train one for this model with "
+                             "`neuronserve calibrate sae`")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -130,7 +154,7 @@ class SparseAutoencoder:
     def layer(self) -> int:
         return self.cfg.layer
 
-    def to(self, device: torch.device | str) -> "SparseAutoencoder":
+    def to(self, device: torch.device | str) -> SparseAutoencoder:
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = (
             t.to(device) for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec))
         if self.threshold is not None:
@@ -160,7 +184,7 @@ class SparseAutoencoder:
         return z @ self.W_dec + self.b_dec
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device | str = "cpu") -> "SparseAutoencoder":
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
         directory = Path(directory)
         try:
             raw = json.loads((directory / CONFIG_FILE).read_text())

@@ -1,0 +1,261 @@
+"""Sparse autoencoders: the SAELens v6 layout (ours and the real `sae-lens` package, both ways), pre-6.0
+configs, refusing an SAE made for another model, encode against a reference, and TopK + AuxK training
+on a tiny problem (loss falls, decoder rows stay unit-norm, same weights for the same seed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from server.calibration.sae import SaeTrainingConfig, TopKTrainer, export_sae, train_sae
+from server.interventions.sae import (
+    FINGERPRINT_KEY,
+    SaeConfig,
+    SaeFormatError,
+    SparseAutoencoder,
+    check_model,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SAE = PROJECT_ROOT / "server" / "default_profiles" / "smollm2-135m-instruct" / "sae-l15-resid-8k"
+D_IN, D_SAE = 48, 96
+
+
+def _random_sae(architecture: str, seed: int = 0, **metadata) -> SparseAutoencoder:
+    g = torch.Generator().manual_seed(seed)
+    cfg = SaeConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=8 if architecture == "topk" else None,
+                    hook_name="blocks.3.hook_resid_post", model_name="tiny-model", apply_b_dec_to_input=True,
+                    context_size=128, extra_metadata=dict(metadata))
+    threshold = torch.rand(D_SAE, generator=g) * 0.5 if architecture == "jumprelu" else None
+    return SparseAutoencoder(cfg, torch.randn(D_IN, D_SAE, generator=g) / D_IN ** 0.5, torch.randn(D_SAE, generator=g) * 0.1,
+                             torch.randn(D_SAE, D_IN, generator=g), torch.randn(D_IN, generator=g) * 0.1, threshold,
+                             name="tiny")
+
+
+def _reference_encode(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Written out per architecture, independently of SparseAutoencoder.activation."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if sae.cfg.architecture == "standard":
+        return torch.clamp(pre, min=0)
+    if sae.cfg.architecture == "jumprelu":
+        return torch.where((pre > sae.threshold) & (pre > 0), pre, torch.zeros_like(pre))
+    out = torch.zeros_like(pre)
+    for row in range(pre.shape[0]):
+        order = sorted(range(pre.shape[1]), key=lambda j: -float(pre[row, j]))[:sae.cfg.k]
+        for j in order:
+            out[row, j] = max(float(pre[row, j]), 0.0)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_encode_matches_reference(architecture):
+    sae = _random_sae(architecture)
+    x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(1))
+    z = sae.encode(x)
+    torch.testing.assert_close(z, _reference_encode(sae, x), atol=1e-5, rtol=1e-5)  # float32 matmul order
+    if architecture == "topk":
+        assert int((z > 0).sum(-1).max()) <= 8
+    torch.testing.assert_close(sae.decode(z), z @ sae.W_dec + sae.b_dec)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_our_format_round_trip(tmp_path, architecture):
+    sae = _random_sae(architecture, **{FINGERPRINT_KEY: "abc123", "figures": {"ev": 0.9}})
+    sae.save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == architecture and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["metadata"]["model_name"] == "tiny-model" and cfg["metadata"][FINGERPRINT_KEY] == "abc123"
+    back = SparseAutoencoder.load(tmp_path / "sae")
+    assert back.cfg == sae.cfg and back.layer == 3
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(back, name), getattr(sae, name), atol=0, rtol=0)  # float32 file
+
+
+def test_pre_6_config_loads(tmp_path):
+    """SAELens < 6: flat config with hook_point, activation_fn_str / activation_fn_kwargs.k."""
+    sae = _random_sae("topk")
+    save_file({"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec},
+              str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "d_in": D_IN, "d_sae": D_SAE, "model_name": "tiny-model", "hook_point": "blocks.3.hook_resid_post",
+        "hook_point_layer": 3, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 8},
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "dtype": "torch.float32",
+        "context_size": 128, "device": "cpu"}))
+    old = SparseAutoencoder.load(tmp_path)
+    assert old.cfg.architecture == "topk" and old.cfg.k == 8 and old.layer == 3 and old.cfg.model_name == "tiny-model"
+    x = torch.randn(4, D_IN)
+    torch.testing.assert_close(old.encode(x), sae.encode(x))
+
+
+def test_unusable_files_refused(tmp_path):
+    with pytest.raises(SaeFormatError, match="not an SAE directory"):
+        SparseAutoencoder.load(tmp_path)
+    sae = _random_sae("topk")
+    sae.save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, "d_in": D_IN + 1}))
+    with pytest.raises(SaeFormatError, match="W_enc has shape"):
+        SparseAutoencoder.load(tmp_path / "sae")
+
+
+def test_sae_for_another_model_refused():
+    sae = _random_sae("topk", **{FINGERPRINT_KEY: "model-a"})
+    check_model(sae, D_IN, "model-a", num_layers=4)  # its own model: accepted
+    with pytest.raises(SaeFormatError, match=f"d_in={D_IN}.*hidden size is 576"):
+        check_model(sae, 576, "model-a")
+    with pytest.raises(SaeFormatError, match="fingerprint model-a.*model-b"):
+        check_model(sae, D_IN, "model-b")
+    with pytest.raises(SaeFormatError, match="layer 3"):
+        check_model(sae, D_IN, "model-a", num_layers=2)
+    check_model(_random_sae("topk"), D_IN, "model-b")  # no recorded fingerprint: d_in is all we can check
+
+
+# --- the real sae-lens package (test-only dependency) ----------------------------------------------
+
+def _sae_lens():
+    return pytest.importorskip("sae_lens", reason="sae-lens is a test-only dependency (pip install sae-lens --no-deps ...)")
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_sae_lens_reads_ours(tmp_path, architecture):
+    sae_lens = _sae_lens()
+    ours = _random_sae(architecture, **{FINGERPRINT_KEY: "abc123"})
+    ours.save(tmp_path / "sae")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae", device="cpu")
+    assert theirs.cfg.architecture() == architecture
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert theirs.cfg.metadata.model_name == "tiny-model"
+    x = torch.randn(8, D_IN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours.decode(ours.encode(x)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_we_read_sae_lens(tmp_path, architecture):
+    sae_lens = _sae_lens()
+    config_class = {"standard": sae_lens.StandardSAEConfig, "topk": sae_lens.TopKSAEConfig,
+                    "jumprelu": sae_lens.JumpReLUSAEConfig}[architecture]
+    sae_class = {"standard": sae_lens.StandardSAE, "topk": sae_lens.TopKSAE, "jumprelu": sae_lens.JumpReLUSAE}[architecture]
+    extra = {"k": 8} if architecture == "topk" else {}
+    cfg = config_class(d_in=D_IN, d_sae=D_SAE, **extra)
+    cfg.metadata.model_name = "tiny-model"
+    cfg.metadata.hook_name = "blocks.3.hook_resid_post"
+    theirs = sae_class(cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in theirs.parameters():  # their init leaves biases at 0: make every tensor count
+            parameter.copy_(torch.randn_like(parameter) * 0.2 + (0.1 if parameter.ndim == 1 else 0))
+    theirs.save_model(tmp_path / "sae")
+    ours = SparseAutoencoder.load(tmp_path / "sae")
+    assert ours.cfg.architecture == architecture and ours.layer == 3 and ours.cfg.model_name == "tiny-model"
+    x = torch.randn(8, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), theirs.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(x)), atol=1e-4, rtol=1e-4)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+def _sparse_data(n: int, seed: int = 0) -> torch.Tensor:  # n tokens over one fixed set of directions per seed
+    """Tokens made of 3 of 32 fixed directions with positive weights, plus noise and an offset:
+    a TopK SAE with k >= 3 can explain most of its variance."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(32, D_IN, generator=g)
+    idx = torch.stack([torch.randperm(32, generator=g)[:3] for _ in range(n)])  # [n, 3]
+    weights = torch.rand(n, 3, generator=g) * 3 + 0.5
+    x = (weights.unsqueeze(-1) * directions[idx]).sum(1) + 0.05 * torch.randn(n, D_IN, generator=g) + 2.0
+    return x.half()  # the activation cache is float16
+
+
+def _tiny_config(**overrides) -> SaeTrainingConfig:
+    return SaeTrainingConfig(**{"layer": 3, "width": 64, "k": 4, "train_tokens": 300 * 128, "batch_size": 128,
+                                "lr": 3e-3, "warmup_steps": 10, "dead_window_tokens": 2000, "checkpoint_every": 100,
+                                **overrides})
+
+
+def test_sparse_encoder_gradient_matches_dense_autograd():
+    """The sparse backward (only selected latents) equals autograd through a dense TopK SAE."""
+    g = torch.Generator().manual_seed(0)
+    trainer = TopKTrainer(D_IN, D_SAE, k=6, aux_k=10, generator=g)
+    with torch.no_grad():
+        trainer.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.1)
+        trainer.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.1)
+    x = torch.randn(32, D_IN, generator=g)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    x_hat, _, aux = trainer(x, dead)
+    ((x_hat - x).pow(2).sum(-1).mean() + aux / 32).backward()
+    sparse_grads = [p.grad.clone() for p in (trainer.W_enc_t, trainer.b_enc, trainer.W_dec, trainer.b_dec)]
+
+    W_enc_t, b_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in
+                                    (trainer.W_enc_t, trainer.b_enc, trainer.W_dec, trainer.b_dec))
+    pre = (x - b_dec) @ W_enc_t.t() + b_enc
+    top = pre.topk(6, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    x_hat_ref = z @ W_dec + b_dec
+    error = (x - x_hat_ref).detach()
+    pre_dead = pre.masked_fill(~dead, float("-inf"))
+    top_aux = pre_dead.topk(10, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, top_aux.indices, top_aux.values.relu())
+    aux_ref = (z_aux @ W_dec - error).pow(2).sum(-1).mean()
+    ((x_hat_ref - x).pow(2).sum(-1).mean() + aux_ref / 32).backward()
+    for ours, ref in zip(sparse_grads, (W_enc_t.grad, b_enc.grad, W_dec.grad, b_dec.grad)):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)  # float32 sums in another order
+
+
+def test_tiny_sae_trains(tmp_path):
+    data = _sparse_data(4096 + 512)
+    acts, heldout = data[:4096], data[4096:].float()
+    config = _tiny_config()
+    trainer, scale, log = train_sae(acts, config, tmp_path / "ckpt.pt")
+    history = [entry["explained_variance"] for entry in log["history"]]
+    assert history[-1] > history[0] + 0.2 and history[-1] > 0.7, history
+    torch.testing.assert_close(trainer.W_dec.norm(dim=1), torch.ones(64), atol=1e-5, rtol=0)
+
+    sae = export_sae(trainer, scale, config.layer, config, "tiny-model", 64, {FINGERPRINT_KEY: "abc"})
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5, rtol=0)  # unit rows in model units
+    x_hat = sae.decode(sae.encode(heldout))
+    explained = 1 - (heldout - x_hat).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum()
+    assert explained > 0.7, float(explained)  # held-out tokens, through the exported (unit-folded) weights
+    sae.save(tmp_path / "sae")
+    assert SparseAutoencoder.load(tmp_path / "sae").cfg.extra_metadata[FINGERPRINT_KEY] == "abc"
+
+
+def test_training_is_deterministic_and_resumes(tmp_path):
+    acts = _sparse_data(2048)
+    config = _tiny_config(train_tokens=120 * 128, checkpoint_every=60)
+    first, _, _ = train_sae(acts, config)
+    second, _, _ = train_sae(acts, config)
+    torch.testing.assert_close(first.W_dec, second.W_dec, atol=0, rtol=0)
+    other, _, _ = train_sae(acts, _tiny_config(train_tokens=120 * 128, seed=1))
+    assert not torch.equal(first.W_dec, other.W_dec)
+    # stop after 60 steps (a checkpoint), then resume to 120: the same weights as one straight run
+    train_sae(acts, _tiny_config(train_tokens=60 * 128, checkpoint_every=60, decay_fraction=0.0), tmp_path / "c.pt")
+    straight, _, _ = train_sae(acts, _tiny_config(train_tokens=120 * 128, decay_fraction=0.0))
+    resumed, _, _ = train_sae(acts, _tiny_config(train_tokens=120 * 128, decay_fraction=0.0), tmp_path / "c.pt",
+                              resume=True)
+    torch.testing.assert_close(resumed.W_dec, straight.W_dec, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not DEFAULT_SAE.is_dir(), reason="the default SAE has not been trained yet")
+def test_default_sae_fits_default_model():
+    from server.runtime import load_model
+    from server.settings import ServerSettings
+
+    sae = SparseAutoencoder.load(DEFAULT_SAE)
+    loaded = load_model(ServerSettings(max_model_len=64, wina_profile="none", log_level="warning"))
+    check_model(sae, loaded.model.config.hidden_size, loaded.fingerprint, len(loaded.model.layers))
+    assert sae.cfg.architecture == "topk" and sae.layer == 15 and sae.cfg.d_sae == 8192
+    assert sae.cfg.extra_metadata[FINGERPRINT_KEY] == loaded.fingerprint
+    # the residual after layer 15 of a real prompt is reconstructed with most of its variance
+    ids = torch.tensor([loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog because it was late "
+                                                "for the meeting at the old library downtown.")])
+    h = loaded.model.residual_stream(ids, 15)[0, 1:].float()  # position 0 (attention sink) left out
+    h_hat = sae.decode(sae.encode(h))
+    explained = 1 - (h - h_hat).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
+    assert explained > 0.5, float(explained)
