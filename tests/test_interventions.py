@@ -281,7 +281,7 @@ def test_registry_refuses_mismatched_profiles(loaded):
         reg.add_sae(random_sae(64))
     other = random_sae(model.config.hidden_size)
     other.cfg.extra_metadata["neuronserve_model_fingerprint"] = "someone-else"
-    with pytest.raises(SaeFormatError, match="not the served model"):
+    with pytest.raises(SaeFormatError, match="fingerprint"):
         reg.add_sae(other)
     with pytest.raises(Exception, match="layers"):
         reg.add_vector(SteeringVector("far", (99,), torch.zeros(1, model.config.hidden_size)))

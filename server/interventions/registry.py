@@ -21,6 +21,7 @@ from server.interventions.eigenshift import METHOD as EIGENSHIFT, EigenShiftProf
 from server.interventions.memorization import METHOD as MEMORIZATION, MemorizationProfile
 from server.interventions.plan import LatentClamp, PreparedMemorization, ResidualAdd, RowInterventions
 from server.interventions.sae import CONFIG_FILE, SaeFormatError, SparseAutoencoder
+from server.interventions.sae import check_model as check_sae
 from server.interventions.spec import (
     MAX_INTERVENTIONS, EigenShiftSpec, SteerSpec, UnmemorizeSpec, parse_specs,
 )
@@ -29,7 +30,6 @@ from server.model.llama import LlamaDecoder
 from server.profiles import ProfileError, find_profiles, load_profile
 
 logger = logging.getLogger(__name__)
-SAE_FINGERPRINT_KEY = "neuronserve_model_fingerprint"
 
 
 class InterventionError(ValueError):
@@ -54,16 +54,7 @@ class InterventionRegistry:
     # ---- loading ------------------------------------------------------------------------
 
     def add_sae(self, sae: SparseAutoencoder) -> None:
-        c = self.model.config
-        if sae.cfg.d_in != c.hidden_size:
-            raise SaeFormatError(f"SAE {sae.name!r} reads d_in={sae.cfg.d_in}, but the model's residual "
-                                 f"stream is {c.hidden_size} wide")
-        if not 0 <= sae.layer < c.num_layers:
-            raise SaeFormatError(f"SAE {sae.name!r} hooks layer {sae.layer}; the model has {c.num_layers}")
-        made_for = sae.cfg.extra_metadata.get(SAE_FINGERPRINT_KEY)
-        if made_for and self.fingerprint and made_for != self.fingerprint:
-            raise SaeFormatError(f"SAE {sae.name!r} was trained on model {sae.cfg.model_name!r} (fingerprint "
-                                 f"{made_for}), not the served model {self.model_name!r} ({self.fingerprint})")
+        check_sae(sae, self.model.config.hidden_size, self.fingerprint, self.model.config.num_layers)
         self.saes[sae.name] = sae.to(self.model.device)
 
     def add_vector(self, vector: SteeringVector) -> None:
