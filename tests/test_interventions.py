@@ -303,3 +303,20 @@ def test_engine_rows_same_greedy_tokens_alone_and_in_batch(loaded, registry):
     one = gen.generate(prompts[1:2], sampled, [steer])[0].token_ids
     both = gen.generate([prompts[1], prompts[1], prompts[0]], sampled, [steer, steer, None])
     assert both[0].token_ids == one and both[1].token_ids == one
+
+
+def test_registry_loads_llama_cpp_control_vectors(loaded, tmp_path):
+    import numpy as np
+
+    from tests.test_vectors import _write_control_vector
+
+    hidden = loaded.model.config.hidden_size
+    _write_control_vector(tmp_path / "vector-calm.gguf", {4: np.ones(hidden, dtype=np.float32),
+                                                          5: np.full(hidden, 2.0, dtype=np.float32)})
+    _write_control_vector(tmp_path / "vector-wide.gguf", {4: np.ones(hidden + 1, dtype=np.float32)})
+    reg = InterventionRegistry(loaded.model, loaded.fingerprint, loaded.name)
+    reg.load([tmp_path])
+    assert reg.vectors["calm"].layers == (4, 5)
+    assert [r["path"] for r in reg.refused] == [str(tmp_path / "vector-wide.gguf")]
+    row = reg.resolve([{"type": "steer", "vector": "calm", "strength": 0.5}])
+    assert [(a.layer, float(a.vector[0])) for a in row.adds] == [(4, 0.5), (5, 1.0)]

@@ -25,7 +25,7 @@ from server.interventions.sae import check_model as check_sae
 from server.interventions.spec import (
     MAX_INTERVENTIONS, EigenShiftSpec, SteerSpec, UnmemorizeSpec, parse_specs,
 )
-from server.interventions.vectors import METHOD as VECTOR, SteeringVector
+from server.interventions.vectors import METHOD as VECTOR, SteeringVector, load_control_vector_gguf
 from server.model.llama import LlamaDecoder
 from server.profiles import ProfileError, find_profiles, load_profile
 
@@ -80,6 +80,11 @@ class InterventionRegistry:
                 continue
             for cfg in sorted(directory.glob(f"**/sae-*/{CONFIG_FILE}")):
                 self._try(cfg.parent, lambda p=cfg.parent: self.add_sae(SparseAutoencoder.load(p)))
+            # llama.cpp control vectors as users have them; a GGUF vector records no model
+            # fingerprint, so only its width and layers are checked.
+            for path in sorted(directory.glob("**/vector-*.gguf")):
+                self._try(path, lambda p=path: self.add_vector(
+                    load_control_vector_gguf(p, p.stem.removeprefix("vector-"))))
         loaders = {VECTOR: (SteeringVector, self.add_vector), EIGENSHIFT: (EigenShiftProfile, self.add_eigenshift),
                    MEMORIZATION: (MemorizationProfile, self.add_memorization)}
         for method, (kind, add) in loaders.items():
