@@ -320,3 +320,14 @@ def test_registry_loads_llama_cpp_control_vectors(loaded, tmp_path):
     assert [r["path"] for r in reg.refused] == [str(tmp_path / "vector-wide.gguf")]
     row = reg.resolve([{"type": "steer", "vector": "calm", "strength": 0.5}])
     assert [(a.layer, float(a.vector[0])) for a in row.adds] == [(4, 0.5), (5, 1.0)]
+
+
+@pytest.mark.parametrize("method", ["sae", "vector", "eigenshift", "memorization"])
+def test_calibrate_commands_are_wired(method):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "server.cli", "calibrate", method, "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"neuronserve calibrate {method}" in done.stdout
