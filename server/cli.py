@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from server.profiles import model_slug
 from server.settings import ServerSettings
 
 
@@ -74,8 +75,6 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
-def _model_slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower()).strip("-") or "model"
 
 
 def add_calibrate_parsers(commands, interventions: bool = True) -> None:
@@ -109,14 +108,14 @@ def add_calibrate_parsers(commands, interventions: bool = True) -> None:
 # `neuronserve calibrate <method>` for the intervention profiles: each module exposes
 # add_arguments(parser) and run(args) -> exit code.
 INTERVENTION_CALIBRATIONS = {
-    "sae": ("server.calibration.sae", "Train a TopK sparse autoencoder on the served model's residual "
-            "stream (SAELens layout)."),
-    "vector": ("server.calibration.vector", "A difference-in-means steering vector from two sets of "
-               "texts, or a llama.cpp control vector converted."),
-    "eigenshift": ("server.calibration.eigenshift", "EigenShift toxicity components of the output "
-                   "matrix, from RTP prompts and a toxicity scorer."),
-    "memorization": ("server.calibration.memorization", "Neuron or weight masks of down_proj that "
-                     "carry memorized text."),
+    "sae": ("server.calibration.sae",
+            "Train a TopK sparse autoencoder on the served model's residual stream (SAELens layout)."),
+    "vector": ("server.calibration.vector",
+               "A difference-in-means steering vector from two sets of texts, or a llama.cpp control vector converted."),
+    "eigenshift": ("server.calibration.eigenshift",
+                   "EigenShift toxicity components of the output matrix, from RTP prompts and a toxicity scorer."),
+    "memorization": ("server.calibration.memorization",
+                     "Neuron or weight masks of down_proj that carry memorized text."),
 }
 
 
@@ -134,7 +133,11 @@ def calibrate(args: argparse.Namespace) -> int:
 
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return importlib.import_module(INTERVENTION_CALIBRATIONS[args.method][0]).run(args)
-    from server.calibration.wina import WinaCalibrationConfig, calibrate_wina, write_profiles
+    from server.calibration.wina import (
+        WinaCalibrationConfig,
+        calibrate_wina,
+        write_profiles,
+    )
     from server.runtime import load_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -152,7 +155,7 @@ def calibrate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     profiles = calibrate_wina(loaded.model, loaded.tokenizer, config)
-    out = args.out or settings.cache_dir / "profiles" / _model_slug(loaded.name)
+    out = args.out or settings.cache_dir / "profiles" / model_slug(loaded.name)
     for path in write_profiles(profiles, out, loaded.fingerprint, loaded.name):
         print(f"wrote {path}")
     for name, profile in profiles.items():

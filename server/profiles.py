@@ -51,6 +51,11 @@ class Profile:
             )
 
 
+def model_slug(name: str) -> str:
+    """The directory name for a model's profiles: `<cache>/profiles/<model slug>/`."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower()).strip("-") or "model"
+
+
 def save_profile(path: Path, *, method: str, name: str, model_fingerprint: str, model_name: str,
                  tensors: dict[str, torch.Tensor], parameters: dict[str, Any], data: dict[str, Any],
                  quality: dict[str, Any]) -> Path:

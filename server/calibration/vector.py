@@ -30,7 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.interventions.vectors import SteeringVector, load_control_vector_gguf, save_vector_profile
+from server.interventions.vectors import (
+    SteeringVector,
+    load_control_vector_gguf,
+    save_vector_profile,
+)
 from server.model.llama import LlamaDecoder
 from server.profiles import ProfileError
 
@@ -166,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.cli import _model_slug
+    from server.profiles import model_slug
     from server.runtime import load_model
     from server.settings import ServerSettings
 
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                               max_model_len=max(args.max_tokens, 16), wina_profile="none")
     loaded = load_model(settings)
     model = loaded.model
-    out = args.out or settings.cache_dir / "profiles" / _model_slug(loaded.name)
+    out = args.out or settings.cache_dir / "profiles" / model_slug(loaded.name)
     num_layers, hidden = len(model.layers), model.config.hidden_size
 
     if args.from_gguf is not None:

@@ -27,7 +27,7 @@ class Generated:
 
 
 class OfflineGenerator:
-    def __init__(self, loaded: "LoadedModel", registry: InterventionRegistry | None = None,
+    def __init__(self, loaded: LoadedModel, registry: InterventionRegistry | None = None,
                  max_batch_size: int = 8, prefill_chunk_tokens: int = 256) -> None:
         self.loaded = loaded
         self.registry = registry or loaded.interventions or InterventionRegistry(

@@ -63,7 +63,7 @@ class EigenShiftProfile:
         return (self.projection(h) * coef) @ self.U.T
 
     @classmethod
-    def from_profile(cls, profile: Profile) -> "EigenShiftProfile":
+    def from_profile(cls, profile: Profile) -> EigenShiftProfile:
         if profile.method != METHOD:
             raise ProfileError(f"{profile.path} is a {profile.method} profile, not an eigenshift one")
         t, params = profile.tensors, profile.header.get("parameters", {})
@@ -79,7 +79,7 @@ class EigenShiftProfile:
             raise ProfileError(f"eigenshift profile {self.name!r} ({self.source}) is for a {self.U.shape[0]} x "
                                f"{self.V.shape[0]} head, the model's is {vocab_size} x {hidden_size}")
 
-    def to(self, device: torch.device) -> "EigenShiftProfile":
+    def to(self, device: torch.device) -> EigenShiftProfile:
         move = (lambda t: None if t is None else t.to(device))
         return EigenShiftProfile(self.name, self.U.to(device), self.S.to(device), self.V.to(device),
                                  self.default_alpha, self.mode, move(self.lower), move(self.upper),

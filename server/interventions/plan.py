@@ -107,7 +107,7 @@ class InterventionPlan:
 
     @classmethod
     def build(cls, rows: list[RowInterventions | None], prompt_step: bool,
-              device: torch.device) -> "InterventionPlan | None":
+              device: torch.device) -> InterventionPlan | None:
         """rows: one entry per batch row (None: asks for nothing). prompt_step: the step's tokens
         are prompt tokens (a prefill chunk), so `positions: "generated"` entries sit it out."""
         if all(r is None or r.empty for r in rows):

@@ -17,15 +17,27 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.interventions.eigenshift import METHOD as EIGENSHIFT, EigenShiftProfile
-from server.interventions.memorization import METHOD as MEMORIZATION, MemorizationProfile
-from server.interventions.plan import LatentClamp, PreparedMemorization, ResidualAdd, RowInterventions
+from server.interventions.eigenshift import METHOD as EIGENSHIFT
+from server.interventions.eigenshift import EigenShiftProfile
+from server.interventions.memorization import METHOD as MEMORIZATION
+from server.interventions.memorization import MemorizationProfile
+from server.interventions.plan import (
+    LatentClamp,
+    PreparedMemorization,
+    ResidualAdd,
+    RowInterventions,
+)
 from server.interventions.sae import CONFIG_FILE, SaeFormatError, SparseAutoencoder
 from server.interventions.sae import check_model as check_sae
 from server.interventions.spec import (
-    MAX_INTERVENTIONS, EigenShiftSpec, SteerSpec, UnmemorizeSpec, parse_specs,
+    MAX_INTERVENTIONS,
+    EigenShiftSpec,
+    SteerSpec,
+    UnmemorizeSpec,
+    parse_specs,
 )
-from server.interventions.vectors import METHOD as VECTOR, SteeringVector, load_control_vector_gguf
+from server.interventions.vectors import METHOD as VECTOR
+from server.interventions.vectors import SteeringVector, load_control_vector_gguf
 from server.model.llama import LlamaDecoder
 from server.profiles import ProfileError, find_profiles, load_profile
 
