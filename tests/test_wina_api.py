@@ -16,7 +16,7 @@ def test_the_default_profile_is_loaded_and_listed(client):
     assert [p["name"] for p in wina] == ["wina-uniform"]
     assert wina[0]["max_sparsity"] >= 0.9 - 1e-6
     assert wina[0]["parameters"]["criterion"] == "wina"
-    assert listing["defaults"] == {"sparsity": 0.0}
+    assert listing["defaults"] == {"sparsity": 0.0, "interventions": []}
 
 
 def test_response_reports_target_and_achieved(client):
