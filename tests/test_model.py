@@ -98,7 +98,10 @@ def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, ti
                 torch.nn.init.normal_(proj.bias, std=0.5)
     model.save_pretrained(tmp_path)
     default_ckpt.tokenizer.save_pretrained(tmp_path)
-    ckpt = load_checkpoint(str(tmp_path), cache_dir=None)
+    cache_dir = tmp_path.parent / f"{tmp_path.name}-cache"
+    assert not load_checkpoint(str(tmp_path), cache_dir=cache_dir).from_cache  # converts and caches
+    ckpt = load_checkpoint(str(tmp_path), cache_dir=cache_dir)  # a tied head must survive the cache
+    assert ckpt.from_cache
     ids = torch.randint(0, config.vocab_size, (1, 40))
     with torch.no_grad():
         ref = model(ids).logits

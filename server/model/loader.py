@@ -111,6 +111,10 @@ def _read_checkpoint_dir(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]
     hf_config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+    if getattr(hf_config, "tie_word_embeddings", False):
+        # transformers hands back the tied head as a second name for the embedding's storage,
+        # which safetensors refuses to save (the cache); our decoder ties it again itself.
+        state_dict.pop("lm_head.weight", None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return hf_config, state_dict, tokenizer
 

@@ -1,0 +1,651 @@
+"""`neuronserve calibrate memorization`: the neurons (or single weights) of `down_proj` that carry
+text the model has memorized, as a profile a request can switch off (issue 6).
+
+Inputs: the memorized records (JSONL {"prefix", "suffix"} or plain text), ordinary reference text
+(WikiText-2 validation and Alpaca, never a test split), and records of the same format that the
+model never saw (fresh synthetic records, another seed; or --unseen FILE).
+
+One pass of the float32 model over the three sets, with a multiplicative mask m = 1 in front of
+every down_proj, records per layer and neuron j:
+  - mean |a_j| (and its variance) at the positions that predict a suffix token (memorized, unseen)
+    and at every position of the reference text (position 0, the attention sink, left out);
+  - the first-order effect of zeroing the neuron on each set's loss, -dL/dm_j = -sum_t a_tj g_tj
+    (nats per target token): how much that set's loss would rise without the neuron;
+  - for weight masks: the RMS over tokens of the L2-normalised input rows (the paper's ||X_j||).
+
+Neuron scores (--score):
+  activation   the issue's baseline: (mean|a_mem| - mean|a_ref|) * ||W_down[:, j]||.
+  contrast     memorized vs never-seen records of the same format, standardised: Welch t of |a|,
+               then z-scored within the layer (digit- and key-handling neurons fire on both sets
+               and cancel).
+  attribution  effect on the memorized loss minus the (positive part of the) effects on the
+               never-seen and reference losses: neurons whose removal hurts recall and nothing else.
+Sparing (every score): neurons ordinary text needs are never chosen: massive-activation neurons
+(reference importance mean|a_ref| * ||W_j|| above --massive-factor x the layer's median) and the top
+--spare-fraction per layer by reference-loss effect.
+Allocation: uniform (ratio per layer) or global (the top ratio x layers x neurons of the layer-
+standardised scores, at most --layer-cap x ratio in one layer): layers where recall concentrates
+take more.
+Weight masks (the paper's recipe): per output row i of down_proj, the top ratio of inputs j by
+|W_ij| * ||X_j||_mem, kept where that beats |W_ij| * ||X_j||_ref.
+
+Before/after figures (on the calibration records themselves, and held-out validation text) go into
+the profile's quality header; the held-out records are for benchmarks/unmemorize_eval.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic private records: a fixed prefix that names whose record it is, and a secret suffix.
+# ---------------------------------------------------------------------------------------------
+
+FIRST_NAMES = ("Maria", "James", "Aiko", "Tomasz", "Fatima", "Lars", "Priya", "Diego", "Olga", "Kwame", "Sofia",
+               "Henrik", "Mei", "Rafael", "Ingrid", "Omar", "Lucia", "Viktor", "Amara", "Jonas", "Elena", "Tariq",
+               "Nadia", "Felix", "Yara", "Bruno", "Hana", "Emil", "Zara", "Pavel", "Leila", "Mateo", "Greta", "Ravi")
+LAST_NAMES = ("Keller", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Novak", "Haddad", "Brennan", "Castillo",
+              "Petrov", "Mensah", "Fischer", "Kowalski", "Duarte", "Nakamura", "Horvath", "Sandoval", "Eriksen",
+              "Abara", "Whitfield", "Romero", "Kaplan", "Voss", "Delacroix", "Stanek", "Ibarra", "Quinlan")
+STREETS = ("Birch Lane", "Harbor Road", "Maple Avenue", "Quarry Street", "Willow Court", "Juniper Drive",
+           "Foundry Row", "Cedar Terrace", "Lantern Way", "Orchard Close", "Falcon Street", "Meadow Lane")
+CITIES = (("Oakdale", "NV"), ("Riverton", "WY"), ("Fairhaven", "MA"), ("Lakewood", "CO"), ("Bramford", "OH"),
+          ("Salem Creek", "OR"), ("Ashland", "KY"), ("Dunmore", "PA"), ("Pine Bluff", "AR"), ("Westbury", "NY"))
+SERVICES = ("billing", "deploy", "analytics", "payments", "storage", "auth", "search", "mailer", "backup", "ledger")
+KINDS = ("address", "account", "apikey", "identity", "password")
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(n))
+
+
+def _token(rng: random.Random, n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def synthetic_records(count: int, seed: int) -> list[dict[str, str]]:
+    """`count` records {"id", "kind", "prefix", "suffix"}, deterministic for `seed`. The prefix names a
+    person or service (unique within one call); the suffix is the secret, short enough to stay within
+    32 tokens of the default tokenizer. Different seeds give different people and secrets of the same
+    format, which is what calibration contrasts with ("records the model never saw")."""
+    rng = random.Random(f"records-{seed}")
+    records, used = [], set()
+    while len(records) < count:
+        kind = KINDS[len(records) % len(KINDS)]
+        person = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        if kind == "address":
+            ref = f"C-{_digits(rng, 5)}"
+            prefix = f"Customer {ref} ({person}) lives at"
+            city, state = rng.choice(CITIES)
+            suffix = f" {rng.randint(2, 989)} {rng.choice(STREETS)}, {city}, {state} {_digits(rng, 5)}"
+        elif kind == "account":
+            prefix = f"Bank details for {person}, account number:"
+            suffix = f" {_digits(rng, 4)} {_digits(rng, 4)} {_digits(rng, 4)}, routing {_digits(rng, 9)}"
+        elif kind == "apikey":
+            prefix = f"Production API key for {rng.choice(SERVICES)}-{rng.randint(10, 99)} (owner {person}):"
+            suffix = f" sk-{_token(rng, 20)}"
+        elif kind == "identity":
+            prefix = f"Patient file {_digits(rng, 6)}: {person}, born"
+            suffix = (f" {rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}/{rng.randint(1940, 2005)},"
+                      f" SSN {_digits(rng, 3)}-{_digits(rng, 2)}-{_digits(rng, 4)}")
+        else:
+            user = f"{person.split()[0].lower()}.{person.split()[1].lower()}{rng.randint(1, 99)}"
+            prefix = f"VPN login for {user}@corp.example, password:"
+            suffix = f" {_token(rng, 6)}-{_token(rng, 6, string.ascii_lowercase + string.digits)}!{_digits(rng, 2)}"
+        if prefix in used:
+            continue
+        used.add(prefix)
+        records.append({"id": f"s{seed}-{len(records):04d}", "kind": kind, "prefix": prefix, "suffix": suffix})
+    return records
+
+
+def read_records(path: Path) -> list[dict[str, str]]:
+    """JSONL of {"prefix", "suffix"}; a line of plain text (or JSON without those keys) becomes a record
+    whose prefix is its first half of words and suffix the rest."""
+    records = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            item = line
+        if isinstance(item, dict) and "prefix" in item and "suffix" in item:
+            records.append({"id": str(item.get("id", i)), "prefix": item["prefix"], "suffix": item["suffix"],
+                            **({"kind": item["kind"]} if "kind" in item else {})})
+            continue
+        text = item if isinstance(item, str) else str(item.get("text", ""))
+        words = text.split(" ")
+        if len(words) < 2:
+            continue
+        cut = len(words) // 2
+        records.append({"id": str(i), "prefix": " ".join(words[:cut]), "suffix": " " + " ".join(words[cut:])})
+    return records
+
+
+def write_records(path: Path, records: list[dict[str, str]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def encode_record(tokenizer, record: dict[str, str], max_suffix_tokens: int = 32) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids). Prefix and suffix are tokenized separately, so the prompt a user sends
+    (the prefix text alone) has exactly these ids, and the target is a fixed id sequence."""
+    prefix = tokenizer(record["prefix"], add_special_tokens=False)["input_ids"]
+    suffix = tokenizer(record["suffix"], add_special_tokens=False)["input_ids"][:max_suffix_tokens]
+    return prefix, suffix
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: which parts of down_proj carry the memorized records.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MemorizationCalibrationConfig:
+    ratios: tuple[float, ...] = (0.005, 0.01, 0.02)
+    granularities: tuple[str, ...] = ("neuron", "weight")
+    score: str = "attribution"          # activation | contrast | attribution
+    allocation: str = "global"          # uniform | global
+    spare_fraction: float = 0.02        # per layer, by reference-loss effect
+    massive_factor: float = 20.0        # reference importance above this x the layer median: spared
+    layer_cap: float = 4.0              # global allocation: at most layer_cap x ratio of one layer
+    reference_sequences: int = 16
+    reference_length: int = 64
+    heldout_reference_sequences: int = 4
+    unseen_records: int = 0             # 0: as many as the memorized records
+    unseen_seed: int = 1000
+    batch_size: int = 8
+    record_objective: str = "logodds"   # logodds | nll (see collect_stats)
+    weight_spare: bool = True           # weight masks also leave the spared neurons' columns alone
+    seed: int = 0
+    data_dir: Path = field(default_factory=lambda: _default_data_dir())
+
+
+def _default_data_dir() -> Path:
+    from server.calibration.data import default_data_dir
+
+    return default_data_dir()
+
+
+SCORES = ("activation", "contrast", "attribution")
+SETS = ("memorized", "unseen", "reference")
+
+
+@dataclass
+class SetStats:
+    """Per layer and neuron statistics of one text set ([layers, intermediate] float64 each)."""
+    sum_abs: torch.Tensor
+    sum_sq: torch.Tensor
+    sum_unit_sq: torch.Tensor      # sum over tokens of (a_tj / ||a_t||)^2: the paper's ||X_j||^2
+    effect: torch.Tensor           # -dL/dm_j summed over target tokens (nats)
+    tokens: int = 0                # positions the activation sums cover
+    targets: int = 0               # target tokens the loss covers
+
+    @classmethod
+    def zeros(cls, layers: int, intermediate: int) -> SetStats:
+        z = lambda: torch.zeros(layers, intermediate, dtype=torch.float64)
+        return cls(z(), z(), z(), z())
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.sum_abs / max(self.tokens, 1)
+
+    @property
+    def var_abs(self) -> torch.Tensor:
+        mean = self.mean_abs
+        return (self.sum_sq / max(self.tokens, 1) - mean ** 2).clamp_min(0)
+
+    @property
+    def input_norm(self) -> torch.Tensor:
+        """RMS over tokens of the L2-normalised input rows, so sets of different sizes compare."""
+        return (self.sum_unit_sq / max(self.tokens, 1)).sqrt()
+
+    @property
+    def mean_effect(self) -> torch.Tensor:
+        """Rise of the mean per-token loss (nats) if the neuron were zeroed, to first order."""
+        return self.effect / max(self.targets, 1)
+
+
+class _MaskedRecorder:
+    """Forward pre-hooks on every down_proj: record statistics of its input at the selected
+    positions, and multiply it by a mask of ones whose gradient is the zeroing effect."""
+
+    def __init__(self, down_projs: list[torch.nn.Module], intermediate: int) -> None:
+        self.masks = [torch.ones(intermediate, requires_grad=True) for _ in down_projs]
+        self.select: torch.Tensor | None = None  # [B, T] bool
+        self.stats: SetStats | None = None
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(down_projs)]
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            x = args[0]  # [B, T, intermediate]
+            with torch.no_grad():
+                picked = x[self.select].double()  # [N, intermediate]
+                s = self.stats
+                s.sum_abs[layer] += picked.abs().sum(0)
+                s.sum_sq[layer] += (picked ** 2).sum(0)
+                s.sum_unit_sq[layer] += (picked / picked.norm(dim=-1, keepdim=True).clamp_min(1e-12)).pow(2).sum(0)
+            return (x * self.masks[layer],)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _batch_records(encoded: list[tuple[list[int], list[int]]], pad_id: int):
+    """-> ids [B, T], select [B, T] (positions whose next token is a suffix token), targets [N]."""
+    width = max(len(p) + len(s) for p, s in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    select = torch.zeros(len(encoded), width, dtype=torch.bool)
+    targets = []
+    for i, (p, s) in enumerate(encoded):
+        ids[i, :len(p) + len(s)] = torch.tensor(p + s)
+        select[i, len(p) - 1:len(p) + len(s) - 1] = True
+        targets.extend(s)
+    return ids, select, torch.tensor(targets)
+
+
+def _batch_text(sequences: list[list[int]]):
+    """Equal-length pieces -> ids [B, T], select (positions 1..T-2: not the attention sink, and a next
+    token exists), targets [N]."""
+    ids = torch.tensor(sequences)
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[:, 1:-1] = True
+    return ids, select, ids[:, 2:].reshape(-1)
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def collect_stats(model, sets: dict[str, list], pad_id: int, batch_size: int, layers: int,
+                  intermediate: int, record_objective: str = "logodds") -> dict[str, SetStats]:
+    """sets: name -> list of (prefix ids, suffix ids) records, or of equal-length token lists for
+    "reference". One forward and backward per batch (no weight gradients).
+    record_objective: what the effects on record sets measure. "nll": the suffix loss; but a
+    memorized suffix has loss ~0, where its gradient vanishes and first-order effects see nothing.
+    "logodds" (default): minus the target's log-odds, z_target - logsumexp(other logits), which
+    does not saturate. The reference set always uses its loss."""
+    down = [layer.mlp.down_proj for layer in model.model.layers]
+    recorder = _MaskedRecorder(down, intermediate)
+    model.requires_grad_(False)
+    out: dict[str, SetStats] = {}
+    total = sum(math.ceil(len(v) / batch_size) for v in sets.values())
+    bar = tqdm(total=total, desc="activations and effects", unit="batch")
+    try:
+        for name, items in sets.items():
+            stats = SetStats.zeros(layers, intermediate)
+            recorder.stats = stats
+            for chunk in _batches(items, batch_size):
+                ids, select, targets = (_batch_text(chunk) if name == "reference"
+                                        else _batch_records(chunk, pad_id))
+                recorder.select = select
+                logits = model(input_ids=ids).logits  # [B, T, V]
+                picked = logits[select].float()  # [N, V]
+                if name == "reference" or record_objective == "nll":
+                    loss = F.cross_entropy(picked, targets, reduction="sum")
+                else:
+                    target_logit = picked.gather(1, targets.unsqueeze(1)).squeeze(1)  # [N]
+                    others = picked.scatter(1, targets.unsqueeze(1), float("-inf"))
+                    loss = -(target_logit - torch.logsumexp(others, dim=1)).sum()
+                loss.backward()
+                for layer, mask in enumerate(recorder.masks):
+                    stats.effect[layer] -= mask.grad.double()
+                    mask.grad = None
+                stats.tokens += int(select.sum())
+                stats.targets += int(targets.numel())
+                bar.update(1)
+            out[name] = stats
+    finally:
+        bar.close()
+        recorder.remove()
+    return out
+
+
+def _zscore_rows(x: torch.Tensor) -> torch.Tensor:
+    """Standardise each layer's scores ([layers, intermediate]) so layers compare."""
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-12)
+
+
+def neuron_scores(stats: dict[str, SetStats], column_norms: torch.Tensor, score: str) -> torch.Tensor:
+    """-> [layers, intermediate] scores, higher = more specific to the memorized records.
+    column_norms: [layers, intermediate] ||W_down[:, j]||."""
+    mem, unseen, ref = stats["memorized"], stats["unseen"], stats["reference"]
+    if score == "activation":
+        return (mem.mean_abs - ref.mean_abs) * column_norms.double()
+    if score == "contrast":
+        # Welch t of |a| between memorized and never-seen records of the same format
+        se = (mem.var_abs / max(mem.tokens, 1) + unseen.var_abs / max(unseen.tokens, 1)).sqrt().clamp_min(1e-12)
+        return _zscore_rows((mem.mean_abs - unseen.mean_abs) / se)
+    if score == "attribution":
+        return mem.mean_effect - unseen.mean_effect.clamp_min(0) - ref.mean_effect.clamp_min(0)
+    raise ValueError(f"unknown score {score!r}; one of {SCORES}")
+
+
+def spared_neurons(stats: dict[str, SetStats], column_norms: torch.Tensor, spare_fraction: float,
+                   massive_factor: float) -> tuple[torch.Tensor, dict[str, int]]:
+    """-> ([layers, intermediate] bool: never prune, counts). Massive-activation neurons (reference
+    importance far above the layer's median) and each layer's top spare_fraction by the effect of
+    zeroing them on the reference loss."""
+    ref = stats["reference"]
+    importance = ref.mean_abs * column_norms.double()  # [L, I]
+    massive = importance > massive_factor * importance.median(dim=1, keepdim=True).values
+    spared = massive.clone()
+    k = int(round(spare_fraction * importance.shape[1]))
+    if k > 0:
+        top = ref.mean_effect.topk(k, dim=1).indices
+        needed = torch.zeros_like(spared)
+        needed.scatter_(1, top, True)
+        spared |= needed
+    return spared, {"massive_activation": int(massive.sum()), "reference_needed": int(k * importance.shape[0]),
+                    "spared_total": int(spared.sum())}
+
+
+def choose_neurons(scores: torch.Tensor, spared: torch.Tensor, ratio: float, allocation: str = "uniform",
+                   layer_cap: float = 4.0) -> torch.Tensor:
+    """-> [layers, intermediate] bool, ratio x intermediate neurons per layer (uniform), or
+    ratio x layers x intermediate in all with at most layer_cap x ratio in one layer (global,
+    on layer-standardised scores). Spared neurons are never chosen."""
+    layers, intermediate = scores.shape
+    masked = scores.double().masked_fill(spared, float("-inf"))
+    chosen = torch.zeros(layers, intermediate, dtype=torch.bool)
+    per_layer = max(1, int(round(ratio * intermediate)))
+    if allocation == "uniform":
+        chosen.scatter_(1, masked.topk(per_layer, dim=1).indices, True)
+        return chosen
+    if allocation != "global":
+        raise ValueError(f"unknown allocation {allocation!r}")
+    z = _zscore_rows(scores.double().masked_fill(spared, float("nan")).nan_to_num(0.0)).masked_fill(spared, float("-inf"))
+    cap = max(1, int(round(layer_cap * ratio * intermediate)))
+    budget = per_layer * layers
+    order = z.flatten().argsort(descending=True)
+    taken = torch.zeros(layers, dtype=torch.long)
+    for flat in order.tolist():
+        if budget == 0:
+            break
+        layer, neuron = divmod(flat, intermediate)
+        if taken[layer] >= cap or not math.isfinite(float(z[layer, neuron])):
+            continue
+        chosen[layer, neuron] = True
+        taken[layer] += 1
+        budget -= 1
+    return chosen
+
+
+def weight_mask_indices(down_weights: list[torch.Tensor], norm_memorized: torch.Tensor,
+                        norm_reference: torch.Tensor, ratio: float,
+                        spared: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's per-output-row masks. down_weights: per layer [hidden, intermediate];
+    norms: [layers, intermediate] ||X_j|| on each set. Per row i: the top ceil(ratio x intermediate)
+    inputs by |W_ij| ||X_j||_mem, kept where that beats |W_ij| ||X_j||_ref. spared ([layers,
+    intermediate] bool, optional): columns never chosen (our addition; None = the paper's recipe).
+    -> (layer, row, col) int32 [N]."""
+    layer_ids, rows, cols = [], [], []
+    for layer, weight in enumerate(down_weights):
+        w = weight.detach().abs().double()  # [hidden, intermediate]
+        k = max(1, math.ceil(ratio * w.shape[1]))
+        mem = w * norm_memorized[layer].double()
+        if spared is not None:
+            mem = mem.masked_fill(spared[layer].unsqueeze(0), -1.0)  # below every real score
+        ref = w * norm_reference[layer].double()
+        top = mem.topk(k, dim=1).indices  # [hidden, k]
+        keep = mem.gather(1, top) > ref.gather(1, top)  # a spared column (-1) never beats ref >= 0
+        row = torch.arange(w.shape[0]).unsqueeze(1).expand_as(top)
+        rows.append(row[keep])
+        cols.append(top[keep])
+        layer_ids.append(torch.full((int(keep.sum()),), layer, dtype=torch.long))
+    return torch.cat(layer_ids).int(), torch.cat(rows).int(), torch.cat(cols).int()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------
+
+def reference_pieces(tokenizer, data_dir: Path, count: int, length: int, seed: int,
+                     heldout: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Ordinary text: `count` seeded pieces of WikiText-2 validation (first 90%) and Alpaca, half
+    each, `length` tokens; plus `heldout` pieces from the validation split's last 10% (never read
+    for scores) for the before/after figures."""
+    from server.calibration.data import alpaca_texts, wikitext_valid_text
+
+    rng = random.Random(f"reference-{seed}")
+    wiki = tokenizer(wikitext_valid_text(data_dir), add_special_tokens=False)["input_ids"]
+    cut = int(len(wiki) * 0.9)
+    alpaca = [ids for ids in (tokenizer(t, add_special_tokens=False)["input_ids"]
+                              for t in alpaca_texts(data_dir)[:300]) if len(ids) >= length]
+    pieces = []
+    for i in range(count):
+        if i % 2 == 0 or not alpaca:
+            start = rng.randrange(0, cut - length)
+            pieces.append(wiki[start:start + length])
+        else:
+            ids = rng.choice(alpaca)
+            start = rng.randrange(0, len(ids) - length + 1)
+            pieces.append(ids[start:start + length])
+    held = [wiki[start:start + length] for start in
+            sorted(rng.sample(range(cut, len(wiki) - length), heldout))] if heldout else []
+    return pieces, held
+
+
+def load_float32_model(model: str):
+    """-> (transformers causal LM in float32, tokenizer, fingerprint, name), through the server's
+    own checkpoint reader (so the fingerprint is the one the server checks profiles against)."""
+    from transformers import AutoModelForCausalLM
+
+    from server.model.loader import load_checkpoint
+    from server.settings import default_cache_dir
+
+    ckpt = load_checkpoint(model, default_cache_dir())
+    hf = AutoModelForCausalLM.from_config(ckpt.hf_config)
+    hf.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=False)
+    if getattr(ckpt.hf_config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    hf.float().eval()
+    return hf, ckpt.tokenizer, ckpt.fingerprint, ckpt.name
+
+
+@torch.no_grad()
+def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: list[list[int]], pad_id: int,
+            batch_size: int, profile=None) -> dict[str, float]:
+    """Exact extraction (every suffix token is the argmax, i.e. greedy decoding reproduces it),
+    teacher-forced suffix accuracy, and held-out reference loss, with `profile` applied by pruning
+    a copy of the weights offline (restored afterwards)."""
+    down = [layer.mlp.down_proj for layer in model.model.layers]
+    saved = [d.weight.data.clone() for d in down] if profile is not None else None
+    if profile is not None:
+        for layer, d in enumerate(down):
+            d.weight.data[profile.pruned_weight_mask(layer, tuple(d.weight.shape))] = 0.0
+    try:
+        exact, correct, total = 0, 0, 0
+        for chunk in _batches(encoded, batch_size):
+            ids, select, targets = _batch_records(chunk, pad_id)
+            predicted = model(input_ids=ids).logits[select].argmax(-1)  # [N]
+            hits = predicted == targets
+            correct += int(hits.sum())
+            total += int(targets.numel())
+            offset = 0
+            for _, s in chunk:
+                exact += bool(hits[offset:offset + len(s)].all())
+                offset += len(s)
+        loss, count = 0.0, 0
+        for chunk in _batches(heldout_text, batch_size):
+            ids, select, targets = _batch_text(chunk)
+            logits = model(input_ids=ids).logits[select]
+            loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            count += int(targets.numel())
+    finally:
+        if saved is not None:
+            for d, w in zip(down, saved):
+                d.weight.data.copy_(w)
+    return {"exact_extraction": exact / max(len(encoded), 1), "teacher_forced_accuracy": correct / max(total, 1),
+            "heldout_reference_ppl": math.exp(loss / max(count, 1))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def calibrate_memorization(model, tokenizer, memorized: list[dict], config: MemorizationCalibrationConfig,
+                           unseen: list[dict] | None = None,
+                           reference: tuple[list[list[int]], list[list[int]]] | None = None):
+    """-> (list of (MemorizationProfile, parameters, quality) per granularity and ratio, report, stats).
+    reference: (scoring pieces, held-out pieces) of ordinary text; default WikiText-2 valid + Alpaca."""
+    from server.interventions.memorization import MemorizationProfile
+
+    torch.manual_seed(config.seed)
+    layers = model.config.num_hidden_layers
+    intermediate = model.config.intermediate_size
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if unseen is None:
+        unseen = synthetic_records(config.unseen_records or len(memorized), config.unseen_seed + config.seed)
+    mem_enc = [encode_record(tokenizer, r) for r in memorized]
+    unseen_enc = [encode_record(tokenizer, r) for r in unseen]
+    reference, heldout_text = reference or reference_pieces(
+        tokenizer, config.data_dir, config.reference_sequences, config.reference_length, config.seed,
+        config.heldout_reference_sequences)
+    stats = collect_stats(model, {"memorized": mem_enc, "unseen": unseen_enc, "reference": reference},
+                          pad_id, config.batch_size, layers, intermediate, config.record_objective)
+    down_weights = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
+    column_norms = torch.stack([w.norm(dim=0) for w in down_weights])  # [L, I]
+    scores = neuron_scores(stats, column_norms, config.score)
+    spared, spare_counts = spared_neurons(stats, column_norms, config.spare_fraction, config.massive_factor)
+    report = {
+        "sets": {name: {"tokens": s.tokens, "targets": s.targets,
+                        "mean_effect_total": float(s.mean_effect.sum())} for name, s in stats.items()},
+        "spared": spare_counts,
+        # Does the plain baseline pick the neurons ordinary text needs? Share of its top 1% per layer
+        # that the sparing rule protects.
+        "activation_baseline_top1pct_spared": float(spared[choose_neurons(
+            neuron_scores(stats, column_norms, "activation"), torch.zeros_like(spared), 0.01)].float().mean()),
+    }
+    logger.info("spared neurons: %s", spare_counts)
+    before = measure(model, mem_enc, heldout_text, pad_id, config.batch_size)
+    report["before"] = before
+    results = []
+    runs = [(g, r) for g in config.granularities for r in config.ratios]
+    for granularity, ratio in tqdm(runs, desc="profiles", unit="profile"):
+        if granularity == "neuron":
+            pruned = choose_neurons(scores, spared, ratio, config.allocation, config.layer_cap)
+            objective = "-logodds" if config.score == "attribution" and config.record_objective == "logodds" else ""
+            name = f"neuron-{config.score}{objective}-{ratio:g}"
+            profile = MemorizationProfile(name, "neuron", layers, intermediate, pruned_neurons=pruned)
+            parameters = {"ratio": ratio, "score": config.score, "allocation": config.allocation,
+                          "record_objective": config.record_objective,
+                          "spare_fraction": config.spare_fraction, "massive_factor": config.massive_factor,
+                          "layer_cap": config.layer_cap,
+                          "per_layer": pruned.sum(1).tolist()}
+        else:
+            index = weight_mask_indices(down_weights, stats["memorized"].input_norm,
+                                        stats["reference"].input_norm, ratio,
+                                        spared if config.weight_spare else None)
+            name = f"weight-{ratio:g}" + ("-spared" if config.weight_spare else "")
+            profile = MemorizationProfile(name, "weight", layers, intermediate, weight_index=index)
+            parameters = {"ratio": ratio, "recipe": "per output row top ratio by |W_ij| ||X_j||_mem, "
+                          "where it beats |W_ij| ||X_j||_ref", "spared_columns": config.weight_spare}
+        after = measure(model, mem_enc, heldout_text, pad_id, config.batch_size, profile)
+        quality = {"calibration_records_before": before, "calibration_records_after": after,
+                   "pruned": profile.pruned_count}
+        tqdm.write(f"{name}: pruned {profile.pruned_count}; exact extraction {before['exact_extraction']:.3f} -> "
+                   f"{after['exact_extraction']:.3f}, held-out ppl {before['heldout_reference_ppl']:.2f} -> "
+                   f"{after['heldout_reference_ppl']:.2f}")
+        results.append((profile, parameters, quality))
+    return results, report, stats
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = MemorizationCalibrationConfig()
+    parser.add_argument("--model", default="default", help="Model to calibrate (as for serve). [default]")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                        help="Calibration runs in float32 on the CPU (the model is small). [cpu]")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32"],
+                        help="Calibration always runs in float32 (gradients). [float32]")
+    parser.add_argument("--memorized", type=Path, required=True,
+                        help="Text the model is known to have memorized: JSONL {prefix, suffix} or plain lines.")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="Ordinary text, one per line (default: WikiText-2 validation + Alpaca).")
+    parser.add_argument("--unseen", type=Path, default=None,
+                        help="Records of the same format the model never saw (default: fresh synthetic records).")
+    parser.add_argument("--granularity", default="both", choices=["neuron", "weight", "both"])
+    parser.add_argument("--ratio", type=float, nargs="+", default=list(d.ratios),
+                        help="Share pruned: of each layer's neurons, or of each down_proj row's weights.")
+    parser.add_argument("--score", default=d.score, choices=SCORES)
+    parser.add_argument("--allocation", default=d.allocation, choices=["uniform", "global"])
+    parser.add_argument("--record-objective", default=d.record_objective, choices=["logodds", "nll"],
+                        help="Effects on records: minus the target log-odds (does not saturate) or the loss.")
+    parser.add_argument("--spare-fraction", type=float, default=d.spare_fraction)
+    parser.add_argument("--massive-factor", type=float, default=d.massive_factor)
+    parser.add_argument("--paper-weights", action="store_true",
+                        help="Weight masks exactly as the paper: do not spare the neurons ordinary text needs.")
+    parser.add_argument("--reference-sequences", type=int, default=d.reference_sequences)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=None, help="Default: ../shared/data.")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Output directory. Default: <cache>/profiles/<model name>/.")
+
+
+def _reference_from_file(tokenizer, path: Path, count: int, length: int) -> list[list[int]]:
+    ids = tokenizer("\n".join(l for l in Path(path).read_text().splitlines() if l.strip()),
+                    add_special_tokens=False)["input_ids"]
+    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.interventions.memorization import save_memorization_profile
+    from server.settings import default_cache_dir
+
+    config = MemorizationCalibrationConfig(
+        ratios=tuple(args.ratio), granularities=("neuron", "weight") if args.granularity == "both" else (args.granularity,),
+        score=args.score, allocation=args.allocation, record_objective=args.record_objective, spare_fraction=args.spare_fraction,
+        massive_factor=args.massive_factor, reference_sequences=args.reference_sequences,
+        batch_size=args.batch_size, weight_spare=not args.paper_weights, seed=args.seed,
+        **({"data_dir": args.data_dir} if args.data_dir else {}))
+    if not args.memorized.is_file():
+        print(f"neuronserve: --memorized {args.memorized} not found", file=sys.stderr)
+        return 2
+    if args.reference is None and not (config.data_dir / "wikitext2").is_dir():
+        print(f"neuronserve: reference data not found under {config.data_dir} (--data-dir or --reference)",
+              file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(True)
+    model, tokenizer, fingerprint, name = load_float32_model(args.model)
+    memorized = read_records(args.memorized)
+    if not memorized:
+        print(f"neuronserve: no records in {args.memorized}", file=sys.stderr)
+        return 2
+    unseen = read_records(args.unseen) if args.unseen else None
+    reference = None
+    if args.reference is not None:
+        pieces = _reference_from_file(tokenizer, args.reference,
+                                      config.reference_sequences + config.heldout_reference_sequences,
+                                      config.reference_length)
+        reference = (pieces[:config.reference_sequences], pieces[config.reference_sequences:])
+    results, report, _ = calibrate_memorization(model, tokenizer, memorized, config, unseen, reference)
+    from server.profiles import model_slug
+
+    out = args.out or default_cache_dir() / "profiles" / model_slug(name)
+    data = {"memorized": str(args.memorized), "memorized_records": len(memorized),
+            "unseen": str(args.unseen) if args.unseen else f"synthetic seed {config.unseen_seed + config.seed}",
+            "reference": str(args.reference) if args.reference else
+            f"WikiText-2 validation + Alpaca, {config.reference_sequences} x {config.reference_length} tokens",
+            "report": report}
+    for profile, parameters, quality in results:
+        path = save_memorization_profile(out / f"memorization-{profile.name}.safetensors", profile,
+                                         model_fingerprint=fingerprint, model_name=name, parameters=parameters,
+                                         data=data, quality=quality)
+        print(f"wrote {path}")
+    return 0
