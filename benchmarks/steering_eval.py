@@ -67,12 +67,17 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from server.calibration.data import alpaca_texts, default_data_dir, wikitext_valid_text  # noqa: E402
-from server.calibration.vector import VectorCalibrationConfig, difference_in_means, read_texts  # noqa: E402
+from server.calibration.vector import (  # noqa: E402
+    VectorCalibrationConfig,
+    difference_in_means,
+    read_texts,
+)
 from server.engine.offline import OfflineGenerator  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
 from server.interventions.registry import InterventionRegistry  # noqa: E402
 from server.interventions.sae import SparseAutoencoder  # noqa: E402
 from server.interventions.vectors import SteeringVector  # noqa: E402
+from server.model.edits import ResidualRecorder  # noqa: E402
 from server.runtime import load_model  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 
@@ -231,25 +236,6 @@ def select_feature(name: str, concept: dict, scores: torch.Tensor, tops: dict, w
 
 # ---- re-reading generations with the unsteered model --------------------------------------------
 
-class _ResidualRecorder:
-    """ForwardEdits that changes nothing and keeps the residual stream after one layer."""
-
-    def __init__(self, layer: int) -> None:
-        self.layer = layer
-        self.h: torch.Tensor | None = None
-
-    def neurons(self, layer: int):
-        return None
-
-    def residual(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if layer == self.layer:
-            self.h = h.clone()  # [B, T, hidden]
-        return h
-
-    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
-
 @torch.inference_mode()
 def reread(model, sae: SparseAutoencoder, prompts: list[list[int]], generations: list[list[int]],
            features: list[int], batch_size: int) -> list[dict]:
@@ -263,7 +249,7 @@ def reread(model, sae: SparseAutoencoder, prompts: list[list[int]], generations:
         T = max(map(len, seqs))
         ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])  # right-padded: causal, so harmless
         B = ids.shape[0]
-        recorder = _ResidualRecorder(sae.layer)
+        recorder = ResidualRecorder(sae.layer)
         logits = model(ids, torch.arange(B), torch.zeros(B, dtype=torch.long), cache,
                        all_logits=True, edits=recorder)  # [B, T, V]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -273,7 +259,7 @@ def reread(model, sae: SparseAutoencoder, prompts: list[list[int]], generations:
                 continue
             span = torch.arange(len(p), len(p) + len(g))  # generated positions
             nll = -logprobs[b, span - 1, torch.tensor(g)].sum()
-            z = sae.encode(recorder.h[b, span])[:, features]  # [len(g), n_features]
+            z = sae.encode(recorder.recorded[b, span])[:, features]  # [len(g), n_features]
             out.append({"nll": float(nll), "tokens": len(g), "activation": z.mean(0).tolist()})
     return out
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from server.calibration.data import alpaca_texts, default_data_dir, wikitext_valid_text
 from server.interventions.sae import SaeConfig, SparseAutoencoder
+from server.model.edits import ResidualRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -523,26 +524,6 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
 # ---------------------------------------------------------------------------------------------
 
 
-class _RecordEdits:
-    """ForwardEdits that records the residual stream after `layer` and changes nothing."""
-
-    def __init__(self, layer: int) -> None:
-        self.layer = layer
-        self.recorded: torch.Tensor | None = None
-
-    def neurons(self, layer: int):
-        return None
-
-    def residual(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if layer != self.layer:
-            return h
-        self.recorded = h.detach().clone()  # [B, T, d]
-        return h
-
-    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
-
 def test_sequences(tokenizer, data_dir: Path, sequence_length: int, n_sequences: int) -> list[list[int]]:
     """`n_sequences` pieces of the WikiText-2 *test* split, evenly spaced over it."""
     ids = tokenizer.encode((data_dir / "wikitext2" / "wiki.test.tokens").read_text(), add_special_tokens=False)
@@ -581,7 +562,7 @@ def evaluate_sae(model, sae: SparseAutoencoder, sequences: list[list[int]], batc
         ids = torch.tensor(sequences[b:b + batch_size])  # [B, T]
         B = ids.shape[0]
         targets = ids[:, 2:].reshape(-1)  # predicted at positions 1..T-2
-        edits = _RecordEdits(layer)
+        edits = ResidualRecorder(layer)
         logits = {"orig": model(ids, torch.arange(B), torch.zeros(B, dtype=torch.long), model.new_cache(B),
                                 all_logits=True, edits=edits)}  # [B, T, V]
         h = edits.recorded  # [B, T, d]

@@ -30,3 +30,23 @@ class ForwardEdits(Protocol):
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """hidden: [B, (T,) hidden] final normed hidden state (the head's input); logits: float32
         [B, (T,) vocab] -> the same shape."""
+
+
+class ResidualRecorder:
+    """ForwardEdits that changes nothing and keeps the residual stream after one layer (for
+    calibration and evaluation code that needs that layer's activations from a full forward)."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self.recorded: torch.Tensor | None = None  # [B, T, hidden] of the last forward
+
+    def neurons(self, layer: int) -> None:
+        return None
+
+    def residual(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if layer == self.layer:
+            self.recorded = h.detach().clone()
+        return h
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
