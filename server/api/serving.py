@@ -215,8 +215,7 @@ def describe_profiles(ctx: ServingContext) -> dict:
         refused = described.pop("refused")
         for kind, entries in described.items():
             for entry in entries:
-                data.append({"type": {"saes": "sae", "vectors": "vector"}.get(kind, kind),
-                             "request_field": "interventions", **entry})
+                data.append({"type": kind, "request_field": "interventions", **entry})
     return {"object": "list", "data": data, "refused": refused,
             "defaults": {"sparsity": ctx.settings.default_sparsity,
                          "interventions": [e if isinstance(e, dict) else e.model_dump(exclude_none=True)

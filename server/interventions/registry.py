@@ -118,8 +118,8 @@ class InterventionRegistry:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "saes": [sae.describe() for sae in self.saes.values()],
-            "vectors": [v.describe() for v in self.vectors.values()],
+            "sae": [sae.describe() for sae in self.saes.values()],
+            "vector": [v.describe() for v in self.vectors.values()],
             "eigenshift": [p.describe() for p in self.eigenshift.values()],
             "unmemorize": [p.describe() for p, _ in self.memorization.values()],
             "refused": list(self.refused),
