@@ -8,8 +8,12 @@ Layers (weight [N, K], fp16 by default):
 
 For each layer, batch (``--batches``, default 1,2,4,8) and sparsity s (``--sparsities``, default
 0,0.5,0.9), x ~ N(0, 1), weight ~ N(0, 1/K); thresholds from ``thresholds_for_topk`` keep exactly
-round((1-s) K) channels per row and segment. Timed with ``triton.testing.do_bench`` (median; it
-flushes the L2 cache between runs, so weights stream from HBM as in a real decode step):
+round((1-s) K) channels per row and segment. Each case is timed twice, medians both:
+
+* eagerly, with ``triton.testing.do_bench`` (events; it flushes the L2 cache between runs): what an
+  eager decode step pays, the launcher's CPU time included, which dominates for small layers;
+* as replays of a captured CUDA graph (``do_bench_cudagraph``): the GPU time alone. No L2 flush
+  there, so layers smaller than the L2 (the default model's) read from cache; Llama-3-8B's do not.
 
 * triton: the sparse kernel (``wina_linear_sparse`` / ``wina_gate_up_sparse``: always the kernel,
   whatever DENSE_CROSSOVER_BATCH says, so that batches above it can be measured to tune it);
@@ -19,7 +23,7 @@ flushes the L2 cache between runs, so weights stream from HBM as in a real decod
 Columns: ``ratio`` = triton / dense time; ``1-s`` = that ratio on the memory roofline when every
 row keeps the same channels; ``rows`` = the fraction of weight rows the kernel must read, i.e. that
 at least one batch row keeps (for independent rows ~ 1 - s**B: the real roofline for B > 1);
-``GB/s`` = weight bytes read (dense: all; triton: ``rows`` of them) / time; ``err`` = max |triton -
+``GB/s`` = weight bytes read (dense: all; triton: ``rows`` of them) / graph time; ``err`` = max |triton -
 reference| (kernels/wina_reference.py).
 
     python benchmarks/wina_kernel_gpu.py [--layers qkv,o,...] [--batches 1,2,4,8]
@@ -87,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dot-variant", action="store_true",
+                        help="also time batches below DOT_MIN_BATCH on the tl.dot path")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     args = parser.parse_args(argv)
     unknown = [name for name in args.layers if name not in LAYERS]
@@ -146,17 +152,37 @@ def bench_case(layer: Layer, batch: int, sparsity: float, dtype, args: argparse.
     rows = float((any_row.mean(dim=1) * widths).sum() / widths.sum())
     weight_bytes = weight.numel() * weight.element_size()
 
-    triton_ms = triton.testing.do_bench(sparse, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
-    dense_ms = triton.testing.do_bench(dense, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+    def events_ms(fn):  # CPU launch cost included, as an eager decode step pays it
+        return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+
+    def graph_ms(fn):  # GPU time alone: replays of a captured CUDA graph (no L2 flush between them)
+        return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
+
+    triton_ms, dense_ms = events_ms(sparse), events_ms(dense)
+    triton_graph_ms, dense_graph_ms = graph_ms(sparse), graph_ms(dense)
     config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device)
+    dot = {}
+    if not config.use_dot and args.dot_variant:  # the same case on the tl.dot path, to tune DOT_MIN_BATCH
+        dot_config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device, True)
+        if layer.gate_up:
+            def sparse_dot():
+                return wina_triton.wina_gate_up_sparse(x, weight_t, col_norms, thresholds, config=dot_config)
+        else:
+            def sparse_dot():
+                return wina_triton.wina_linear_sparse(x, weight_t, col_norms, thresholds, layer.segments,
+                                                      config=dot_config)
+        dot = {"dot_us": events_ms(sparse_dot) * 1e3, "dot_graph_us": graph_ms(sparse_dot) * 1e3,
+               "dot_max_abs_err": (sparse_dot()[0].float() - ref.float()).abs().max().item()}
     return {
         "layer": layer.name, "k": layer.k, "segments": list(layer.segments), "gate_up": layer.gate_up,
         "batch": batch, "sparsity": sparsity, "kept_per_row": keep,
         "kept_matches": bool((kept == keep).all()),
         "triton_us": triton_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": triton_ms / dense_ms,
+        "triton_graph_us": triton_graph_ms * 1e3, "dense_graph_us": dense_graph_ms * 1e3,
+        "graph_ratio": triton_graph_ms / dense_graph_ms, **dot,
         "roofline_ratio": 1.0 - sparsity, "rows_read": rows,
-        "triton_gbps": rows * weight_bytes / (triton_ms * 1e-3) / 1e9,
-        "dense_gbps": weight_bytes / (dense_ms * 1e-3) / 1e9,
+        "triton_gbps": rows * weight_bytes / (triton_graph_ms * 1e-3) / 1e9,
+        "dense_gbps": weight_bytes / (dense_graph_ms * 1e-3) / 1e9,
         "max_abs_err": err, "config": asdict(config),
     }
 
@@ -192,15 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             for sparsity in args.sparsities:
                 case = bench_case(layer, batch, sparsity, dtype, args, weights)
                 cases.append(case)
-                print(f"  {name} B={batch} s={sparsity}: triton {case['triton_us']:.1f} us, "
-                      f"dense {case['dense_us']:.1f} us", flush=True)
+                dot = f", dot path {case['dot_us']:.1f} / {case['dot_graph_us']:.1f} us" if "dot_us" in case else ""
+                print(f"  {name} B={batch} s={sparsity}: triton {case['triton_us']:.1f} us, dense "
+                      f"{case['dense_us']:.1f} us; in a CUDA graph {case['triton_graph_us']:.1f} vs "
+                      f"{case['dense_graph_us']:.1f} us{dot}", flush=True)
         del weight, weights
         torch.cuda.empty_cache()
 
-    headers = ["layer", "B", "s", "triton us", "dense us", "ratio", "1-s", "rows", "triton GB/s",
-               "dense GB/s", "err", "kept ok"]
+    headers = ["layer", "B", "s", "triton us", "dense us", "ratio", "graph: triton", "dense", "ratio", "1-s",
+               "rows", "triton GB/s", "dense GB/s", "err", "kept ok"]
     rows = [[c["layer"], str(c["batch"]), fmt(c["sparsity"], 2), fmt(c["triton_us"]), fmt(c["dense_us"]),
-             fmt(c["ratio"], 2), fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["triton_gbps"], 0),
+             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]), fmt(c["dense_graph_us"]), fmt(c["graph_ratio"], 2),
+             fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["triton_gbps"], 0),
              fmt(c["dense_gbps"], 0), f"{c['max_abs_err']:.1e}", "yes" if c["kept_matches"] else "NO"]
             for c in cases]
     text = (f"WINA sparse GEMV vs cuBLAS dense on {gpu} ({args.dtype})\n"

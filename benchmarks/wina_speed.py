@@ -82,22 +82,26 @@ async def _batch(engine: Any, prompts: list[list[int]], tokens: int, sparsity: f
     return {"decode_tok_s": decoded / (end - start), "achieved": statistics.mean(a or 0.0 for a in achieved)}
 
 
-def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, repeats: int) -> dict:
+def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, repeats: int,
+               model: str = "default", device: str = "auto") -> dict:
     from server.runtime import launch_engine
     from server.settings import ServerSettings
 
-    engine, loaded = launch_engine(ServerSettings(max_model_len=1024, max_batch_size=max(batch_sizes),
-                                                  log_level="warning"))
+    engine, loaded = launch_engine(ServerSettings(model=model, device=device, max_model_len=1024,
+                                                  max_batch_size=max(batch_sizes), log_level="warning"))
     if loaded.wina_profile is None:
-        raise SystemExit("no WINA profile loaded: run `neuronserve calibrate wina` first")
-    kernel = loaded.model.layers[0].attn.sparse_qkv.prepared is not None
+        raise SystemExit(f"no WINA profile loaded: run `neuronserve calibrate wina --model {model}` first")
+    sparse_qkv = loaded.model.layers[0].attn.sparse_qkv
+    kernel = ("triton" if sparse_qkv.weight_t is not None else
+              "cpu" if sparse_qkv.prepared is not None else "none (masked dense)")
     prompts = [list(loaded.tokenizer(p).input_ids) for p in PROMPTS]
     levels = [0.0, *sparsities]
     runs: dict[tuple[int, float], list[dict]] = {(b, s): [] for b in batch_sizes for s in levels}
 
     async def session() -> None:
-        for b in batch_sizes:
-            await _batch(engine, prompts[:b], 8, 0.5, f"warm{b}")
+        for b in batch_sizes:  # every batch shape and path once first (CUDA: cuBLAS and Triton set-up)
+            for s in levels:
+                await _batch(engine, prompts[:b], 8, s, f"warm{b}-{s}")
         for r in range(repeats):
             for b in batch_sizes:
                 for s in levels:
@@ -115,8 +119,9 @@ def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, rep
             rows.append({"batch": b, "sparsity": s, "decode_tok_s": tok_s, "ratio_to_dense": tok_s / dense,
                          "achieved_sparsity": statistics.mean(x["achieved"] for x in runs[(b, s)]),
                          "runs": runs[(b, s)]})
-    return {"profile": loaded.wina_profile.name, "profile_path": str(loaded.wina_profile.path),
-            "cpu_kernel": kernel, "dtype": str(loaded.model.dtype), "tokens": tokens, "repeats": repeats,
+    return {"model": loaded.name, "device": str(loaded.model.device),
+            "profile": loaded.wina_profile.name, "profile_path": str(loaded.wina_profile.path),
+            "kernel": kernel, "dtype": str(loaded.model.dtype), "tokens": tokens, "repeats": repeats,
             "rows": rows}
 
 
@@ -210,9 +215,9 @@ def format_report(report: dict) -> str:
     decode = report.get("decode")
     if decode:
         llama = report.get("llama_cpp") or {}
-        parts.append(f"\nDecode through the engine ({decode['dtype']}, profile {decode['profile']}, CPU kernel "
-                     f"{'on' if decode['cpu_kernel'] else 'OFF'}; {decode['tokens']} tokens, median of "
-                     f"{decode['repeats']})")
+        parts.append(f"\nDecode through the engine ({decode.get('model', 'default')} on {decode.get('device', 'cpu')}, "
+                     f"{decode['dtype']}, profile {decode['profile']}, sparse kernel: {decode['kernel']}; "
+                     f"{decode['tokens']} tokens, median of {decode['repeats']})")
         rows = []
         for r in decode["rows"]:
             vs_llama = r["decode_tok_s"] / llama["tok_s"] if r["batch"] == 1 and llama.get("tok_s") else None
@@ -245,13 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--model", default="default",
+                        help="Model for the decode part (as for serve); llama.cpp runs only on the default. [default]")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="Device for the decode part (the microbenchmark is the CPU kernel's). [auto]")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "out" / "wina_speed.json")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]),
                               "utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if not args.skip_decode:
-        report["decode"] = _in_subprocess(run_decode, args.sparsities, args.batch_sizes, args.tokens, args.repeats)
-        if not args.skip_llama_cpp:
+        report["decode"] = _in_subprocess(run_decode, args.sparsities, args.batch_sizes, args.tokens, args.repeats,
+                                          args.model, args.device)
+        if not args.skip_llama_cpp and args.model == "default":
             report["llama_cpp"] = _in_subprocess(run_llama_cpp_batch1, args.tokens, args.repeats)
     if not args.skip_micro:
         report["micro"] = _in_subprocess(run_micro, args.batch_sizes)

@@ -45,9 +45,11 @@ DENSE_CROSSOVER_BATCH = 16
 MAX_SPARSE_BATCH = 32  # the sparse kernel holds every batch row in one tile (BLOCK_B <= 32)
 MAX_SEGMENTS = 3  # fused q/k/v
 # Batches of at least this many rows pad the batch tile to >= 16 rows and use tl.dot (tensor cores)
-# instead of a broadcast multiply-and-sum; memory-bound, the padding costs no bandwidth. A first
-# guess, to be tuned on a GPU like the crossover.
-DOT_MIN_BATCH = 9
+# instead of a broadcast multiply-and-sum; memory-bound, the padding costs no bandwidth. Measured on
+# an H200 (benchmarks/RESULTS.md, "WINA Triton kernel on a GPU"): at batch 2..8 the dot path was as
+# fast or faster on every layer, and 2.5x to 25x faster on Llama-3-8B's MLP, where the broadcast
+# product's [B, BLOCK_K, BLOCK_N] tile spills; at batch 1 the broadcast path wins.
+DOT_MIN_BATCH = 2
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ELEMENTS = 2**31  # pointer offsets are int32 inside the kernels
 
@@ -274,12 +276,13 @@ def _tile(batch: int, use_dot: bool | None = None) -> tuple[int, bool]:
 
 @functools.lru_cache(maxsize=512)
 def pick_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
-                device: torch.device) -> WinaKernelConfig:
+                device: torch.device, use_dot: bool | None = None) -> WinaKernelConfig:
     """Block sizes from the batch and shapes (cached: decode calls it every step). First guesses,
     to be tuned on a GPU with benchmarks/wina_kernel_gpu.py; they only change speed, never results
     beyond fp32 summation order. Triton compiles once per distinct (BLOCK_B, BLOCK_K, BLOCK_N,
-    SPLIT_K, flags), and BLOCK_B is bucketed to powers of two."""
-    block_b, use_dot = _tile(batch)
+    SPLIT_K, flags), and BLOCK_B is bucketed to powers of two. `use_dot` forces the tl.dot path
+    on or off (None: from DOT_MIN_BATCH)."""
+    block_b, use_dot = _tile(batch, use_dot)
     widest = triton.next_power_of_2(max(widths))
     tiles = 2 if gate_up else 1  # gate_up holds two weight tiles and two accumulators
     if device.type != "cuda":
@@ -302,7 +305,8 @@ def pick_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
     # Split K until there are two waves of programs, keeping at least 4 chunks per split.
     while n_programs * split_k < 2 * sms and k_chunks // (split_k * 2) >= 4:
         split_k *= 2
-    return WinaKernelConfig(block_k=block_k, block_n=block_n, split_k=split_k, num_warps=num_warps)
+    return WinaKernelConfig(block_k=block_k, block_n=block_n, split_k=split_k, num_warps=num_warps,
+                            use_dot=use_dot)
 
 
 def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,

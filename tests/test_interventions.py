@@ -64,8 +64,8 @@ def loaded():
                                      load_interventions=False, log_level="warning"))
 
 
-@pytest.fixture(scope="module")
-def registry(loaded):
+def make_registry(loaded) -> InterventionRegistry:
+    """One random profile of each kind (tests/test_gpu.py builds the same on CUDA)."""
     model = loaded.model
     reg = InterventionRegistry(model, loaded.fingerprint, loaded.name)
     reg.add_sae(random_sae(model.config.hidden_size))
@@ -75,6 +75,11 @@ def registry(loaded):
     reg.add_memorization(random_memorization(model, "neuron", name="mem-neuron"))
     reg.add_memorization(random_memorization(model, "weight", name="mem-weight"))
     return reg
+
+
+@pytest.fixture(scope="module")
+def registry(loaded):
+    return make_registry(loaded)
 
 
 def _batch(tokenizer, prompts):
@@ -87,14 +92,17 @@ def run(model, tokens, rows, all_logits=False):
     """Prefill every row (its prompt-step plan), then one batched decode step: -> logits [B, V]
     (or the prefill logits [B, T-1, V] of every row with all_logits)."""
     B, T = tokens.shape
+    device = model.device  # the same checks run on CUDA (tests/test_gpu.py)
+    tokens = tokens.to(device)
     cache = model.new_cache(B)
     prefill = []
     for row in range(B):
-        plan = InterventionPlan.build([rows[row]], prompt_step=True, device=model.device)
-        prefill.append(model(tokens[row:row + 1, :-1], torch.tensor([row]), torch.tensor([0]), cache,
-                             all_logits=True, edits=plan)[0])
-    plan = InterventionPlan.build(list(rows), prompt_step=False, device=model.device)
-    decode = model(tokens[:, -1:], torch.arange(B), torch.full((B,), T - 1), cache, edits=plan)
+        plan = InterventionPlan.build([rows[row]], prompt_step=True, device=device)
+        prefill.append(model(tokens[row:row + 1, :-1], torch.tensor([row], device=device),
+                             torch.tensor([0], device=device), cache, all_logits=True, edits=plan)[0])
+    plan = InterventionPlan.build(list(rows), prompt_step=False, device=device)
+    decode = model(tokens[:, -1:], torch.arange(B, device=device), torch.full((B,), T - 1, device=device), cache,
+                   edits=plan)
     return torch.stack(prefill) if all_logits else decode
 
 
@@ -103,14 +111,22 @@ def test_no_plan_when_no_row_asks(registry):
     assert registry.resolve(None) is None and registry.resolve([]) is None
 
 
-@pytest.mark.parametrize("entry", [
+ASKING_ENTRIES = [
     {"type": "steer", "sae": "test-sae", "feature": 5, "strength": 8.0},
     {"type": "steer", "sae": "test-sae", "feature": 5, "clamp": 30.0},
     {"type": "steer", "vector": "two-layer", "strength": 2.0},
     {"type": "eigenshift", "profile": "test-eig", "alpha": 0.0},
     {"type": "unmemorize", "profile": "mem-neuron"},
     {"type": "unmemorize", "profile": "mem-weight"},
-])
+]
+NEUTRAL_ENTRIES = [
+    {"type": "steer", "sae": "test-sae", "feature": 5, "strength": 0.0},
+    {"type": "steer", "vector": "two-layer", "strength": 0.0},
+    {"type": "eigenshift", "profile": "test-eig", "alpha": 1.0},
+]
+
+
+@pytest.mark.parametrize("entry", ASKING_ENTRIES)
 def test_plain_rows_untouched_by_neighbours(loaded, registry, entry):
     model = loaded.model
     tokens = _batch(loaded.tokenizer, PROMPTS)
@@ -121,11 +137,7 @@ def test_plain_rows_untouched_by_neighbours(loaded, registry, entry):
     assert not torch.allclose(mixed[1], plain[1], atol=1e-3)  # the asking row did change
 
 
-@pytest.mark.parametrize("entry", [
-    {"type": "steer", "sae": "test-sae", "feature": 5, "strength": 0.0},
-    {"type": "steer", "vector": "two-layer", "strength": 0.0},
-    {"type": "eigenshift", "profile": "test-eig", "alpha": 1.0},
-])
+@pytest.mark.parametrize("entry", NEUTRAL_ENTRIES)
 def test_neutral_settings_are_exact_noops(loaded, registry, entry):
     model = loaded.model
     tokens = _batch(loaded.tokenizer, PROMPTS[:2])

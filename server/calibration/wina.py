@@ -105,7 +105,7 @@ class _LayerRecorder:
 
     def apply(self, projection: SparseProjection, x: torch.Tensor, dense) -> torch.Tensor:
         # x: [1, T, K]; kept per fused call, named by its columns in the [*, 7] tables
-        rows = x[0, self.recorder.positions].float()  # [P, K]
+        rows = x[0, self.recorder.positions].float().cpu()  # [P, K]: thresholds are computed on the CPU
         self.recorder.inputs.setdefault((self.index, projection.columns), []).append(rows)
         return dense(x)
 
@@ -124,7 +124,7 @@ def _layer_projections(model: LlamaDecoder, layer: int, criterion: str) -> dict[
     names = iter(PROJECTIONS)
     projections = {}
     for fused in (attn.sparse_qkv, attn.sparse_o, mlp.sparse_gate_up, mlp.sparse_down):
-        weight = fused.linear.weight.float()
+        weight = fused.linear.weight.float().cpu()
         norms = column_norms(weight, fused.segments)  # [G, K]
         for part, part_norms in zip(weight.split(list(fused.segments)), norms):
             factor = part_norms if criterion == "wina" else torch.ones_like(part_norms)
@@ -184,9 +184,16 @@ def _greedy_allocation(projections: dict[str, _Projection], inputs: dict[str, to
 
 def calibrate_wina(model: LlamaDecoder, tokenizer, config: WinaCalibrationConfig) -> dict[str, dict]:
     """-> {profile name: {"table": WinaTable, "allocation": [S, L, 7], "data": ..., "parameters": ...}}"""
-    torch.manual_seed(config.seed)
     sequences, heldout, described = calibration_sequences(tokenizer, config)
+    return calibrate_wina_on(model, sequences, heldout, described, config)
+
+
+def calibrate_wina_on(model: LlamaDecoder, sequences: list[list[int]], heldout: list[list[int]], described: dict,
+                      config: WinaCalibrationConfig) -> dict[str, dict]:
+    """calibrate_wina on token sequences already chosen (`described` says where they came from)."""
+    torch.manual_seed(config.seed)
     L = model.config.num_layers
+    device = model.device
     # projections must exist for the recorder to stand in their place; thresholds are unused
     model.attach_sparsity(WinaTable("teal", torch.tensor([0.0, 1.0]), torch.zeros(2, L, 7)), cpu_kernel=None)
     recorder = _InputRecorder()
@@ -195,8 +202,9 @@ def calibrate_wina(model: LlamaDecoder, tokenizer, config: WinaCalibrationConfig
     for seq in tqdm(sequences, desc="calibrate wina: activations", unit="seq"):
         T = len(seq)
         count = min(config.positions_per_sequence, T - 1)
-        recorder.positions = 1 + torch.randperm(T - 1, generator=rng)[:count]
-        model(torch.tensor([seq]), torch.tensor([0]), torch.tensor([0]), cache, sparsity=recorder)
+        recorder.positions = (1 + torch.randperm(T - 1, generator=rng)[:count]).to(device)
+        model(torch.tensor([seq], device=device), torch.zeros(1, dtype=torch.long, device=device),
+              torch.zeros(1, dtype=torch.long, device=device), cache, sparsity=recorder)
     calls = {key: torch.cat(rows) for key, rows in recorder.inputs.items()}  # (layer, columns) -> [P, K]
     levels = torch.tensor(config.levels, dtype=torch.float32)
     profiles = {}
@@ -237,13 +245,14 @@ def heldout_quality(model: LlamaDecoder, table: WinaTable, heldout: list[list[in
     the same numbers the kernels give)."""
     model.attach_sparsity(table, cpu_kernel=None)
     cache = model.new_cache(1)
+    zero = torch.zeros(1, dtype=torch.long, device=model.device)
     results = {}
     for target in tqdm((0.0, *EVAL_LEVELS), desc=f"calibrate wina: held-out check {label}", unit="level"):
         nll, count, achieved = 0.0, 0, []
         for seq in heldout:
-            tokens = torch.tensor([seq])
+            tokens = torch.tensor([seq], device=model.device)
             plan = model.sparsity_plan([target], len(seq))
-            logits = model(tokens, torch.tensor([0]), torch.tensor([0]), cache, all_logits=True, sparsity=plan)
+            logits = model(tokens, zero, zero, cache, all_logits=True, sparsity=plan)
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="sum"))
             count += len(seq) - 1
             if plan is not None:

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one call: for a lent GPU machine (docs/gpu.md says how to
+# prepare one) or any CUDA box with the project installed.
+#
+#   OUT=DIR bash scripts/gpu_checks.sh [kernels] [tests] [kernels-bf16] [decode]   (default: all four)
+#
+# KERNEL_ARGS and DECODE_ARGS replace the microbenchmark's and the decode benchmark's default
+# options (to fit a short lease).
+#
+# kernels       Triton sparse GEMV vs cuBLAS (benchmarks/wina_kernel_gpu.py), float16, batch 1..32
+# tests         pytest -m gpu: compiled kernels against the references, model/sparsity/interventions/engine
+# kernels-bf16  the same microbenchmark in bfloat16, batch 1 and 8
+# decode        engine decode tok/s on CUDA at each sparsity (benchmarks/wina_speed.py) after
+#               `calibrate wina --device cuda`; on the default model, or on a random-weight stand-in
+#               of its shapes where its GGUF is not installed
+#
+# Logs go to $OUT/gpu_checks.log, reports to $OUT/*.json. Each step has its own time limit, and a
+# failing step does not stop the later ones. The exit status is the number of failed steps.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out/gpu}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_checks.log
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # packages a bare machine lacks, carried as wheels (docs/gpu.md)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 100
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ -d .gpu/tokenizer ] && export NEURONSERVE_TEST_TOKENIZER=$PWD/.gpu/tokenizer
+[ -d .gpu/data ] && export NEURONSERVE_DATA_DIR=$PWD/.gpu/data
+
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log everything, print the tail
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "=== $name: $*" >>"$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0))"
+} 2>&1 | tee -a "$LOG"
+
+steps=${*:-kernels tests kernels-bf16 decode}
+for s in $steps; do
+    case $s in
+    kernels)
+        # shellcheck disable=SC2086  # KERNEL_ARGS is a list of options
+        step kernels 200 python3 benchmarks/wina_kernel_gpu.py ${KERNEL_ARGS:---batches 1,2,4,8,16,32 --dot-variant} \
+            --out "$OUT/wina_kernel_gpu_float16.json"
+        ;;
+    tests)
+        step tests 240 env TRITON_INTERPRET=0 python3 -m pytest -m gpu -rA -s -p no:cacheprovider \
+            tests/test_gpu.py tests/test_wina_triton.py
+        ;;
+    kernels-bf16)
+        step kernels-bf16 60 python3 benchmarks/wina_kernel_gpu.py --dtype bfloat16 --batches 1,8 \
+            --out "$OUT/wina_kernel_gpu_bfloat16.json"
+        ;;
+    decode)
+        model=default
+        if ! python3 -c "from server.model.loader import resolve_model_path as r; r('default')" 2>/dev/null; then
+            model=/tmp/neuronserve-stand-in
+            step stand-in 60 python3 benchmarks/stand_in_model.py "$model" --tokenizer .gpu/tokenizer
+        fi
+        step calibrate 90 python3 -m server.cli calibrate wina --model "$model" --device cuda --sequences 8
+        # shellcheck disable=SC2086  # DECODE_ARGS is a list of options
+        step decode 240 python3 benchmarks/wina_speed.py --model "$model" --device cuda --skip-micro \
+            --skip-llama-cpp ${DECODE_ARGS:---sparsities 0.25 0.5 0.65 0.9 --repeats 3} --out "$OUT/wina_speed_gpu.json"
+        ;;
+    *) echo "unknown step $s" | tee -a "$LOG"; failed=$((failed + 1)) ;;
+    esac
+done
+# The reply of a lent machine carries only the end of the output: the summaries last.
+echo "=== summary"
+grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|^=+ .*(passed|failed|error)" "$LOG" | grep -v "^PASSED" | tail -n 40
+grep -E "max \|" "$LOG" | tail -n 60
+for f in "$OUT"/*.json; do
+    [ -f "$f" ] && python3 - "$f" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+name = sys.argv[1].rsplit("/", 1)[-1]
+for c in report.get("cases", []):
+    if c["sparsity"] == 0.5:
+        dot = f"; dot path {c['dot_us']:.1f} / graph {c['dot_graph_us']:.1f}" if "dot_us" in c else ""
+        print(f"{name}: {c['layer']} B={c['batch']} s=0.5 eager {c['triton_us']:.1f} vs cuBLAS {c['dense_us']:.1f} us; "
+              f"graph {c['triton_graph_us']:.1f} vs {c['dense_graph_us']:.1f} us (x{1 / c['graph_ratio']:.2f}){dot}")
+decode = report.get("decode")
+if decode:
+    for r in decode["rows"]:
+        print(name, "batch", r["batch"], "sparsity", r["sparsity"], "tok/s", round(r["decode_tok_s"], 1),
+              "x dense", round(r["ratio_to_dense"], 3), "achieved", round(r["achieved_sparsity"], 3))
+PY
+done
+exit "$failed"
