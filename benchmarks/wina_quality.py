@@ -5,7 +5,7 @@ ARC-Easy, PIQA and LAMBADA, per sparsity profile and target sparsity.
 The model is the served one, loaded as the server loads it (``load_model(ServerSettings(
 wina_profile="none", max_model_len=1024))``: SmolLM2-135M-Instruct, float16 on CPU by default).
 For each profile ``server/default_profiles/smollm2-135m-instruct/wina-<criterion>-<allocation>.safetensors``
-(criterion wina | teal, allocation uniform | greedy) its thresholds are attached with
+(criterion wina | teal | wina_official, allocation uniform | greedy) its thresholds are attached with
 ``model.attach_sparsity(WinaTable(...), None)`` (no CPU kernel: the masked dense path, which gives
 the same numbers as the kernel and is what any prefill of more than a few tokens uses anyway), and
 every request of the configuration runs at the one target sparsity through
@@ -683,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from server.model.sparsity import NORMED_PROJECTIONS
+
     if args.window < 2 or args.window > MAX_MODEL_LEN:
         raise SystemExit(f"error: --window must be in 2..{MAX_MODEL_LEN}")
     if args.batch_tokens < MAX_MODEL_LEN:
@@ -692,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: sparsities must be in [0, 1)")
     for name in args.profiles:
         crit, _, alloc = name.partition("-")
-        if crit not in ("wina", "teal") or not alloc:
-            raise SystemExit(f"error: profile {name!r} is not <wina|teal>-<allocation>")
+        if crit not in NORMED_PROJECTIONS or not alloc:
+            raise SystemExit(f"error: profile {name!r} is not <{'|'.join(NORMED_PROJECTIONS)}>-<allocation>")
 
     import logging
 

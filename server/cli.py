@@ -91,7 +91,10 @@ def add_calibrate_parsers(commands, interventions: bool = True) -> None:
     wina.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     wina.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                       help="Calibrate in the dtype you serve with (auto: as serve picks).")
-    wina.add_argument("--criterion", default="both", choices=["wina", "teal", "both"])
+    wina.add_argument("--criterion", default="both", choices=["wina", "teal", "wina_official", "both", "all"],
+                      help="wina: |x_i| * column norm on all seven projections; teal: |x_i|; wina_official: "
+                           "norms on k_proj and gate_proj only, as microsoft/wina's code does; both: wina and "
+                           "teal; all: the three. [both]")
     wina.add_argument("--allocation", default="uniform", choices=["uniform", "greedy", "both"],
                       help="uniform: every projection at the target; greedy: TEAL-style allocation "
                       "within each layer by projection output error.")
@@ -145,7 +148,8 @@ def calibrate(args: argparse.Namespace) -> int:
                               max_model_len=max(args.sequence_length, 16), wina_profile="none")
     loaded = load_model(settings)
     config = WinaCalibrationConfig(
-        criteria=("wina", "teal") if args.criterion == "both" else (args.criterion,),
+        criteria={"both": ("wina", "teal"), "all": ("wina", "teal", "wina_official")}.get(args.criterion,
+                                                                                        (args.criterion,)),
         allocations=("uniform", "greedy") if args.allocation == "both" else (args.allocation,),
         sequences_per_source=args.sequences, sequence_length=args.sequence_length, seed=args.seed,
         **({"data_dir": args.data_dir} if args.data_dir else {}))

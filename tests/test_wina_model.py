@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from kernels.wina_cpu import CpuWinaKernel
-from server.calibration.wina import WinaCalibrationConfig, calibrate_wina, write_profiles
-from server.model.sparsity import PROJECTIONS
+from kernels.wina_reference import column_norms
+from server.calibration.wina import (
+    WinaCalibrationConfig,
+    calibrate_wina,
+    write_profiles,
+)
+from server.model.sparsity import O_COLUMNS, PROJECTIONS, WinaTable, criterion_factors
 from server.profiles import ProfileError, load_profile
 from server.runtime import load_model
 from server.settings import ServerSettings
@@ -134,3 +139,22 @@ def test_profile_round_trip_and_model_check(loaded, profiles, tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"not a profile")
     with pytest.raises(ProfileError, match="cannot read"):
         load_profile(tmp_path / "broken.safetensors")
+
+
+def test_official_wina_criterion_uses_norms_on_k_and_gate_only(loaded, profiles):
+    """microsoft/wina's code scores k_proj and gate_proj inputs with column norms and the other
+    five projections with |x| alone; the "wina_official" criterion reproduces that."""
+    model = loaded.model
+    table = profiles["wina-uniform"]["table"]
+    model.attach_sparsity(WinaTable("wina_official", table.levels, table.thresholds), None)
+    layer = model.layers[3]
+    for fused, normed in ((layer.attn.sparse_qkv, (False, True, False)), (layer.attn.sparse_o, (False,)),
+                          (layer.mlp.sparse_gate_up, (True, False)), (layer.mlp.sparse_down, (False,))):
+        norms = column_norms(fused.linear.weight, fused.segments)
+        for g, uses_norm in enumerate(normed):
+            expected = norms[g] if uses_norm else torch.ones_like(norms[g])
+            assert torch.equal(fused.col_norms[g], expected)
+    plan = model.sparsity_plan([0.5], 1)
+    assert plan is not None  # the table serves like any other
+    with pytest.raises(ValueError, match="unknown WINA criterion"):
+        criterion_factors(torch.ones(4, 3), (4,), O_COLUMNS, "bogus")

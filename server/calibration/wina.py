@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.wina_reference import column_norms
 from server.calibration.data import alpaca_texts, default_data_dir, wikitext_valid_text
 from server.model.llama import LlamaDecoder
-from server.model.sparsity import PROJECTIONS, SparseProjection, WinaTable
+from server.model.sparsity import PROJECTIONS, SparseProjection, WinaTable, criterion_factors
 from server.profiles import save_profile
 
 logger = logging.getLogger(__name__)
@@ -125,9 +124,8 @@ def _layer_projections(model: LlamaDecoder, layer: int, criterion: str) -> dict[
     projections = {}
     for fused in (attn.sparse_qkv, attn.sparse_o, mlp.sparse_gate_up, mlp.sparse_down):
         weight = fused.linear.weight.float().cpu()
-        norms = column_norms(weight, fused.segments)  # [G, K]
-        for part, part_norms in zip(weight.split(list(fused.segments)), norms):
-            factor = part_norms if criterion == "wina" else torch.ones_like(part_norms)
+        factors = criterion_factors(weight, fused.segments, fused.columns, criterion)  # [G, K]
+        for part, factor in zip(weight.split(list(fused.segments)), factors):
             projections[next(names)] = _Projection(part, factor, fused.columns)
     return projections
 

@@ -27,7 +27,27 @@ if TYPE_CHECKING:
 # Column of each projection in the [*, 7] threshold and kept-count tables.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 QKV_COLUMNS, O_COLUMNS, GATE_UP_COLUMNS, DOWN_COLUMNS = (0, 3), (3, 4), (4, 6), (6, 7)
-Criterion = Literal["wina", "teal"]
+Criterion = Literal["wina", "teal", "wina_official"]
+# The projections whose score uses the real column norm ||W[:, i]||; the others use 1 (|x_i|
+# alone). "wina" is the paper's criterion on all seven; "wina_official" is what the reference
+# code (microsoft/wina) does, norms on k_proj and gate_proj only; "teal" uses none.
+NORMED_PROJECTIONS: dict[str, frozenset[str]] = {
+    "wina": frozenset(PROJECTIONS), "teal": frozenset(), "wina_official": frozenset({"k", "gate"}),
+}
+
+
+def criterion_factors(weight: torch.Tensor, segments: tuple[int, ...], columns: tuple[int, int],
+                      criterion: Criterion) -> torch.Tensor:
+    """The score's per-channel factor of one fused projection: weight [N, K] split into `segments`
+    (the projections PROJECTIONS[columns[0]:columns[1]]) -> float32 [G, K], each segment's column
+    norms or ones, as `criterion` says."""
+    if criterion not in NORMED_PROJECTIONS:
+        raise ValueError(f"unknown WINA criterion {criterion!r}; expected one of {sorted(NORMED_PROJECTIONS)}")
+    normed = NORMED_PROJECTIONS[criterion]
+    names = PROJECTIONS[columns[0]:columns[1]]
+    norms = column_norms(weight, segments) if normed else None
+    return torch.stack([norms[g] if name in normed else torch.ones(weight.shape[1], device=weight.device)
+                        for g, name in enumerate(names)])
 
 # Above this many token rows the CPU kernel's union of kept channels covers most of the weight
 # and its per-row accumulators cost more than a float32 GEMM: the masked dense path takes over.
@@ -76,10 +96,7 @@ class SparseProjection:
         self.segments = segments
         self.columns = columns
         self.gate_up = gate_up
-        if criterion == "wina":
-            self.col_norms = column_norms(weight, segments)  # [G, K]
-        else:
-            self.col_norms = torch.ones(len(segments), weight.shape[1], device=weight.device)
+        self.col_norms = criterion_factors(weight, segments, columns, criterion)  # [G, K]
         self.prepared: PreparedWinaLinear | None = None
         self.weight_t: torch.Tensor | None = None
         if weight.device.type == "cuda":
