@@ -46,7 +46,7 @@ MAX_SPARSE_BATCH = 32  # the sparse kernel holds every batch row in one tile (BL
 MAX_SEGMENTS = 3  # fused q/k/v
 # Batches of at least this many rows pad the batch tile to >= 16 rows and use tl.dot (tensor cores)
 # instead of a broadcast multiply-and-sum; memory-bound, the padding costs no bandwidth. Measured on
-# an H200 (benchmarks/RESULTS.md, "WINA Triton kernel on a GPU"): at batch 2..8 the dot path was as
+# an H200 (benchmarks/RESULTS.md, "WINA on a GPU"): at batch 2..8 the dot path was as
 # fast or faster on every layer, and 2.5x to 25x faster on Llama-3-8B's MLP, where the broadcast
 # product's [B, BLOCK_K, BLOCK_N] tile spills; at batch 1 the broadcast path wins.
 DOT_MIN_BATCH = 2
