@@ -2,7 +2,8 @@
 """WINA decode speed against dense, in one run, as ratios (issue 3).
 
 1. Decode through the engine (the serving path minus HTTP): the default model with the committed
-   wina-uniform profile and the CPU kernel, ``launch_engine`` as the server does. For batch 1 and
+   wina-uniform profile and the CPU kernel, ``launch_engine`` as the server does (``--model`` and
+   ``--device cuda`` time another model, or the Triton kernels; scripts/gpu_checks.sh does). For batch 1 and
    batch 8, every row greedy with ``ignore_eos``, all rows at the same sparsity; decode tok/s =
    tokens generated after each row's first / time from the first output to the last. Sparsities run
    interleaved (dense, 0.25, ..., then again) so drift on this shared machine hits all of them;
@@ -14,7 +15,8 @@
    on Llama-3-8B's MLP (4096 x 14336), with per-token top-k thresholds (exact sparsity).
 
     python benchmarks/wina_speed.py [--sparsities 0.25 0.4 0.5 0.65 0.9] [--tokens 64] [--repeats 3]
-        [--skip-decode] [--skip-micro] [--skip-llama-cpp] [--out benchmarks/out/wina_speed.json]
+        [--skip-decode] [--skip-micro] [--skip-llama-cpp] [--model PATH] [--device auto|cpu|cuda]
+        [--out benchmarks/out/wina_speed.json]
 
 On a GPU the Triton kernel's microbenchmark is benchmarks/wina_kernel_gpu.py.
 """
