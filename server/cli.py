@@ -75,8 +75,6 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
-
-
 def add_calibrate_parsers(commands, interventions: bool = True) -> None:
     """interventions=False leaves out the intervention methods, whose modules import on demand
     (`serve` does not need them)."""
