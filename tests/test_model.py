@@ -73,6 +73,27 @@ def test_batched_decode_rows_are_independent(default_ckpt):
     torch.testing.assert_close(together, torch.cat([alone_a, alone_b]), atol=1e-3, rtol=0)
 
 
+def test_decode_reads_contiguous_and_scattered_slots_alike(default_ckpt):
+    """A batch whose slots are one ascending range reads the cache as a view; any other slot order
+    gathers it. Both must give each row its own keys: the same prompts in slots 0, 1, 2 and in
+    slots 5, 3, 4 decode to the same logits."""
+    tok = default_ckpt.tokenizer
+    model = _ours(default_ckpt, dtype=torch.float16)  # half weights: the batched float32 path too
+    cache = model.new_cache(6)
+    prompts = [tok(t, return_tensors="pt").input_ids for t in
+               ("Hello there, my name is", "Once upon a time in a land far away", "def add(a, b):")]
+    for slots in ([0, 1, 2], [5, 3, 4]):
+        for slot, ids in zip(slots, prompts):
+            model(ids, torch.tensor([slot]), torch.tensor([0]), cache)
+    nxt = torch.tensor([[11], [12], [13]])
+    starts = torch.tensor([p.shape[1] for p in prompts])
+    contiguous = model(nxt, torch.tensor([0, 1, 2]), starts, cache)
+    scattered = model(nxt, torch.tensor([5, 3, 4]), starts, cache)
+    assert torch.equal(contiguous, scattered)
+    alone = model(nxt[1:2], torch.tensor([1]), starts[1:2], cache)  # slot 1 written twice: same keys
+    assert contiguous.argmax(-1)[1] == alone.argmax(-1)[0]
+
+
 @pytest.mark.parametrize(
     "tied,bias,rope",
     [(True, False, None),

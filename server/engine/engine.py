@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import secrets
 import threading
@@ -123,7 +124,9 @@ class Engine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._prefilling: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
-        self._free_slots = list(range(limits.max_batch_size - 1, -1, -1))
+        # a min-heap: new sequences take the lowest free slot, so the running batch's slots stay one
+        # contiguous range and the model reads their KV cache as a view instead of gathering it
+        self._free_slots = list(range(limits.max_batch_size))
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -258,7 +261,7 @@ class Engine:
         now = time.monotonic()
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             seq.scheduled_at = now
             self.metrics.queue_time.observe(now - seq.arrival)
             self._prefilling.append(seq)
@@ -292,6 +295,7 @@ class Engine:
         self._sample_and_emit([seq], logits)
         if not seq.finished:
             self._running.append(seq)
+            self._running.sort(key=lambda s: s.slot)  # batch rows in slot order (see _free_slots)
 
     def _record_prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor, start: int, end: int) -> None:
         # logits: [T, V]; position i predicts prompt token i + 1
@@ -434,7 +438,7 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
         if seq.slot is not None:
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             seq.slot = None
         self.metrics.request_finished(reason)
         self.metrics.e2e.observe(time.monotonic() - seq.arrival)

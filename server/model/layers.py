@@ -64,10 +64,12 @@ class Linear(nn.Module):
         if weight_f32 is not None and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]:
             rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
             # W @ x^T (weight-major) runs 2-4x faster than x @ W^T in MKL for few rows.
-            y = torch.mm(weight_f32, rows.t()).t()  # [N, out]
+            y = torch.mm(weight_f32, rows.t()).t()  # [N, out], column-major
             if bias_f32 is not None:
                 y = y + bias_f32
-            return y.to(weight.dtype).view(*x.shape[:-1], -1)
+            # Row-major again, in the same copy as the rounding: a column-major output would make
+            # every op downstream strided (SDPA falls back to its slow math kernel on such a q).
+            return y.to(weight.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
         return F.linear(x.to(weight.dtype), weight, bias)
 
 

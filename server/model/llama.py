@@ -145,10 +145,13 @@ class LlamaDecoder(nn.Module):
             keys = torch.arange(kv_len, device=token_ids.device)
             attn_mask = (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
         single = (int(slot_ids[0]), int(start_positions[0])) if B == 1 else None
+        slot_list = slot_ids.tolist()
+        first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + B)) else None
         rope = self.rope.tables(positions)
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single), attn_mask, is_causal,
+            h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single, first_slot), attn_mask,
+                              is_causal,
                               None if sparsity is None else sparsity.layer(i),
                               None if edits is None else edits.neurons(i))
             if edits is not None:
@@ -175,5 +178,5 @@ class LlamaDecoder(nn.Module):
         rope = self.rope.tables(positions)
         h = F.embedding(token_ids.to(self.device), self.embed).float()
         for i in range(layer + 1):
-            h = self.layers[i].forward(h, rope, cache.layer(i, slots, positions, T, None), attn_mask, B == 1)
+            h = self.layers[i].forward(h, rope, cache.layer(i, slots, positions, T, None, 0), attn_mask, B == 1)
         return h
