@@ -34,43 +34,60 @@ class Linear(nn.Module):
     With `batched_float32`, inputs of BATCHED_MIN_ROWS rows or more use a float32 copy of the
     weight: on CPU, half-precision GEMM has no batched kernel (its time grows linearly with the
     rows: 8 rows cost 8x one row) while float32 GEMM amortises the weight read (8 rows cost ~3x).
+    The copy is prepacked for oneDNN's GEMM where torch has oneDNN: on this CPU that runs 1.2-1.8x
+    faster than MKL's for 3-16 rows and the same for a 512-token prefill (benchmarks/RESULTS.md).
     The result is rounded to the weight's dtype, as the half GEMV's own output is, so a row gets
     the same numbers whichever path its batch took, up to float32 summation order.
     """
 
     BATCHED_MIN_ROWS = 3
+    PACKED_ROWS_HINT = 8  # the batch size oneDNN lays the packed weight out for; any size runs
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batched_float32: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self.weight_f32 = weight.float() if batched_float32 else None
+        self.batched_float32 = batched_float32
         self.bias_f32 = bias.float() if batched_float32 and bias is not None else None
+        self.weight_f32: torch.Tensor | None = None  # [out, in] float32, or oneDNN's packed layout
+        self.weight_f32_packed = batched_float32 and torch.backends.mkldnn.is_available()
+        if self.weight_f32_packed:
+            self.weight_f32 = torch.ops.mkldnn._reorder_linear_weight(weight.float(), self.PACKED_ROWS_HINT)
+        elif batched_float32:
+            self.weight_f32 = weight.float()
+
+    def _batched(self, x: torch.Tensor) -> bool:
+        return self.batched_float32 and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project(x, self.weight, self.bias, self.weight_f32, self.bias_f32)
+        if not self._batched(x):
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
+        if self.weight_f32_packed:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight_f32, self.bias_f32, "none", [], "")
+        else:
+            y = self._float32_rows(rows, self.weight_f32, self.bias_f32)
+        # row-major in the same copy as the rounding: a strided q sends SDPA to its slow math kernel
+        return y.to(self.weight.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
 
     def forward_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Outputs start:end only (one of a fused projection's parts), through the same path."""
+        """Outputs start:end only (one of a fused projection's parts), through the same path. For
+        WINA's masked prefill only, so the float32 part is made per call (a packed weight has no
+        row slices): that costs one read of the part against a GEMM of many rows."""
+        weight = self.weight[start:end]
+        bias = None if self.bias is None else self.bias[start:end]
+        if not self._batched(x):
+            return F.linear(x.to(weight.dtype), weight, bias)
+        rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
+        y = self._float32_rows(rows, weight.float(), None if bias is None else bias.float())
+        return y.to(weight.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
 
-        def part(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[start:end]
-
-        return self._project(x, self.weight[start:end], part(self.bias), part(self.weight_f32),
-                             part(self.bias_f32))
-
-    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 weight_f32: torch.Tensor | None, bias_f32: torch.Tensor | None) -> torch.Tensor:
-        if weight_f32 is not None and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]:
-            rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
-            # W @ x^T (weight-major) runs 2-4x faster than x @ W^T in MKL for few rows.
-            y = torch.mm(weight_f32, rows.t()).t()  # [N, out], column-major
-            if bias_f32 is not None:
-                y = y + bias_f32
-            # Row-major again, in the same copy as the rounding: a column-major output would make
-            # every op downstream strided (SDPA falls back to its slow math kernel on such a q).
-            return y.to(weight.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
-        return F.linear(x.to(weight.dtype), weight, bias)
+    @staticmethod
+    def _float32_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # rows: [N, in] float32 -> [N, out], column-major: W @ x^T (weight-major) runs 2-4x faster
+        # than x @ W^T in MKL for few rows.
+        y = torch.mm(weight, rows.t()).t()
+        return y if bias is None else y + bias
 
 
 class RotaryEmbedding(nn.Module):
