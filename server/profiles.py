@@ -27,6 +27,19 @@ class ProfileError(ValueError):
     """A profile that cannot be used: unreadable, wrong method, or made for another model."""
 
 
+class OtherModelProfileError(ProfileError):
+    """A readable profile made for another model than the served one."""
+
+    def __init__(self, message: str, made_for_name: str | None) -> None:
+        super().__init__(message)
+        self.made_for_name = made_for_name
+
+    def in_own_model_directory(self, path: Path) -> bool:
+        """The file sits in `profiles/<slug of the model it was made for>/`, the layout the
+        calibration commands write: finding it while serving another model is expected."""
+        return self.made_for_name is not None and path.parent.name == model_slug(self.made_for_name)
+
+
 @dataclass(frozen=True)
 class Profile:
     path: Path
@@ -44,10 +57,11 @@ class Profile:
     def check_model(self, fingerprint: str, model_name: str) -> None:
         made_for = self.header.get("model_fingerprint")
         if made_for != fingerprint:
-            raise ProfileError(
+            raise OtherModelProfileError(
                 f"profile {self.path} ({self.method} {self.name!r}) was made for model "
                 f"{self.header.get('model_name')!r} (fingerprint {made_for}), not the served model "
-                f"{model_name!r} (fingerprint {fingerprint}); recalibrate it for this model"
+                f"{model_name!r} (fingerprint {fingerprint}); recalibrate it for this model",
+                self.header.get("model_name"),
             )
 
 

@@ -334,6 +334,28 @@ def test_registry_loads_llama_cpp_control_vectors(loaded, tmp_path):
     assert [(a.layer, float(a.vector[0])) for a in row.adds] == [(4, 0.5), (5, 1.0)]
 
 
+def test_other_models_profiles_refused_quietly_in_their_own_directory(loaded, tmp_path, caplog):
+    """profiles/<other model>/ is the layout calibration writes for another model: refused, listed,
+    logged at INFO. The same file anywhere else is a warning (someone put it there for this model)."""
+    import logging
+
+    from server.interventions.memorization import save_memorization_profile
+
+    profile = random_memorization(loaded.model, "neuron", name="theirs")
+    kwargs = {"model_fingerprint": "0123456789abcdef", "model_name": "Other-Model 7B", "parameters": {},
+              "data": {}, "quality": {}}
+    own_dir = save_memorization_profile(tmp_path / "other-model-7b" / "memorization-theirs.safetensors", profile,
+                                        **kwargs)
+    misplaced = save_memorization_profile(tmp_path / "memorization-theirs.safetensors", profile, **kwargs)
+    reg = InterventionRegistry(loaded.model, loaded.fingerprint, loaded.name)
+    with caplog.at_level(logging.INFO, logger="server.interventions.registry"):
+        reg.load([tmp_path])
+    assert sorted(r["path"] for r in reg.refused) == sorted([str(own_dir), str(misplaced)])
+    levels = {record.getMessage().split()[2].rstrip(":"): record.levelno for record in caplog.records
+              if record.getMessage().startswith("not loading")}
+    assert levels == {str(own_dir): logging.INFO, str(misplaced): logging.WARNING}
+
+
 @pytest.mark.parametrize("method", ["sae", "vector", "eigenshift", "memorization"])
 def test_calibrate_commands_are_wired(method):
     import subprocess

@@ -650,6 +650,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.profiles import model_slug
     from server.runtime import load_model
     from server.settings import ServerSettings
 
@@ -730,8 +731,7 @@ def run(args: argparse.Namespace) -> int:
         sae.cfg.extra_metadata["neuronserve_eval"] = {"data": "wikitext2/wiki.test.tokens", **figures}
         print("eval (WikiText-2 test): " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in figures.items()))
-    slug = loaded.name.lower().replace("/", "-")
-    out = args.out or cache_root / "profiles" / slug / f"sae-l{args.layer}-resid-{args.width // 1024}k"
+    out = args.out or cache_root / "profiles" / model_slug(loaded.name) / f"sae-l{args.layer}-resid-{args.width // 1024}k"
     sae.save(out)
     print(f"wrote {out}")
     return 0

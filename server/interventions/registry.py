@@ -39,7 +39,12 @@ from server.interventions.spec import (
 from server.interventions.vectors import METHOD as VECTOR
 from server.interventions.vectors import SteeringVector, load_control_vector_gguf
 from server.model.llama import LlamaDecoder
-from server.profiles import ProfileError, find_profiles, load_profile
+from server.profiles import (
+    OtherModelProfileError,
+    ProfileError,
+    find_profiles,
+    load_profile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +118,10 @@ class InterventionRegistry:
             load()
             logger.info("loaded intervention profile %s", path)
         except (ProfileError, SaeFormatError) as error:
-            logger.warning("not loading %s: %s", path, error)
+            # Another model's profiles in their own directory are expected (one directory per
+            # model under the cache): listed in `refused`, logged without a warning.
+            expected = isinstance(error, OtherModelProfileError) and error.in_own_model_directory(path)
+            logger.log(logging.INFO if expected else logging.WARNING, "not loading %s: %s", path, error)
             self.refused.append({"path": str(path), "reason": str(error)})
 
     def describe(self) -> dict[str, Any]:
