@@ -113,6 +113,23 @@ def test_calibrate_wina_on_cuda_matches_cpu(checkpoint, cuda32, wina_table):
     torch.testing.assert_close(wina_table.thresholds, cpu_table.thresholds, rtol=1e-3, atol=1e-6)
 
 
+def test_calibrate_sae_parts_on_cuda_match_cpu(checkpoint, cuda32):
+    """`calibrate sae --device cuda`: the model's own samples (drawn on the CPU from the CUDA
+    logits) and the spliced evaluation (the SAE stays on the CPU) run, and evaluate as on the CPU."""
+    from server.calibration.sae import CorpusConfig, evaluate_sae, sample_texts
+
+    config = CorpusConfig(sample_prompts=2, sample_tokens=8)
+    samples = sample_texts(cuda32.model, cuda32.tokenizer, config, batch_size=2)
+    assert len(samples) == 2 and all(len(s) > 8 for s in samples)
+    sae = intervention_checks.random_sae(cuda32.model.config.hidden_size)
+    sequences = _random_sequences(cuda32.model.config.vocab_size, count=2, length=32)
+    on_cuda = evaluate_sae(cuda32.model, sae, sequences, batch_size=2)
+    on_cpu = evaluate_sae(_load(checkpoint, "cpu", "float32").model, sae, sequences, batch_size=2)
+    print({k: (on_cpu[k], on_cuda[k]) for k in ("explained_variance_positions_1plus", "ce_sae", "l0")})
+    for key in ("explained_variance_positions_1plus", "ce_orig", "ce_sae", "ce_zero", "l0"):
+        assert on_cuda[key] == pytest.approx(on_cpu[key], rel=1e-3, abs=1e-3), key
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_triton_decode_matches_masked_dense_path(checkpoint, wina_table, dtype):
     """Decode runs the Triton kernel, prefill the masked dense path: per projection, on the same

@@ -199,7 +199,8 @@ def sample_texts(model, tokenizer, config: CorpusConfig, batch_size: int = 16) -
         for b, ids in enumerate(rows):  # prefill each row alone (different lengths)
             logits = model(torch.tensor([ids]), torch.tensor([b]), torch.tensor([0]), cache)  # [1, V]
             last.append(logits[0])
-        logits = torch.stack(last)  # [B, V]
+        # Sampled on the CPU with a CPU generator: the same corpus whatever device the model is on.
+        logits = torch.stack(last).cpu()  # [B, V]
         lengths = torch.tensor([len(r) for r in rows])
         generated = [[] for _ in range(B)]
         done = [False] * B
@@ -216,7 +217,7 @@ def sample_texts(model, tokenizer, config: CorpusConfig, batch_size: int = 16) -
                     done[b] = int(tokens[b]) == eos
             if all(done):
                 break
-            logits = model(tokens, torch.arange(B), lengths, cache)
+            logits = model(tokens, torch.arange(B), lengths, cache).cpu()
             lengths = lengths + 1
         out.extend(r + g for r, g in zip(rows, generated))
     return out
@@ -536,6 +537,7 @@ def test_sequences(tokenizer, data_dir: Path, sequence_length: int, n_sequences:
 def _suffix_logits(model, h: torch.Tensor, first_layer: int) -> torch.Tensor:
     """Run decoder layers first_layer.. on a residual stream h: [B, T, d] of whole sequences (causal,
     positions 0..T-1) -> float32 logits [B, T, V]. Splicing at layer L recomputes only what follows."""
+    h = h.to(model.device)
     B, T, _ = h.shape
     positions = torch.arange(T, device=h.device).expand(B, T)
     attn_mask = (torch.arange(T, device=h.device).view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
@@ -565,7 +567,7 @@ def evaluate_sae(model, sae: SparseAutoencoder, sequences: list[list[int]], batc
         edits = ResidualRecorder(layer)
         logits = {"orig": model(ids, torch.arange(B), torch.zeros(B, dtype=torch.long), model.new_cache(B),
                                 all_logits=True, edits=edits)}  # [B, T, V]
-        h = edits.recorded  # [B, T, d]
+        h = edits.recorded.to(sae.W_dec.device)  # [B, T, d]: the SAE's device (CPU when trained here)
         spliced = h.clone()
         spliced[:, 1:] = sae.decode(sae.encode(h[:, 1:]))
         logits["sae"] = _suffix_logits(model, spliced, layer + 1)
@@ -577,7 +579,8 @@ def evaluate_sae(model, sae: SparseAutoencoder, sequences: list[list[int]], batc
             if not torch.allclose(same, logits["orig"], atol=1e-3, rtol=1e-3):
                 raise RuntimeError("suffix forward pass disagrees with the model's forward pass")
         for mode, values in logits.items():
-            ce[mode] += float(F.cross_entropy(values[:, 1:-1].reshape(-1, values.shape[-1]), targets, reduction="sum"))
+            ce[mode] += float(F.cross_entropy(values[:, 1:-1].reshape(-1, values.shape[-1]), targets.to(values.device),
+                                              reduction="sum"))
         recorded.append(h.reshape(-1, h.shape[-1]).float())  # position 0 included, for the "all" figure
         n_pred += targets.numel()
     ce = {m: v / n_pred for m, v in ce.items()}

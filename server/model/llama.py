@@ -131,6 +131,9 @@ class LlamaDecoder(nn.Module):
         """token_ids: [B, T] (every row T new tokens, written at start_positions[b] onwards in its
         slot) -> float32 logits [B, V] for each row's last token, or [B, T, V] with all_logits.
         `edits`: the per-row interventions of this step (None: a batch that asks for none)."""
+        # Callers may build these on the CPU (calibration, benchmarks): no-ops when already here.
+        token_ids, slot_ids = token_ids.to(self.device), slot_ids.to(self.device)
+        start_positions = start_positions.to(self.device)
         B, T = token_ids.shape
         positions = start_positions.unsqueeze(1) + torch.arange(T, device=token_ids.device)  # [B, T]
         kv_len = int(positions.max()) + 1
