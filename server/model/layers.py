@@ -34,8 +34,9 @@ class Linear(nn.Module):
     With `batched_float32`, inputs of BATCHED_MIN_ROWS rows or more use a float32 copy of the
     weight: on CPU, half-precision GEMM has no batched kernel (its time grows linearly with the
     rows: 8 rows cost 8x one row) while float32 GEMM amortises the weight read (8 rows cost ~3x).
-    The copy is prepacked for oneDNN's GEMM where torch has oneDNN: on this CPU that runs 1.2-1.8x
-    faster than MKL's for 3-16 rows and the same for a 512-token prefill (benchmarks/RESULTS.md).
+    The copy is prepacked for oneDNN's GEMM where torch has oneDNN: on this CPU the projections of
+    a 3- to 16-row step run 1.2-1.5x faster than through MKL, a prefill as fast
+    (benchmarks/cpu_gemm.py).
     The result is rounded to the weight's dtype, as the half GEMV's own output is, so a row gets
     the same numbers whichever path its batch took, up to float32 summation order.
     """
