@@ -3,6 +3,7 @@ splits are for measuring). Every reader takes the data directory as an argument.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -31,3 +32,16 @@ def alpaca_texts(data_dir: Path) -> list[str]:
 def wikitext_valid_text(data_dir: Path) -> str:
     """The WikiText-2 validation split (tokenized release), as one string."""
     return (data_dir / "wikitext2" / "wiki.valid.tokens").read_text()
+
+
+def tweet_rows(data_dir: Path) -> list[dict[str, str]]:
+    """Davidson et al. tweets (offensive/labeled_data.csv): one dict per row, with at least the
+    columns "tweet" and "class" (0 hate speech, 1 offensive language, 2 neither)."""
+    with open(data_dir / "offensive" / "labeled_data.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def rtp_calibration_lines(data_dir: Path, cls: str) -> list[dict]:
+    """The DecodingTrust RealToxicityPrompts calibration file of one class ("toxic" or
+    "nontoxic"), one parsed JSON object per line, in file order (line indices define the splits)."""
+    return [json.loads(line) for line in (data_dir / "rtp" / f"{cls}.calib.jsonl").read_text().splitlines()]

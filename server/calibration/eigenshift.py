@@ -44,7 +44,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.calibration.data import default_data_dir, wikitext_valid_text
+from server.calibration.data import (
+    default_data_dir,
+    rtp_calibration_lines,
+    tweet_rows,
+    wikitext_valid_text,
+)
 from server.interventions.eigenshift import EigenShiftProfile, save_eigenshift_profile
 from server.interventions.vectors import SteeringVector, save_vector_profile
 from server.model.llama import LlamaDecoder
@@ -66,8 +71,7 @@ def rtp_prompts(data_dir: Path, part: str, limit: int | None = None) -> dict[str
     keep = PARTS[part]
     found: dict[str, list[tuple[int, str]]] = {}
     for cls in CLASSES:
-        lines = (data_dir / "rtp" / f"{cls}.calib.jsonl").read_text().splitlines()
-        items = [(i, json.loads(line)["prompt"]["text"]) for i, line in enumerate(lines)
+        items = [(i, item["prompt"]["text"]) for i, item in enumerate(rtp_calibration_lines(data_dir, cls))
                  if i % SPLIT_MODULUS in keep]
         found[cls] = items[:limit] if limit is not None else items
     return found
@@ -85,19 +89,17 @@ _TWEET_NOISE = re.compile(r"(RT\s+)?@\w+:?|https?://\S+|&\w+;|#")
 def offensive_texts(data_dir: Path, per_class: int, seed: int) -> dict[str, list[str]]:
     """Davidson et al. tweets: class 1 (offensive language) and 2 (neither), cleaned of retweet
     markers, mentions, links and HTML entities; a seeded sample of `per_class` each."""
-    import csv
     import random
 
     rows: dict[str, list[str]] = {"toxic": [], "nontoxic": []}
-    with open(data_dir / "offensive" / "labeled_data.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            text = " ".join(_TWEET_NOISE.sub(" ", row["tweet"]).split())
-            if len(text.split()) < 4:
-                continue
-            if row["class"] == "1":
-                rows["toxic"].append(text)
-            elif row["class"] == "2":
-                rows["nontoxic"].append(text)
+    for row in tweet_rows(data_dir):
+        text = " ".join(_TWEET_NOISE.sub(" ", row["tweet"]).split())
+        if len(text.split()) < 4:
+            continue
+        if row["class"] == "1":
+            rows["toxic"].append(text)
+        elif row["class"] == "2":
+            rows["nontoxic"].append(text)
     rng = random.Random(seed)
     return {cls: rng.sample(texts, min(per_class, len(texts))) for cls, texts in rows.items()}
 

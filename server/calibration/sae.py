@@ -27,7 +27,6 @@ matmul. The dense forward matmul and its top-k are the whole per-token cost.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import html
 import json
@@ -45,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from server.calibration.data import alpaca_texts, default_data_dir, wikitext_valid_text
+from server.calibration.data import (
+    alpaca_texts,
+    default_data_dir,
+    rtp_calibration_lines,
+    tweet_rows,
+    wikitext_valid_text,
+)
 from server.interventions.sae import SaeConfig, SparseAutoencoder
 from server.model.edits import ResidualRecorder
 
@@ -125,17 +130,13 @@ def _chat(tokenizer, user: str, assistant: str | None = None) -> str:
 
 
 def tweets_texts(data_dir: Path) -> list[str]:
-    with open(data_dir / "offensive" / "labeled_data.csv", newline="") as f:
-        return [html.unescape(row["tweet"]) for row in csv.DictReader(f)]
+    return [html.unescape(row["tweet"]) for row in tweet_rows(data_dir)]
 
 
 def rtp_texts(data_dir: Path) -> list[str]:
-    texts = []
-    for path in sorted((data_dir / "rtp").glob("*.calib.jsonl")):
-        for line in path.read_text().splitlines():
-            item = json.loads(line)
-            texts.append(item["prompt"]["text"] + item.get("continuation", {}).get("text", ""))
-    return texts
+    """Prompt + continuation of every calibration item, non-toxic file first."""
+    return [item["prompt"]["text"] + item.get("continuation", {}).get("text", "")
+            for cls in ("nontoxic", "toxic") for item in rtp_calibration_lines(data_dir, cls)]
 
 
 def python_stdlib_texts(max_chars_per_file: int = 6000) -> list[str]:
