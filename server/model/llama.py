@@ -147,8 +147,8 @@ class LlamaDecoder(nn.Module):
         else:
             keys = torch.arange(kv_len, device=token_ids.device)
             attn_mask = (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
-        single = (int(slot_ids[0]), int(start_positions[0])) if B == 1 else None
-        slot_list = slot_ids.tolist()
+        slot_list = slot_ids.tolist()  # one read of the slots, for both decisions below
+        single = (slot_list[0], int(start_positions[0])) if B == 1 else None
         first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + B)) else None
         rope = self.rope.tables(positions)
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
