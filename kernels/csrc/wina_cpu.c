@@ -18,47 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2 };
+#include "simd_cpu.h"
+
 enum { MAX_SEGMENTS = 4 };
-
-static inline __m256 load8(const void *base, int64_t offset, int dtype) {
-    if (dtype == DTYPE_F16) {
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + offset)));
-    }
-    if (dtype == DTYPE_BF16) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + offset));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-    }
-    return _mm256_loadu_ps((const float *)base + offset);
-}
-
-static inline float load1(const void *base, int64_t offset, int dtype) {
-    if (dtype == DTYPE_F16) return _cvtsh_ss(((const uint16_t *)base)[offset]);
-    if (dtype == DTYPE_BF16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)base)[offset] << 16;
-        float value;
-        memcpy(&value, &bits, sizeof value);
-        return value;
-    }
-    return ((const float *)base)[offset];
-}
-
-static inline void store1(void *base, int64_t offset, int dtype, float value) {
-    if (dtype == DTYPE_F16) {
-        ((uint16_t *)base)[offset] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
-    } else if (dtype == DTYPE_BF16) {
-        uint32_t bits;
-        memcpy(&bits, &value, sizeof bits);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) {
-            bits |= 0x00400000u;  // keep NaN a NaN
-        } else {
-            bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-        }
-        ((uint16_t *)base)[offset] = (uint16_t)(bits >> 16);
-    } else {
-        ((float *)base)[offset] = value;
-    }
-}
 
 // One segment's kept channels: the ascending union over rows, and each row's coefficient per
 // union entry (its input where it keeps the channel, 0 where only a neighbour does).
@@ -154,17 +116,6 @@ static int32_t lower_bound(const ActiveSet *set, int64_t channel) {
     }
     return lo;
 }
-
-// The value as the weight dtype holds it: outputs are rounded to it (as a half GEMV's are) whatever
-// dtype they are stored in, so a float32 output carries the same numbers as a half one.
-static inline float round_to(int dtype, float v) {
-    if (dtype == DTYPE_F32) return v;
-    uint16_t bits;
-    store1(&bits, 0, dtype, v);
-    return load1(&bits, 0, dtype);
-}
-
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 // x: [B, K] float32; weight_t: [K, N] (dtype); col_norms: [G, K] float32; thresholds: [B, G]
 // float32 with row stride threshold_stride (so one [B, 7] table serves every projection of a

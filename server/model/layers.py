@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
 from server.model.edits import NeuronEdit
 from server.model.kv_cache import LayerCache
 from server.model.sparsity import LayerSparsity, SparseProjection
@@ -31,25 +32,30 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x W^T (+ b) in the weight's dtype. The one place every projection goes through.
 
-    With `batched_float32`, inputs of BATCHED_MIN_ROWS rows or more use a float32 copy of the
-    weight: on CPU, half-precision GEMM has no batched kernel (its time grows linearly with the
-    rows: 8 rows cost 8x one row) while float32 GEMM amortises the weight read (8 rows cost ~3x).
-    The copy is prepacked for oneDNN's GEMM where torch has oneDNN: on this CPU the projections of
-    a 3- to 16-row step run 1.2-1.5x faster than through MKL, a prefill as fast
-    (benchmarks/cpu_gemm.py).
-    The result is rounded to the weight's dtype, as the half GEMV's own output is, so a row gets
-    the same numbers whichever path its batch took, up to float32 summation order.
+    On CPU, inputs of up to CpuDenseKernel.MAX_ROWS rows (decode steps, short prompts) go to our
+    dense kernel (kernels/dense_cpu.py) where it loaded: it reads the half weight once for all
+    rows at close to the machine's bandwidth (1.6x torch's half GEMV at one row, 1.8x oneDNN's
+    float32 GEMM at 8 rows, benchmarks/cpu_gemm.py).
+
+    With `batched_float32`, larger inputs (prefills) use a float32 copy of the weight: on CPU,
+    half-precision GEMM has no batched kernel (its time grows linearly with the rows) while
+    float32 GEMM amortises the weight read. The copy is prepacked for oneDNN's GEMM where torch has
+    oneDNN (1.2-1.5x MKL at 3-16 rows, as fast for a prefill).
+    Every path rounds the result to the weight's dtype, as the half GEMV's own output is, so a row
+    gets the same numbers whichever path its batch took, up to float32 summation order.
     """
 
     BATCHED_MIN_ROWS = 3
     PACKED_ROWS_HINT = 8  # the batch size oneDNN lays the packed weight out for; any size runs
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batched_float32: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batched_float32: bool = False,
+                 dense_kernel: CpuDenseKernel | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.batched_float32 = batched_float32
-        self.bias_f32 = bias.float() if batched_float32 and bias is not None else None
+        self.bias_f32 = bias.float().contiguous() if bias is not None else None
+        self.dense_kernel = dense_kernel if dense_kernel is not None and dense_kernel.supports(weight, bias) else None
         self.weight_f32: torch.Tensor | None = None  # [out, in] float32, or oneDNN's packed layout
         self.weight_f32_packed = batched_float32 and torch.backends.mkldnn.is_available()
         if self.weight_f32_packed:
@@ -57,10 +63,15 @@ class Linear(nn.Module):
         elif batched_float32:
             self.weight_f32 = weight.float()
 
+    def _kernel_rows(self, x: torch.Tensor) -> bool:
+        return self.dense_kernel is not None and x.numel() <= CpuDenseKernel.MAX_ROWS * x.shape[-1]
+
     def _batched(self, x: torch.Tensor) -> bool:
         return self.batched_float32 and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_rows(x):
+            return self.dense_kernel.linear(x, self.weight, self.bias_f32)
         if not self._batched(x):
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
@@ -70,6 +81,14 @@ class Linear(nn.Module):
             y = self._float32_rows(rows, self.weight_f32, self.bias_f32)
         # row-major in the same copy as the rounding: a strided q sends SDPA to its slow math kernel
         return y.to(self.weight.dtype, memory_format=torch.contiguous_format).view(*x.shape[:-1], -1)
+
+    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a fused [gate; up] projection: [..., in] -> [..., out / 2]. The dense
+        kernel computes it in its epilogue; elsewhere it is three torch ops on the projection."""
+        if self._kernel_rows(x):
+            return self.dense_kernel.linear(x, self.weight, self.bias_f32, gate_up=True)
+        gate, up = self.forward(x).chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def forward_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Outputs start:end only (one of a fused projection's parts), through the same path. For
@@ -181,8 +200,7 @@ class SwiGLU(nn.Module):
         self.sparse_down: SparseProjection | None = None
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up.forward(x).split(self.intermediate_size, dim=-1)
-        return F.silu(gate) * up  # [B, T, intermediate]
+        return self.gate_up.forward_swiglu(x)  # [B, T, intermediate]
 
     def forward(self, x: torch.Tensor, sparsity: LayerSparsity | None = None,
                 neurons: NeuronEdit | None = None) -> torch.Tensor:
@@ -211,3 +229,17 @@ class DecoderLayer(nn.Module):
         # h: [B, T, hidden] float32 residual stream; the adds promote the projections to float32
         h = h + self.attn.forward(self.attn_norm.forward(h), rope, cache, attn_mask, is_causal, sparsity)
         return h + self.mlp.forward(self.mlp_norm.forward(h), sparsity, neurons)
+
+    def forward_decode(self, kernel: PreparedDecodeLayer, h: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                       sparsity: LayerSparsity | None, neurons: NeuronEdit | None) -> torch.Tensor:
+        """A decode step (one new token per row) on CPU where some row is sparse or edits neurons:
+        the projections as in forward, the norms and attention in the decode kernel's parts. A row
+        that asks for neither gets exactly what the whole-layer kernel call gives it (no cross-talk).
+        h: [B, 1, hidden] float32 contiguous; keys, values: this layer's cache; slots, positions: [B]
+        int64."""
+        attn = self.attn
+        x = kernel.norm(h, kernel.ATTENTION_NORM)
+        qkv = attn.qkv.forward(x) if sparsity is None else sparsity.apply(attn.sparse_qkv, x, attn.qkv.forward)
+        h = h + attn._output(kernel.attend(qkv, keys, values, slots, positions), sparsity)
+        return h + self.mlp.forward(kernel.norm(h, kernel.MLP_NORM), sparsity, neurons)

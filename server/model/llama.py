@@ -13,12 +13,15 @@ from server.model.layers import Attention, DecoderLayer, Linear, RMSNorm, Rotary
 from server.model.sparsity import (
     DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, SparseProjection, SparsityPlan, WinaTable,
 )
+from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
 from kernels.wina_cpu import CpuWinaKernel
 
 
 class LlamaDecoder(nn.Module):
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_model_len: int) -> None:
+                 device: torch.device, max_model_len: int, dense_kernel: CpuDenseKernel | None = None) -> None:
+        """dense_kernel: the CPU kernel for few-row projections (CpuDenseKernel.load()); None runs
+        every projection through torch."""
         super().__init__()
         self.config = config
         self.dtype = dtype
@@ -38,7 +41,7 @@ class LlamaDecoder(nn.Module):
         batched = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
 
         def linear(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
-            return Linear(w, b, batched_float32=batched)
+            return Linear(w, b, batched_float32=batched, dense_kernel=dense_kernel if device.type == "cpu" else None)
 
         layers = []
         for i in range(c.num_layers):
@@ -73,6 +76,10 @@ class LlamaDecoder(nn.Module):
             self.head = linear(weight("lm_head.weight"), None)
         inv_freq, scale = c.rope_inv_freq(max_model_len)
         self.rope = RotaryEmbedding(inv_freq, scale, max_model_len).to(device)
+        # decode steps run each layer as one kernel call where they can (see forward)
+        self.decode_layers: list[PreparedDecodeLayer] | None = None
+        if dense_kernel is not None and device.type == "cpu" and self.kv_dtype == torch.float32:
+            self.decode_layers = [self._prepare_decode_layer(dense_kernel, layer) for layer in self.layers]
         self.wina: WinaTable | None = None
         q, kv, hidden, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
         # per projection (q, k, v, o, gate, up, down): output width N_p and input width K_p
@@ -100,6 +107,15 @@ class LlamaDecoder(nn.Module):
         if self.wina is None or not any(t > 0 for t in targets):
             return None
         return SparsityPlan.build(self.wina, targets, tokens_per_row, self._proj_out, self._layer_weight_total)
+
+    def _prepare_decode_layer(self, kernel: CpuDenseKernel, layer: DecoderLayer) -> PreparedDecodeLayer:
+        attn, mlp = layer.attn, layer.mlp
+        return kernel.prepare_decode_layer(
+            attn_norm=layer.attn_norm.weight, mlp_norm=layer.mlp_norm.weight, eps=layer.attn_norm.eps,
+            qkv=(attn.qkv.weight, attn.qkv.bias_f32), o=(attn.o_proj.weight, attn.o_proj.bias_f32),
+            gate_up=(mlp.gate_up.weight, mlp.gate_up.bias_f32), down=(mlp.down.weight, mlp.down.bias_f32),
+            heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
+            cos=self.rope.cos, signed_sin=self.rope.signed_sin)
 
     def _norm(self, state_dict: dict[str, torch.Tensor], name: str) -> RMSNorm:
         norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
@@ -139,24 +155,39 @@ class LlamaDecoder(nn.Module):
         kv_len = int(positions.max()) + 1
         if kv_len > self.max_model_len:
             raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
-        attn_mask, is_causal = None, False
-        if B == 1 and T == 1:
-            pass  # one query at the newest position sees every cached key
-        elif B == 1 and kv_len == T:
-            is_causal = True  # a prompt's first chunk: plain causal masking
-        else:
-            keys = torch.arange(kv_len, device=token_ids.device)
-            attn_mask = (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
-        slot_list = slot_ids.tolist()  # one read of the slots, for both decisions below
-        single = (slot_list[0], int(start_positions[0])) if B == 1 else None
-        first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + B)) else None
-        rope = self.rope.tables(positions)
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
+        # On CPU, a decode step (one new token per row) runs each layer as one kernel call; a layer
+        # where some row is sparse or edits neurons runs the kernel's parts around torch
+        # projections, which give the other rows the same numbers. Both match DecoderLayer.forward
+        # up to float32 summation order (tests/test_model.py).
+        fused = self.decode_layers if T == 1 and B <= CpuDenseKernel.MAX_ROWS else None
+        if fused is not None:
+            fused_slots = slot_ids.to(torch.int64).contiguous()  # [B]
+            fused_positions = start_positions.to(torch.int64).contiguous()  # [B]
+        else:
+            attn_mask, is_causal = None, False
+            if B == 1 and T == 1:
+                pass  # one query at the newest position sees every cached key
+            elif B == 1 and kv_len == T:
+                is_causal = True  # a prompt's first chunk: plain causal masking
+            else:
+                keys = torch.arange(kv_len, device=token_ids.device)
+                attn_mask = (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, S]
+            slot_list = slot_ids.tolist()  # one read of the slots, for both decisions below
+            single = (slot_list[0], int(start_positions[0])) if B == 1 else None
+            first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + B)) else None
+            rope = self.rope.tables(positions)
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single, first_slot), attn_mask,
-                              is_causal,
-                              None if sparsity is None else sparsity.layer(i),
-                              None if edits is None else edits.neurons(i))
+            layer_sparsity = None if sparsity is None else sparsity.layer(i)
+            neurons = None if edits is None else edits.neurons(i)
+            if fused is None:
+                h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single, first_slot),
+                                  attn_mask, is_causal, layer_sparsity, neurons)
+            elif layer_sparsity is None and neurons is None:
+                h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions)
+            else:
+                h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
+                                         fused_positions, layer_sparsity, neurons)
             if edits is not None:
                 h = edits.residual(i, h, positions)
         if not all_logits:

@@ -1,0 +1,207 @@
+"""The CPU dense linear layer for few rows (decode steps): kernels/csrc/dense_cpu.c, compiled on
+first use and called through ctypes (kernels/cpu_build.py), with its torch reference.
+
+Why a kernel of our own: on this kind of CPU (AVX2, no AVX-512), torch's half GEMV reads weights
+at about half the machine's bandwidth, its half GEMM costs 8x one row for 8 rows, and the float32
+GEMM used for batched rows instead reads twice the bytes. This kernel reads the half weight once
+per call for up to MAX_ROWS rows (benchmarks/cpu_gemm.py measures all four side by side).
+
+`CpuDenseKernel.load()` returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
+`server.model.layers.Linear` then uses torch's paths, which give the same numbers up to float32
+summation order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.cpu_build import CSRC, DTYPE_CODES, build_library, cpu_supports_kernels, default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = CSRC / "dense_cpu.c"
+
+
+def dense_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                           gate_up: bool = False) -> torch.Tensor:
+    """x: [B, K] float; weight: [N, K]; bias: [N] or None -> [B, N] in weight dtype, or with
+    gate_up (weight = [gate; up]) silu(gate) * up: [B, N / 2]. Float32 products and sums, each
+    output rounded to the weight dtype (gate and up before the SiLU product too)."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(weight.dtype)
+    if not gate_up:
+        return y
+    gate, up = y.float().chunk(2, dim=-1)
+    return (F.silu(gate.to(weight.dtype).float()) * up).to(weight.dtype)
+
+
+class DecodeLayerArgs(ctypes.Structure):
+    """The DecodeLayer struct of kernels/csrc/dense_cpu.c: one layer's shapes and weight addresses."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "max_len", "dtype")] + [
+        ("eps", ctypes.c_double)] + [(name, ctypes.c_void_p) for name in
+                                      ("attn_norm", "mlp_norm", "qkv_w", "o_w", "gate_up_w", "down_w",
+                                       "qkv_b", "o_b", "gate_up_b", "down_b", "cos", "signed_sin")]
+
+
+class CpuDenseKernel:
+    """A loaded kernel library. One instance per model; stateless between calls."""
+
+    # Up to this many rows the kernel beats oneDNN's float32 GEMM on this machine's projection
+    # shapes (1.1x at 16 rows, 1.8x at 8; benchmarks/cpu_gemm.py); prefills go to oneDNN.
+    MAX_ROWS = 16
+
+    def __init__(self, library_path: Path) -> None:
+        lib = ctypes.CDLL(str(library_path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        fn = lib.dense_linear
+        fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i32, i32]
+        fn.restype = ctypes.c_int
+        for name in ("decode_layer", "decode_attention"):
+            getattr(lib, name).argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
+            getattr(lib, name).restype = ctypes.c_int
+        lib.decode_norm.argtypes = [ctypes.POINTER(DecodeLayerArgs), i32, p, i64, p]
+        lib.decode_norm.restype = ctypes.c_int
+        self._fn = fn
+        self._library = lib
+
+    @classmethod
+    def load(cls, cache_dir: Path | None = None) -> CpuDenseKernel | None:
+        if not cpu_supports_kernels():
+            logger.warning("CPU lacks AVX2/FMA/F16C: dense projections run through torch")
+            return None
+        try:
+            return cls(build_library(SOURCE, cache_dir or default_cache_dir()))
+        except (RuntimeError, OSError) as error:
+            logger.warning("CPU dense kernel unavailable, projections run through torch: %s", error)
+            return None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias_f32: torch.Tensor | None = None,
+               gate_up: bool = False) -> torch.Tensor:
+        """x: [..., K] (any float dtype); weight: [N, K] contiguous CPU float32/16/bf16; bias_f32:
+        [N] float32 contiguous or None -> [..., N] (or [..., N / 2] with gate_up) in weight dtype,
+        as dense_linear_reference computes it. The model checks weight and bias once, at load."""
+        N, K = weight.shape
+        if x.shape[-1] != K:
+            raise ValueError(f"dense_linear: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+        rows = x.reshape(-1, K).float().contiguous()  # [B, K]
+        width = N // 2 if gate_up else N
+        out = torch.empty(rows.shape[0], width, dtype=weight.dtype)
+        status = self._fn(rows.data_ptr(), rows.shape[0], K, weight.data_ptr(), N, DTYPE_CODES[weight.dtype],
+                          None if bias_f32 is None else bias_f32.data_ptr(), out.data_ptr(),
+                          DTYPE_CODES[weight.dtype], int(gate_up))
+        if status != 0:
+            raise RuntimeError(f"dense_linear rejected x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        return out.view(*x.shape[:-1], width)
+
+    @staticmethod
+    def supports(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether `linear` can take this weight (and bias) as they are."""
+        return (weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()
+                and weight.dtype in DTYPE_CODES and (bias is None or bias.shape == weight.shape[:1]))
+
+    def prepare_decode_layer(self, *, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, eps: float,
+                             qkv: tuple[torch.Tensor, torch.Tensor | None], o: tuple[torch.Tensor, torch.Tensor | None],
+                             gate_up: tuple[torch.Tensor, torch.Tensor | None],
+                             down: tuple[torch.Tensor, torch.Tensor | None], heads: int, kv_heads: int,
+                             head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> PreparedDecodeLayer:
+        """One decoder layer for fused decode steps: norms [hidden] float32; each projection as
+        (weight [out, in], float32 bias [out] or None) in one dtype; cos / signed_sin: the RoPE
+        tables [max_len, head_dim] float32. The tensors must outlive the result and not move."""
+        hidden = attn_norm.shape[0]
+        intermediate = gate_up[0].shape[0] // 2
+        expected = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
+                    "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
+        problems = []
+        for name, (weight, bias) in {"qkv": qkv, "o": o, "gate_up": gate_up, "down": down}.items():
+            if tuple(weight.shape) != expected[name] or not self.supports(weight, bias):
+                problems.append(f"{name} weight {tuple(weight.shape)} {weight.dtype} (want {expected[name]}, contiguous)")
+            if weight.dtype != qkv[0].dtype:
+                problems.append(f"{name} weight is {weight.dtype}, qkv's {qkv[0].dtype}")
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                problems.append(f"{name} bias must be contiguous float32")
+        for name, table in (("attn_norm", attn_norm), ("mlp_norm", mlp_norm)):
+            if table.shape != (hidden,) or table.dtype != torch.float32 or not table.is_contiguous():
+                problems.append(f"{name} must be contiguous float32 [{hidden}]")
+        for name, table in (("cos", cos), ("signed_sin", signed_sin)):
+            if table.dim() != 2 or table.shape[1] != head_dim or table.dtype != torch.float32 or not table.is_contiguous():
+                problems.append(f"{name} must be contiguous float32 [max_len, {head_dim}]")
+        if heads % kv_heads or head_dim % 2 or head_dim > 512:
+            problems.append(f"heads {heads} / kv_heads {kv_heads} / head_dim {head_dim} unsupported")
+        if problems:
+            raise ValueError("decode_layer: " + "; ".join(problems))
+
+        def address(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        args = DecodeLayerArgs(
+            hidden, heads, kv_heads, head_dim, intermediate, cos.shape[0], DTYPE_CODES[qkv[0].dtype], eps,
+            attn_norm.data_ptr(), mlp_norm.data_ptr(), qkv[0].data_ptr(), o[0].data_ptr(), gate_up[0].data_ptr(),
+            down[0].data_ptr(), address(qkv[1]), address(o[1]), address(gate_up[1]), address(down[1]),
+            cos.data_ptr(), signed_sin.data_ptr())
+        return PreparedDecodeLayer(self._library, args,
+                                   (attn_norm, mlp_norm, *qkv, *o, *gate_up, *down, cos, signed_sin))
+
+
+class PreparedDecodeLayer:
+    """One decoder layer for decode steps (one new token per row) in one kernel call: the model's
+    DecoderLayer.forward without sparsity or neuron edits, on a float32 KV cache. `norm` and
+    `attend` are its parts between the projections, for steps where some row is sparse or edits
+    neurons: the model then runs the projections in torch (Linear's dense-kernel path for the
+    other rows), so every other row gets the same numbers as the whole-layer call gives it."""
+
+    ATTENTION_NORM, MLP_NORM = 0, 1
+
+    def __init__(self, library, args: DecodeLayerArgs, tensors: tuple) -> None:
+        self._layer_fn = library.decode_layer
+        self._attention_fn = library.decode_attention
+        self._norm_fn = library.decode_norm
+        self._args = args
+        self._args_ref = ctypes.byref(args)
+        self._tensors = tensors  # kept alive: args holds their addresses
+        self.attention_width = args.heads * args.head_dim
+        self.qkv_width = (args.heads + 2 * args.kv_heads) * args.head_dim
+
+    def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] float32
+        contiguous (written at each row's slot and position); slots, positions: [B] int64
+        contiguous -> the residual stream after the layer, [B, 1, hidden]. Callers check shapes
+        once per step (LlamaDecoder.forward); the kernel re-checks slots and positions."""
+        out = torch.empty_like(h)
+        self._check(self._layer_fn(self._args_ref, keys.data_ptr(), values.data_ptr(), keys.shape[0], h.data_ptr(),
+                                   out.data_ptr(), h.shape[0], slots.data_ptr(), positions.data_ptr()),
+                    slots, positions)
+        return out
+
+    def norm(self, h: torch.Tensor, which: int) -> torch.Tensor:
+        """h: [B, 1, hidden] float32 contiguous -> its ATTENTION_NORM or MLP_NORM, as __call__
+        computes it."""
+        out = torch.empty_like(h)
+        if self._norm_fn(self._args_ref, which, h.data_ptr(), h.shape[0], out.data_ptr()) != 0:
+            raise RuntimeError("decode_norm rejected its arguments")
+        return out
+
+    def attend(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """qkv: [B, 1, (H + 2 KVH) D] projected rows (any float dtype) -> attention output
+        [B, 1, H D] float32, after RoPE and writing each row's key and value into the cache."""
+        if qkv.shape[-1] != self.qkv_width:
+            raise ValueError(f"decode_attention: qkv {tuple(qkv.shape)} is not [B, 1, {self.qkv_width}]")
+        qkv = qkv.float().contiguous()
+        out = torch.empty(qkv.shape[0], 1, self.attention_width)
+        self._check(self._attention_fn(self._args_ref, keys.data_ptr(), values.data_ptr(), keys.shape[0],
+                                       qkv.data_ptr(), out.data_ptr(), qkv.shape[0], slots.data_ptr(),
+                                       positions.data_ptr()), slots, positions)
+        return out
+
+    @staticmethod
+    def _check(status: int, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        if status != 0:
+            raise RuntimeError(f"decode_layer rejected slots {slots.tolist()} / positions {positions.tolist()} "
+                               f"or ran out of memory")

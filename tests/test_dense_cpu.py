@@ -1,0 +1,80 @@
+"""The CPU dense kernel (kernels/csrc/dense_cpu.c) against its torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.dense_cpu import CpuDenseKernel, dense_linear_reference
+
+KERNEL = CpuDenseKernel.load()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="CPU dense kernel needs AVX2/FMA/F16C and gcc")
+
+# Both sides sum float32 products and round to the weight dtype; they differ only in summation
+# order, so float32 outputs agree to a few ulps of sum |x_i w_i| and half outputs to one half ulp
+# where the two sums straddle a rounding boundary (as in tests/test_wina_cpu.py).
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+SHAPES = [(37, 53), (64, 40), (100, 70), (576, 960), (1536, 576)]  # (K, N): tails of 1 to 7 and none
+
+
+def _case(K, N, B, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, K, generator=g).to(dtype), torch.randn(B, K, generator=g),
+            torch.randn(N, generator=g))
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("B", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_reference(K, N, B, dtype, with_bias):
+    weight, x, bias = _case(K, N, B, dtype)
+    bias = bias if with_bias else None
+    expected = dense_linear_reference(x, weight, bias)
+    got = KERNEL.linear(x, weight, None if bias is None else bias.float().contiguous())
+    assert got.dtype == dtype and got.shape == (B, N)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), atol=atol * K ** 0.5, rtol=rtol)
+
+
+@pytest.mark.parametrize("B", [1, 4, 8, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gate_up_matches_reference(B, dtype):
+    weight, x, bias = _case(576, 2 * 1536, B, dtype, seed=1)
+    expected = dense_linear_reference(x, weight, bias, gate_up=True)
+    got = KERNEL.linear(x, weight, bias.float().contiguous(), gate_up=True)
+    assert got.shape == (B, 1536)
+    atol, rtol = TOLERANCES[dtype]
+    # silu(g) * u multiplies two rounded values, so a half ulp in either shows up scaled by the other
+    torch.testing.assert_close(got.float(), expected.float(), atol=4 * atol * 576 ** 0.5, rtol=4 * rtol)
+
+
+def test_keeps_leading_dims_and_accepts_half_inputs():
+    weight, x, _ = _case(64, 40, 6, torch.float16)
+    x = x.view(2, 3, 64).half()
+    got = KERNEL.linear(x, weight)
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got.float(), dense_linear_reference(x.view(6, 64), weight).float().view(2, 3, 40),
+                               atol=2e-3 * 8, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_independent_of_its_batch_neighbours(dtype):
+    # Rows share weight loads but each keeps its own accumulators, summed in one fixed order: a
+    # row's result must be bit-for-bit the same alone, in a pair, at an odd position, or beside
+    # 15 others (the model's no-cross-talk guarantee between requests rests on it).
+    weight, x, bias = _case(1536, 576, 17, dtype, seed=2)
+    bias = bias.float().contiguous()
+    alone = KERNEL.linear(x[3:4], weight, bias)[0]
+    for n in (4, 5, 8, 9, 16, 17):
+        assert torch.equal(KERNEL.linear(x[:n], weight, bias)[3], alone), n
+    gate_up = torch.cat([weight, weight.flip(0)])
+    alone = KERNEL.linear(x[4:5], gate_up, None, gate_up=True)[0]
+    for n in (5, 6, 8, 16):
+        assert torch.equal(KERNEL.linear(x[:n], gate_up, None, gate_up=True)[4], alone), n
+
+
+def test_rejects_a_mismatched_input():
+    weight, x, _ = _case(64, 40, 2, torch.float16)
+    with pytest.raises(ValueError, match="does not fit"):
+        KERNEL.linear(x[:, :63], weight)
