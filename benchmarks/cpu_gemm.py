@@ -8,10 +8,12 @@ layers' weights, so none stays in cache), interleaved round by round; the median
 reported, with the bytes of weight read per second where that is meaningful.
 
 Variants:
-  f16 linear       F.linear on float16 weights (the batch-1 path; per-row cost for more rows)
+  f16 linear       F.linear on float16 weights (torch's half GEMV; per-row cost for more rows)
   f32 mkl W@x^T    torch.mm(W, x^T) on a float32 copy (MKL, weight-major)
   f32 onednn       torch.ops.mkldnn._linear_pointwise on a oneDNN-packed float32 copy (the
-                   batched path since 2026-11-26)
+                   path for more than 16 rows: prefills)
+  f16 ours         our CPU dense kernel (kernels/csrc/dense_cpu.c) on the float16 weight, float32
+                   input (the path for up to 16 rows since 2026-11-26)
 
     python benchmarks/cpu_gemm.py [--rows 1,3,8,16,64,512] [--rounds 5] [--out FILE]
 
@@ -44,7 +46,7 @@ def _time(fn, calls: int) -> float:
 
 
 def measure_shape(name: str, out_features: int, in_features: int, rows: list[int], weights: int,
-                  rounds: int, max_f16_rows: int) -> list[dict[str, Any]]:
+                  rounds: int, max_f16_rows: int, kernel: Any) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
@@ -63,6 +65,8 @@ def measure_shape(name: str, out_features: int, in_features: int, rows: list[int
             variants["f16 linear"] = lambda i: F.linear(x16, f16[i])
         if packed is not None:
             variants["f32 onednn"] = lambda i: torch.ops.mkldnn._linear_pointwise(x32, packed[i], None, "none", [], "")
+        if kernel is not None and m <= max_f16_rows:
+            variants["f16 ours"] = lambda i: kernel.linear(x32, f16[i])
         reference = F.linear(x32, f32[0])
         errors = {v: float((fn(0).float().reshape(m, -1) - reference).abs().max()) for v, fn in variants.items()
                   if v != "f32 mkl W@x^T"}
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,3,8,16,64,512", help="row counts (comma-separated)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (median)")
     parser.add_argument("--weights", type=int, default=16, help="distinct weights cycled through per shape")
-    parser.add_argument("--max-f16-rows", type=int, default=16, help="time f16 linear up to this many rows")
+    parser.add_argument("--max-f16-rows", type=int, default=16,
+                        help="time the float16 variants up to this many rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -95,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
+    from kernels.dense_cpu import CpuDenseKernel
+
+    kernel = CpuDenseKernel.load()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     results = []
     for name, out_features, in_features, _ in SHAPES:
         print(f"timing {name} [{out_features} x {in_features}] ...", file=sys.stderr, flush=True)
         results.extend(measure_shape(name, out_features, in_features, rows, args.weights, args.rounds,
-                                     args.max_f16_rows))
+                                     args.max_f16_rows, kernel))
     # What one forward pass of the default model spends in its projections, per variant and rows.
     calls = {name: n for name, _, _, n in SHAPES}
     per_forward = []

@@ -35,17 +35,35 @@ static inline void prefetch_ahead(const void *row, int64_t row_bytes) {
     for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(ahead + offset, _MM_HINT_T0);
 }
 
-// dots[b] = x[b, :] . row for b < bn (x row stride K), batch rows two at a time. Every batch row's
-// sum is computed the same way whatever bn is (four accumulators over k, combined in one order,
-// then the scalar tail), so a row's result never depends on how many rows share the call: the
-// model relies on this to give a request the same numbers whoever its batch neighbours are. A pair
-// shares each loaded weight vector; the weight row stays in L1 for the next pair.
+// x . row for one batch row: four accumulators over k (latency hiding), combined in one fixed order,
+// then the scalar tail. row_dots computes every row's sum exactly this way.
+static inline __attribute__((always_inline)) float dot_one(const float *x, int64_t K, const void *row,
+                                                           int dtype) {
+    const int64_t vec_end = K & ~(int64_t)7, block_end = K & ~(int64_t)31;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k < block_end; k += 32) {
+        a0 = _mm256_fmadd_ps(load8(row, k, dtype), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load8(row, k + 8, dtype), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(row, k + 16, dtype), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(row, k + 24, dtype), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k < vec_end; k += 8) a0 = _mm256_fmadd_ps(load8(row, k, dtype), _mm256_loadu_ps(x + k), a0);
+    float dot = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; ++k) dot = fmaf(load1(row, k, dtype), x[k], dot);
+    return dot;
+}
+
+// dots[b] = x[b, :] . row for b < bn (x row stride K). Each batch row's sum is dot_one's whatever bn
+// is, so a row's result never depends on how many rows share the call: the model relies on this
+// to give a request the same numbers whoever its batch neighbours are. Rows go two at a time,
+// sharing each loaded weight vector (the weight row stays in L1 for the next pair).
 static inline __attribute__((always_inline)) void row_dots(const float *x, int64_t bn, int64_t K,
                                                             const void *row, int dtype, float *dots) {
     const int64_t vec_end = K & ~(int64_t)7, block_end = K & ~(int64_t)31;
-    for (int64_t b = 0; b < bn; b += 2) {
-        const int pair = b + 1 < bn;
-        const float *x0 = x + b * K, *x1 = pair ? x0 + K : x0;  // a lone row computes its sum twice
+    int64_t b = 0;
+    for (; b + 2 <= bn; b += 2) {
+        const float *x0 = x + b * K, *x1 = x0 + K;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         int64_t k = 0;
         for (; k < block_end; k += 32) {
@@ -73,8 +91,9 @@ static inline __attribute__((always_inline)) void row_dots(const float *x, int64
             d1 = fmaf(w, x1[k], d1);
         }
         dots[b] = d0;
-        if (pair) dots[b + 1] = d1;
+        dots[b + 1] = d1;
     }
+    if (b < bn) dots[b] = dot_one(x + b * K, K, row, dtype);
 }
 
 // Output columns [u0, u1) for one weight dtype: inlined per dtype below, so load8's branch on the
