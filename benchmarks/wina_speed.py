@@ -11,8 +11,9 @@
 2. llama.cpp (llama-cpp-python, if installed) batch-1 tok/s on the same GGUF, for the ratio the
    issue asks to print beside ours.
 3. GEMV microbenchmark (a separate process): our CPU kernel at batch 1 and 8 against dense
-   ``F.linear`` in the weight dtype and the (1 - s) roofline, on the default model's projections and
-   on Llama-3-8B's MLP (4096 x 14336), with per-token top-k thresholds (exact sparsity).
+   ``F.linear`` in the weight dtype, our dense CPU kernel (kernels/csrc/dense_cpu.c, what dense
+   decode steps run) and the (1 - s) roofline, on the default model's projections and on
+   Llama-3-8B's MLP (4096 x 14336), with per-token top-k thresholds (exact sparsity).
 
     python benchmarks/wina_speed.py [--sparsities 0.25 0.4 0.5 0.65 0.9] [--tokens 64] [--repeats 3]
         [--skip-decode] [--skip-micro] [--skip-llama-cpp] [--model PATH] [--device auto|cpu|cuda]
@@ -154,7 +155,7 @@ def _time(fn, min_seconds: float = 0.3) -> float:
     return (time.perf_counter() - start) / n
 
 
-def _micro_shape(kernel: Any, name: str, K: int, segments: tuple[int, ...], gate_up: bool,
+def _micro_shape(kernel: Any, dense_kernel: Any, name: str, K: int, segments: tuple[int, ...], gate_up: bool,
                  batch_sizes: list[int], g: Any) -> list[dict]:
     """One shape's rows; its weights (up to ~1 GB for Llama-3-8B's MLP with the copies) are freed
     when this returns, before the next shape is built."""
@@ -174,7 +175,8 @@ def _micro_shape(kernel: Any, name: str, K: int, segments: tuple[int, ...], gate
         x_half = x.half()
         dense_half = _time(lambda: F.linear(x_half, weight))
         dense_f32 = _time(lambda: torch.mm(weight_f32, x.t())) if B > 1 else None
-        dense = min(t for t in (dense_half, dense_f32) if t is not None)
+        dense_ours = _time(lambda: dense_kernel.linear(x, weight, None, gate_up=gate_up)) if dense_kernel else None
+        dense = min(t for t in (dense_half, dense_f32, dense_ours) if t is not None)
         for s in MICRO_SPARSITIES:
             thresholds = thresholds_for_topk(x, norms, K - round(s * K))
             kept = torch.empty(B, len(segments), dtype=torch.int32)
@@ -182,6 +184,7 @@ def _micro_shape(kernel: Any, name: str, K: int, segments: tuple[int, ...], gate
             rows.append({"shape": name, "batch": B, "sparsity": s, "kernel_us": t * 1e6,
                          "dense_half_us": dense_half * 1e6,
                          "dense_f32_us": dense_f32 * 1e6 if dense_f32 else None,
+                         "dense_ours_us": dense_ours * 1e6 if dense_ours else None,
                          "speedup_vs_best_dense": dense / t, "roofline": 1 / (1 - s) if s < 1 else None,
                          "kernel_weight_gb_s": N * K * 2 * (1 - s) / t / 1e9})
     return rows
@@ -190,15 +193,17 @@ def _micro_shape(kernel: Any, name: str, K: int, segments: tuple[int, ...], gate
 def run_micro(batch_sizes: list[int]) -> dict:
     import torch
 
+    from kernels.dense_cpu import CpuDenseKernel
     from kernels.wina_cpu import CpuWinaKernel
 
     kernel = CpuWinaKernel.load()
+    dense_kernel = CpuDenseKernel.load()
     if kernel is None:
         return {"error": "CPU kernel unavailable"}
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, (K, segments, gate_up) in MICRO_SHAPES.items():
-        rows.extend(_micro_shape(kernel, name, K, segments, gate_up, batch_sizes, g))
+        rows.extend(_micro_shape(kernel, dense_kernel, name, K, segments, gate_up, batch_sizes, g))
     return {"rows": rows, "dtype": "float16 weights, float32 inputs"}
 
 
@@ -233,13 +238,13 @@ def format_report(report: dict) -> str:
             parts.append("llama.cpp: not installed (pip install llama-cpp-python to compare)")
     micro = report.get("micro")
     if micro and "rows" in micro:
-        parts.append("\nGEMV microbenchmark (our CPU kernel vs dense; x dense uses the faster of fp16 F.linear and "
-                     "fp32 mm)")
+        parts.append("\nGEMV microbenchmark (our CPU kernel vs dense; x dense uses the fastest of fp16 F.linear, "
+                     "fp32 mm and our dense kernel)")
         rows = [[r["shape"], str(r["batch"]), fmt(r["sparsity"], 2), fmt(r["kernel_us"]), fmt(r["dense_half_us"]),
-                 fmt(r["dense_f32_us"]), fmt(r["speedup_vs_best_dense"], 2), fmt(r["roofline"], 2),
-                 fmt(r["kernel_weight_gb_s"], 1)] for r in micro["rows"]]
-        parts.append(format_table(["shape", "B", "s", "kernel us", "fp16 us", "fp32 us", "x dense", "roofline",
-                                   "GB/s"], rows))
+                 fmt(r["dense_f32_us"]), fmt(r.get("dense_ours_us")), fmt(r["speedup_vs_best_dense"], 2),
+                 fmt(r["roofline"], 2), fmt(r["kernel_weight_gb_s"], 1)] for r in micro["rows"]]
+        parts.append(format_table(["shape", "B", "s", "kernel us", "fp16 us", "fp32 us", "ours dense us", "x dense",
+                                   "roofline", "GB/s"], rows))
     return "\n".join(parts)
 
 

@@ -62,9 +62,10 @@ class CpuDenseKernel:
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
-        for name in ("decode_layer", "decode_attention"):
-            getattr(lib, name).argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
-            getattr(lib, name).restype = ctypes.c_int
+        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p]
+        lib.decode_layer.restype = ctypes.c_int
+        lib.decode_attention.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
+        lib.decode_attention.restype = ctypes.c_int
         lib.decode_norm.argtypes = [ctypes.POINTER(DecodeLayerArgs), i32, p, i64, p]
         lib.decode_norm.restype = ctypes.c_int
         self._fn = fn
@@ -166,17 +167,22 @@ class PreparedDecodeLayer:
         self._tensors = tensors  # kept alive: args holds their addresses
         self.attention_width = args.heads * args.head_dim
         self.qkv_width = (args.heads + 2 * args.kv_heads) * args.head_dim
+        self.intermediate = args.intermediate
 
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+                 positions: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] float32
         contiguous (written at each row's slot and position); slots, positions: [B] int64
-        contiguous -> the residual stream after the layer, [B, 1, hidden]. Callers check shapes
+        contiguous; keep: [B, intermediate] float32 0/1 contiguous, the MLP neurons each row keeps
+        (None: all) -> the residual stream after the layer, [B, 1, hidden]. Callers check shapes
         once per step (LlamaDecoder.forward); the kernel re-checks slots and positions."""
+        if keep is not None and (keep.shape != (h.shape[0], self.intermediate) or keep.dtype != torch.float32
+                                 or not keep.is_contiguous()):
+            raise ValueError(f"decode_layer: keep must be contiguous float32 [{h.shape[0]}, {self.intermediate}]")
         out = torch.empty_like(h)
         self._check(self._layer_fn(self._args_ref, keys.data_ptr(), values.data_ptr(), keys.shape[0], h.data_ptr(),
-                                   out.data_ptr(), h.shape[0], slots.data_ptr(), positions.data_ptr()),
-                    slots, positions)
+                                   out.data_ptr(), h.shape[0], slots.data_ptr(), positions.data_ptr(),
+                                   None if keep is None else keep.data_ptr()), slots, positions)
         return out
 
     def norm(self, h: torch.Tensor, which: int) -> torch.Tensor:

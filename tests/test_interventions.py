@@ -228,17 +228,21 @@ def test_unmemorize_equals_offline_pruning(loaded, registry, name):
     tokens = _batch(loaded.tokenizer, PROMPTS)
     row = registry.resolve([{"type": "unmemorize", "profile": name}])
     masked = run(model, tokens, [row, None, row], all_logits=True)
+    masked_step = run(model, tokens, [row, None, row])  # the decode step: on CPU, the decode kernel
     originals = [layer.mlp.down.weight.clone() for layer in model.layers]
     for i, layer in enumerate(model.layers):
         w = layer.mlp.down.weight
         w[profile.pruned_weight_mask(i, tuple(w.shape))] = 0
     try:
         pruned = run(model, tokens, [None, None, None], all_logits=True)
+        pruned_step = run(model, tokens, [None, None, None])
     finally:
         for layer, w in zip(model.layers, originals):
             layer.mlp.down.weight.copy_(w)
     torch.testing.assert_close(masked[[0, 2]], pruned[[0, 2]], atol=2e-3, rtol=1e-4)
     assert not torch.allclose(masked[1], pruned[1], atol=1e-3)
+    torch.testing.assert_close(masked_step[[0, 2]], pruned_step[[0, 2]], atol=2e-3, rtol=1e-4)
+    assert not torch.allclose(masked_step[1], pruned_step[1], atol=1e-3)
 
 
 def test_several_entries_compose(loaded, registry):

@@ -313,8 +313,9 @@ static int attention_block(const DecodeLayer *layer, float *keys, float *values,
     return status;
 }
 
-// The MLP half on h [B, hidden], in place: h += down(silu(gate(norm(h))) * up(norm(h))).
-static int mlp_block(const DecodeLayer *layer, float *h, int64_t B) {
+// The MLP half on h [B, hidden], in place: h += down(keep * silu(gate(norm(h))) * up(norm(h))), where
+// keep ([B, I] 0/1 float32, or NULL for all ones) zeroes the neurons a row prunes.
+static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep) {
     const int64_t hidden = layer->hidden, I = layer->intermediate;
     const int dtype = (int)layer->dtype;
     float *x = malloc(sizeof(float) * B * hidden);
@@ -324,6 +325,9 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B) {
     if (x && act && proj) {
         rms_norm_rows(h, B, hidden, layer->mlp_norm, layer->eps, x);
         dense_parallel(x, B, hidden, layer->gate_up_w, 2 * I, dtype, layer->gate_up_b, act, DTYPE_F32, 1);
+        if (keep) {
+            for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
+        }
         dense_parallel(act, B, I, layer->down_w, hidden, dtype, layer->down_b, proj, DTYPE_F32, 0);
         for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
         status = 0;
@@ -334,13 +338,14 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B) {
 
 // keys, values: this layer's cache, [num_slots, KVH, max_len, D] float32; h_in -> h_out: [B, hidden]
 // float32 residual stream before and after the layer; slots, positions: [B], each row's cache slot
-// and the position of its new token. Returns 0, or -1 on bad arguments or no memory.
+// and the position of its new token; keep: [B, I] neuron keep mask or NULL (see mlp_block).
+// Returns 0, or -1 on bad arguments or no memory.
 int decode_layer(const DecodeLayer *layer, float *keys, float *values, int64_t num_slots, const float *h_in,
-                 float *h_out, int64_t B, const int64_t *slots, const int64_t *positions) {
+                 float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep) {
     if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
     if (attention_block(layer, keys, values, h_out, B, slots, positions)) return -1;
-    return mlp_block(layer, h_out, B);
+    return mlp_block(layer, h_out, B, keep);
 }
 
 // The layer in parts, for a step where some row is sparse or edits neurons: the model then runs

@@ -76,6 +76,14 @@ class _NeuronEdit:
         # and one multiply of the whole batch costs less than gathering and scattering rows.
         self.keep = keep
         self.corrections = corrections  # (rows [R], sparse W*M [hidden, intermediate])
+        self._keep_f32: torch.Tensor | None = None
+
+    def keep_mask(self) -> torch.Tensor | None:
+        if self.keep is None or self.corrections:
+            return None
+        if self._keep_f32 is None:  # once per plan; the plan lives while the batch is unchanged
+            self._keep_f32 = self.keep.float().contiguous()
+        return self._keep_f32
 
     def hidden(self, act: torch.Tensor) -> torch.Tensor:
         # act: [B, T, intermediate]
@@ -190,7 +198,8 @@ class InterventionPlan:
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # hidden: [B, (T,) hidden]; logits: [B, (T,) vocab] float32
         for profile, rows, alphas in self.logit_groups:
-            logits = logits.index_put((rows,), logits[rows] - profile.correction(hidden[rows], alphas))
+            # index_add with alpha -1 is logits[rows] - correction exactly, at a quarter of index_put's cost
+            logits = logits.index_add(0, rows, profile.correction(hidden[rows], alphas), alpha=-1)
         return logits
 
 

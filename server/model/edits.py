@@ -19,6 +19,11 @@ class NeuronEdit(Protocol):
     def output(self, act: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out: [B, T, hidden] down_proj output of `act` -> the same shape."""
 
+    def keep_mask(self) -> torch.Tensor | None:
+        """Where the edit is only `act * keep` (and `output` returns `out` as it is): keep,
+        [B, intermediate] float32 0/1 contiguous, which the CPU decode kernel applies itself;
+        else None."""
+
 
 class ForwardEdits(Protocol):
     def neurons(self, layer: int) -> NeuronEdit | None:

@@ -156,9 +156,9 @@ class LlamaDecoder(nn.Module):
         if kv_len > self.max_model_len:
             raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
-        # On CPU, a decode step (one new token per row) runs each layer as one kernel call; a layer
-        # where some row is sparse or edits neurons runs the kernel's parts around torch
-        # projections, which give the other rows the same numbers. Both match DecoderLayer.forward
+        # On CPU, a decode step (one new token per row) runs each layer as one kernel call (neuron
+        # keep masks included); a layer where some row is sparse or edits neurons otherwise runs
+        # the kernel's parts around torch projections, which give the other rows the same numbers. Both match DecoderLayer.forward
         # up to float32 summation order (tests/test_model.py).
         fused = self.decode_layers if T == 1 and B <= CpuDenseKernel.MAX_ROWS else None
         if fused is not None:
@@ -180,11 +180,12 @@ class LlamaDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_sparsity = None if sparsity is None else sparsity.layer(i)
             neurons = None if edits is None else edits.neurons(i)
+            keep = None if neurons is None or fused is None else neurons.keep_mask()
             if fused is None:
                 h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single, first_slot),
                                   attn_mask, is_causal, layer_sparsity, neurons)
-            elif layer_sparsity is None and neurons is None:
-                h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions)
+            elif layer_sparsity is None and (neurons is None or keep is not None):
+                h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep)
             else:
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)
