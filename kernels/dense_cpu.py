@@ -1,10 +1,11 @@
 """The CPU dense linear layer for few rows (decode steps): kernels/csrc/dense_cpu.c, compiled on
 first use and called through ctypes (kernels/cpu_build.py), with its torch reference.
 
-Why a kernel of our own: on this kind of CPU (AVX2, no AVX-512), torch's half GEMV reads weights
-at about half the machine's bandwidth, its half GEMM costs 8x one row for 8 rows, and the float32
-GEMM used for batched rows instead reads twice the bytes. This kernel reads the half weight once
-per call for up to MAX_ROWS rows (benchmarks/cpu_gemm.py measures all four side by side).
+Why a kernel of our own: on this kind of CPU (AVX2, no AVX-512), torch's half GEMM costs 8x one
+row for 8 rows, and the float32 GEMM used for batched rows instead reads twice the bytes; and a
+decode step in torch is ~25 ops per layer whose dispatch costs more than their arithmetic. This
+kernel reads the half weight once per call for up to MAX_ROWS rows (benchmarks/cpu_gemm.py
+measures it beside torch's paths) and runs a whole decoder layer of a decode step in one call.
 
 `CpuDenseKernel.load()` returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
 `server.model.layers.Linear` then uses torch's paths, which give the same numbers up to float32
@@ -20,7 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import CSRC, DTYPE_CODES, build_library, cpu_supports_kernels, default_cache_dir
+from kernels.cpu_build import (
+    CSRC,
+    DTYPE_CODES,
+    build_library,
+    cpu_supports_kernels,
+    default_cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +59,9 @@ class DecodeLayerArgs(ctypes.Structure):
 class CpuDenseKernel:
     """A loaded kernel library. One instance per model; stateless between calls."""
 
-    # Up to this many rows the kernel beats oneDNN's float32 GEMM on this machine's projection
-    # shapes (1.1x at 16 rows, 1.8x at 8; benchmarks/cpu_gemm.py); prefills go to oneDNN.
+    # Up to this many rows a decode step runs as one fused call per layer (LlamaDecoder.forward)
+    # and short prompts use this GEMV: 1.3x oneDNN's float32 GEMM at 2-8 rows, 0.86x at 16, where
+    # the fusion still saves ~25 torch ops a layer (benchmarks/RESULTS.md); prefills go to oneDNN.
     MAX_ROWS = 16
 
     def __init__(self, library_path: Path) -> None:

@@ -32,10 +32,11 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x W^T (+ b) in the weight's dtype. The one place every projection goes through.
 
-    On CPU, inputs of up to CpuDenseKernel.MAX_ROWS rows (decode steps, short prompts) go to our
-    dense kernel (kernels/dense_cpu.py) where it loaded: it reads the half weight once for all
-    rows at close to the machine's bandwidth (1.6x torch's half GEMV at one row, 1.8x oneDNN's
-    float32 GEMM at 8 rows, benchmarks/cpu_gemm.py).
+    On CPU, inputs of up to CpuDenseKernel.MAX_ROWS rows (short prompts, and the projections of a
+    decode step that runs in parts) go to our dense kernel (kernels/dense_cpu.py) where it loaded:
+    it reads the half weight once for all rows (1.3x oneDNN's float32 GEMM at 2-8 rows, about
+    torch's half GEMV at one row; benchmarks/cpu_gemm.py), with the same sums as the fused
+    decode layer, so a row gets the same numbers on either path.
 
     With `batched_float32`, larger inputs (prefills) use a float32 copy of the weight: on CPU,
     half-precision GEMM has no batched kernel (its time grows linearly with the rows) while
