@@ -159,9 +159,12 @@ def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, ti
     out = ours(ids, torch.tensor([0]), torch.tensor([0]), ours.new_cache(1), all_logits=True)
     # Random small weights give logits of order 1: 1e-4 is float32 rounding over three layers.
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    # the last three tokens again as decode steps (the CPU decode kernel's path), in slot 2 of 3
+    # the last three tokens again as decode steps (the CPU decode kernel's path), in slot 2 of 3,
+    # after a prefill in chunks of up to 16 tokens (the kernel's path for short prompt chunks)
     cache = ours.new_cache(3)
-    ours(ids[:, :37], torch.tensor([2]), torch.tensor([0]), cache)
+    chunks = [ours(ids[:, a:b], torch.tensor([2]), torch.tensor([a]), cache, all_logits=True)
+              for a, b in ((0, 12), (12, 28), (28, 37))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), ref[:, :37], atol=1e-4, rtol=1e-4)
     steps = [ours(ids[:, p:p + 1], torch.tensor([2]), torch.tensor([p]), cache) for p in range(37, 40)]
     torch.testing.assert_close(torch.stack(steps, dim=1), ref[:, 37:40], atol=1e-4, rtol=1e-4)
 

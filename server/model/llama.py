@@ -108,6 +108,13 @@ class LlamaDecoder(nn.Module):
             return None
         return SparsityPlan.build(self.wina, targets, tokens_per_row, self._proj_out, self._layer_weight_total)
 
+    def _keep_masks_only(self, edits: ForwardEdits | None) -> bool:
+        """Whether every layer's neuron edit (if any) is a keep mask alone, which the fused layer
+        applies itself."""
+        if edits is None:
+            return True
+        return all(n is None or n.keep_mask() is not None for n in map(edits.neurons, range(len(self.layers))))
+
     def _prepare_decode_layer(self, kernel: CpuDenseKernel, layer: DecoderLayer) -> PreparedDecodeLayer:
         attn, mlp = layer.attn, layer.mlp
         return kernel.prepare_decode_layer(
@@ -158,12 +165,18 @@ class LlamaDecoder(nn.Module):
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         # On CPU, a decode step (one new token per row) runs each layer as one kernel call (neuron
         # keep masks included); a layer where some row is sparse or edits neurons otherwise runs
-        # the kernel's parts around torch projections, which give the other rows the same numbers. Both match DecoderLayer.forward
-        # up to float32 summation order (tests/test_model.py).
-        fused = self.decode_layers if T == 1 and B <= CpuDenseKernel.MAX_ROWS else None
+        # the kernel's parts around torch projections, which give the other rows the same numbers.
+        # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
+        # of one slot (each attends to the keys up to its own position), unless it is sparse or
+        # edits neurons beyond keep masks. Both match DecoderLayer.forward up to float32
+        # summation order (tests/test_model.py).
+        fused = None
+        if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS:
+            if T == 1 or (B == 1 and sparsity is None and self._keep_masks_only(edits)):
+                fused = self.decode_layers
         if fused is not None:
-            fused_slots = slot_ids.to(torch.int64).contiguous()  # [B]
-            fused_positions = start_positions.to(torch.int64).contiguous()  # [B]
+            fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
+            fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
         else:
             attn_mask, is_causal = None, False
             if B == 1 and T == 1:
@@ -181,12 +194,15 @@ class LlamaDecoder(nn.Module):
             layer_sparsity = None if sparsity is None else sparsity.layer(i)
             neurons = None if edits is None else edits.neurons(i)
             keep = None if neurons is None or fused is None else neurons.keep_mask()
+            if keep is not None and T > 1:
+                keep = keep.repeat_interleave(T, dim=0)  # [B*T, intermediate], one per token row
             if fused is None:
                 h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single, first_slot),
                                   attn_mask, is_causal, layer_sparsity, neurons)
             elif layer_sparsity is None and (neurons is None or keep is not None):
-                h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep)
-            else:
+                rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]: a view when T == 1
+                h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep).view(B, T, -1)
+            else:  # T == 1 here
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)
             if edits is not None:
