@@ -40,7 +40,8 @@ static inline void prefetch_ahead(const void *row, int64_t row_bytes) {
 // So a row's result never depends on how many rows share the call: the model relies on this to
 // give a request the same numbers whoever its batch neighbours are. The independent sums that hide
 // the FMA latency come from four weight rows at a time for one batch row, and from up to
-// ROW_BLOCK batch rows sharing each loaded weight vector otherwise.
+// two weight rows by up to four batch rows otherwise (and ROW_BLOCK batch rows sharing each loaded
+// weight vector for an odd last weight row).
 
 static inline __attribute__((always_inline)) float finish_dot(__m256 acc, const float *x, int64_t k, int64_t K,
                                                               const void *row, int dtype) {
@@ -87,6 +88,41 @@ static inline __attribute__((always_inline)) void dots_batch_rows(const float *x
     for (int b = 0; b < bn; ++b) dots[b] = finish_dot(acc[b], x + b * K, vec_end, K, row, dtype);
 }
 
+// dots[b * 2 + j] = x[b, :] . rows_j for two weight rows and b < bn <= 4: each loaded x vector feeds
+// both rows, each loaded weight vector up to four batch rows. Callers pass bn as a constant, so
+// the eight accumulators stay in registers.
+static inline __attribute__((always_inline)) void dots_two_rows(const float *x, int64_t bn, int64_t K,
+                                                                 const char *row0, const char *row1, int dtype,
+                                                                 float *dots) {
+    const int64_t vec_end = K & ~(int64_t)7;
+    __m256 a[4], c[4];
+    for (int b = 0; b < 4; ++b) a[b] = c[b] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < vec_end; k += 8) {
+        const __m256 w0 = load8(row0, k, dtype), w1 = load8(row1, k, dtype);
+        for (int b = 0; b < bn; ++b) {
+            __m256 v = _mm256_loadu_ps(x + b * K + k);
+            __asm__("" : "+x"(v));  // keep v in a register: folded into both FMAs it would load twice
+            a[b] = _mm256_fmadd_ps(w0, v, a[b]);
+            c[b] = _mm256_fmadd_ps(w1, v, c[b]);
+        }
+    }
+    for (int b = 0; b < bn; ++b) {
+        dots[b * 2] = finish_dot(a[b], x + b * K, vec_end, K, row0, dtype);
+        dots[b * 2 + 1] = finish_dot(c[b], x + b * K, vec_end, K, row1, dtype);
+    }
+}
+
+static inline __attribute__((always_inline)) void dots_two_rows_any(const float *x, int64_t bn, int64_t K,
+                                                                     const char *row0, const char *row1, int dtype,
+                                                                     float *dots) {
+    switch (bn) {  // one inlined copy per row count
+        case 1: dots_two_rows(x, 1, K, row0, row1, dtype, dots); break;
+        case 2: dots_two_rows(x, 2, K, row0, row1, dtype, dots); break;
+        case 3: dots_two_rows(x, 3, K, row0, row1, dtype, dots); break;
+        default: dots_two_rows(x, 4, K, row0, row1, dtype, dots); break;
+    }
+}
+
 // out[index] = the output of unit u from its sums: bias added and rounded to the weight dtype, and
 // with gate_up, silu(gate) * up of the two rounded values, rounded again (as the model's SwiGLU).
 static inline __attribute__((always_inline)) void store_output(void *out, int64_t index, int out_dtype, int dtype,
@@ -125,6 +161,26 @@ static inline __attribute__((always_inline)) void dense_columns(const float *x, 
             }
             for (int i = 0; i < 4; ++i) {
                 store_output(out, u + i, out_dtype, dtype, bias, u + i, units, gate_up, dots[i], up_dots[i]);
+            }
+        }
+    }
+    if (B > 1) {  // two weight rows by up to four batch rows per pass
+        float pair[8], up_pair[8] = {0};
+        for (; u + 2 <= u1; u += 2) {
+            const char *row = (const char *)weight + u * row_bytes;
+            prefetch_ahead(row, 2 * row_bytes);
+            if (gate_up) prefetch_ahead(row + up_offset, 2 * row_bytes);
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                const int64_t bn = B - b0 < 4 ? B - b0 : 4;
+                dots_two_rows_any(x + b0 * K, bn, K, row, row + row_bytes, dtype, pair);
+                if (gate_up) dots_two_rows_any(x + b0 * K, bn, K, row + up_offset, row + up_offset + row_bytes, dtype,
+                                               up_pair);
+                for (int64_t b = 0; b < bn; ++b) {
+                    for (int j = 0; j < 2; ++j) {
+                        store_output(out, (b0 + b) * units + u + j, out_dtype, dtype, bias, u + j, units, gate_up,
+                                     pair[b * 2 + j], up_pair[b * 2 + j]);
+                    }
+                }
             }
         }
     }
