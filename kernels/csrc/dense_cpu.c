@@ -35,165 +35,91 @@ static inline void prefetch_ahead(const void *row, int64_t row_bytes) {
     for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(ahead + offset, _MM_HINT_T0);
 }
 
-// Every output (weight row u, batch row b) is one float32 sum computed the same way whatever the
-// call's row count: one accumulator over k in steps of 8, reduced by hsum8, then the scalar tail.
-// So a row's result never depends on how many rows share the call: the model relies on this to
-// give a request the same numbers whoever its batch neighbours are. The independent sums that hide
-// the FMA latency come from four weight rows at a time for one batch row, and from up to
-// two weight rows by up to four batch rows otherwise (and ROW_BLOCK batch rows sharing each loaded
-// weight vector for an odd last weight row).
-
-static inline __attribute__((always_inline)) float finish_dot(__m256 acc, const float *x, int64_t k, int64_t K,
-                                                              const void *row, int dtype) {
-    float dot = hsum8(acc);
+// x . row for one batch row: four accumulators over k (latency hiding), combined in one fixed order,
+// then the scalar tail. row_dots computes every row's sum exactly this way.
+static inline __attribute__((always_inline)) float dot_one(const float *x, int64_t K, const void *row,
+                                                           int dtype) {
+    const int64_t vec_end = K & ~(int64_t)7, block_end = K & ~(int64_t)31;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k < block_end; k += 32) {
+        a0 = _mm256_fmadd_ps(load8(row, k, dtype), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load8(row, k + 8, dtype), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(row, k + 16, dtype), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(row, k + 24, dtype), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k < vec_end; k += 8) a0 = _mm256_fmadd_ps(load8(row, k, dtype), _mm256_loadu_ps(x + k), a0);
+    float dot = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; k < K; ++k) dot = fmaf(load1(row, k, dtype), x[k], dot);
     return dot;
 }
 
-// dots[i] = x . rows[i] for four weight rows and one batch row
-static inline __attribute__((always_inline)) void dots_four_rows(const float *x, int64_t K, const char *const *rows,
-                                                                  int dtype, float *dots) {
-    const int64_t vec_end = K & ~(int64_t)7;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < vec_end; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(load8(rows[0], k, dtype), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(rows[1], k, dtype), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(rows[2], k, dtype), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(rows[3], k, dtype), xv, a3);
-    }
-    dots[0] = finish_dot(a0, x, vec_end, K, rows[0], dtype);
-    dots[1] = finish_dot(a1, x, vec_end, K, rows[1], dtype);
-    dots[2] = finish_dot(a2, x, vec_end, K, rows[2], dtype);
-    dots[3] = finish_dot(a3, x, vec_end, K, rows[3], dtype);
-}
-
-// dots[b] = x[b, :] . row for b < bn <= ROW_BLOCK (x row stride K)
-static inline __attribute__((always_inline)) void dots_batch_rows(const float *x, int64_t bn, int64_t K,
-                                                                   const void *row, int dtype, float *dots) {
-    const int64_t vec_end = K & ~(int64_t)7;
-    __m256 acc[ROW_BLOCK];
-    for (int b = 0; b < ROW_BLOCK; ++b) acc[b] = _mm256_setzero_ps();
-    if (bn == ROW_BLOCK) {  // a constant trip count, so the accumulators stay in registers
-        for (int64_t k = 0; k < vec_end; k += 8) {
-            const __m256 w = load8(row, k, dtype);
-            for (int b = 0; b < ROW_BLOCK; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + k), acc[b]);
+// dots[b] = x[b, :] . row for b < bn (x row stride K). Each batch row's sum is dot_one's whatever bn
+// is, so a row's result never depends on how many rows share the call: the model relies on this
+// to give a request the same numbers whoever its batch neighbours are. Rows go two at a time,
+// sharing each loaded weight vector (the weight row stays in L1 for the next pair).
+static inline __attribute__((always_inline)) void row_dots(const float *x, int64_t bn, int64_t K,
+                                                            const void *row, int dtype, float *dots) {
+    const int64_t vec_end = K & ~(int64_t)7, block_end = K & ~(int64_t)31;
+    int64_t b = 0;
+    for (; b + 2 <= bn; b += 2) {
+        const float *x0 = x + b * K, *x1 = x0 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        int64_t k = 0;
+        for (; k < block_end; k += 32) {
+            const __m256 w0 = load8(row, k, dtype), w1 = load8(row, k + 8, dtype);
+            const __m256 w2 = load8(row, k + 16, dtype), w3 = load8(row, k + 24, dtype);
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + k + 8), a1);
+            a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + k + 16), a2);
+            a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + k + 24), a3);
+            c0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), c0);
+            c1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + k + 8), c1);
+            c2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + k + 16), c2);
+            c3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + k + 24), c3);
         }
-    } else {
-        for (int64_t k = 0; k < vec_end; k += 8) {
-            const __m256 w = load8(row, k, dtype);
-            for (int b = 0; b < bn; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * K + k), acc[b]);
+        for (; k < vec_end; k += 8) {
+            const __m256 w0 = load8(row, k, dtype);
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
+            c0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), c0);
         }
-    }
-    for (int b = 0; b < bn; ++b) dots[b] = finish_dot(acc[b], x + b * K, vec_end, K, row, dtype);
-}
-
-// dots[b * 2 + j] = x[b, :] . rows_j for two weight rows and b < bn <= 4: each loaded x vector feeds
-// both rows, each loaded weight vector up to four batch rows. Callers pass bn as a constant, so
-// the eight accumulators stay in registers.
-static inline __attribute__((always_inline)) void dots_two_rows(const float *x, int64_t bn, int64_t K,
-                                                                 const char *row0, const char *row1, int dtype,
-                                                                 float *dots) {
-    const int64_t vec_end = K & ~(int64_t)7;
-    __m256 a[4], c[4];
-    for (int b = 0; b < 4; ++b) a[b] = c[b] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < vec_end; k += 8) {
-        const __m256 w0 = load8(row0, k, dtype), w1 = load8(row1, k, dtype);
-        for (int b = 0; b < bn; ++b) {
-            __m256 v = _mm256_loadu_ps(x + b * K + k);
-            __asm__("" : "+x"(v));  // keep v in a register: folded into both FMAs it would load twice
-            a[b] = _mm256_fmadd_ps(w0, v, a[b]);
-            c[b] = _mm256_fmadd_ps(w1, v, c[b]);
+        float d0 = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        float d1 = hsum8(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+        for (; k < K; ++k) {
+            const float w = load1(row, k, dtype);
+            d0 = fmaf(w, x0[k], d0);
+            d1 = fmaf(w, x1[k], d1);
         }
+        dots[b] = d0;
+        dots[b + 1] = d1;
     }
-    for (int b = 0; b < bn; ++b) {
-        dots[b * 2] = finish_dot(a[b], x + b * K, vec_end, K, row0, dtype);
-        dots[b * 2 + 1] = finish_dot(c[b], x + b * K, vec_end, K, row1, dtype);
-    }
-}
-
-static inline __attribute__((always_inline)) void dots_two_rows_any(const float *x, int64_t bn, int64_t K,
-                                                                     const char *row0, const char *row1, int dtype,
-                                                                     float *dots) {
-    switch (bn) {  // one inlined copy per row count
-        case 1: dots_two_rows(x, 1, K, row0, row1, dtype, dots); break;
-        case 2: dots_two_rows(x, 2, K, row0, row1, dtype, dots); break;
-        case 3: dots_two_rows(x, 3, K, row0, row1, dtype, dots); break;
-        default: dots_two_rows(x, 4, K, row0, row1, dtype, dots); break;
-    }
-}
-
-// out[index] = the output of unit u from its sums: bias added and rounded to the weight dtype, and
-// with gate_up, silu(gate) * up of the two rounded values, rounded again (as the model's SwiGLU).
-static inline __attribute__((always_inline)) void store_output(void *out, int64_t index, int out_dtype, int dtype,
-                                                                const float *bias, int64_t u, int64_t units,
-                                                                int gate_up, float dot, float up_dot) {
-    float v = round_to(dtype, dot + (bias ? bias[u] : 0.0f));
-    if (gate_up) {
-        const float up = round_to(dtype, up_dot + (bias ? bias[units + u] : 0.0f));
-        v = round_to(dtype, silu(v) * up);
-    }
-    store1(out, index, out_dtype, v);
+    if (b < bn) dots[b] = dot_one(x + b * K, K, row, dtype);
 }
 
 // Output columns [u0, u1) for one weight dtype: inlined per dtype below, so load8's branch on the
-// dtype is resolved at compile time instead of once per vector. With gate_up, unit u is gate row u
-// and up row units + u.
+// dtype is resolved at compile time instead of once per vector.
 static inline __attribute__((always_inline)) void dense_columns(const float *x, int64_t B, int64_t K,
                                                                  const void *weight, int64_t units, int dtype,
                                                                  const float *bias, void *out, int out_dtype,
                                                                  int gate_up, int64_t u0, int64_t u1) {
-    const int64_t row_bytes = K * (dtype == DTYPE_F32 ? 4 : 2), up_offset = units * row_bytes;
-    float dots[ROW_BLOCK], up_dots[ROW_BLOCK] = {0};
-    int64_t u = u0;
-    if (B == 1) {
-        for (; u + 4 <= u1; u += 4) {
-            const char *rows[4], *up_rows[4];
-            for (int i = 0; i < 4; ++i) {
-                rows[i] = (const char *)weight + (u + i) * row_bytes;
-                up_rows[i] = rows[i] + up_offset;
-            }
-            prefetch_ahead(rows[0], 4 * row_bytes);
-            dots_four_rows(x, K, rows, dtype, dots);
-            if (gate_up) {
-                prefetch_ahead(up_rows[0], 4 * row_bytes);
-                dots_four_rows(x, K, up_rows, dtype, up_dots);
-            }
-            for (int i = 0; i < 4; ++i) {
-                store_output(out, u + i, out_dtype, dtype, bias, u + i, units, gate_up, dots[i], up_dots[i]);
-            }
-        }
-    }
-    if (B > 1) {  // two weight rows by up to four batch rows per pass
-        float pair[8], up_pair[8] = {0};
-        for (; u + 2 <= u1; u += 2) {
-            const char *row = (const char *)weight + u * row_bytes;
-            prefetch_ahead(row, 2 * row_bytes);
-            if (gate_up) prefetch_ahead(row + up_offset, 2 * row_bytes);
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                const int64_t bn = B - b0 < 4 ? B - b0 : 4;
-                dots_two_rows_any(x + b0 * K, bn, K, row, row + row_bytes, dtype, pair);
-                if (gate_up) dots_two_rows_any(x + b0 * K, bn, K, row + up_offset, row + up_offset + row_bytes, dtype,
-                                               up_pair);
-                for (int64_t b = 0; b < bn; ++b) {
-                    for (int j = 0; j < 2; ++j) {
-                        store_output(out, (b0 + b) * units + u + j, out_dtype, dtype, bias, u + j, units, gate_up,
-                                     pair[b * 2 + j], up_pair[b * 2 + j]);
-                    }
-                }
-            }
-        }
-    }
-    for (; u < u1; ++u) {
+    const int64_t row_bytes = K * (dtype == DTYPE_F32 ? 4 : 2);
+    float dots[ROW_BLOCK], up_dots[ROW_BLOCK];
+    for (int64_t u = u0; u < u1; ++u) {
         const char *row = (const char *)weight + u * row_bytes;
+        const char *up_row = row + units * row_bytes;
         prefetch_ahead(row, row_bytes);
-        if (gate_up) prefetch_ahead(row + up_offset, row_bytes);
+        if (gate_up) prefetch_ahead(up_row, row_bytes);
         for (int64_t b0 = 0; b0 < B; b0 += ROW_BLOCK) {
             const int64_t bn = B - b0 < ROW_BLOCK ? B - b0 : ROW_BLOCK;
-            dots_batch_rows(x + b0 * K, bn, K, row, dtype, dots);
-            if (gate_up) dots_batch_rows(x + b0 * K, bn, K, row + up_offset, dtype, up_dots);
+            row_dots(x + b0 * K, bn, K, row, dtype, dots);
+            if (gate_up) row_dots(x + b0 * K, bn, K, up_row, dtype, up_dots);
             for (int64_t b = 0; b < bn; ++b) {
-                store_output(out, (b0 + b) * units + u, out_dtype, dtype, bias, u, units, gate_up, dots[b], up_dots[b]);
+                float v = round_to(dtype, dots[b] + (bias ? bias[u] : 0.0f));
+                if (gate_up) {
+                    const float up = round_to(dtype, up_dots[b] + (bias ? bias[units + u] : 0.0f));
+                    v = round_to(dtype, silu(v) * up);
+                }
+                store1(out, (b0 + b) * units + u, out_dtype, v);
             }
         }
     }
