@@ -59,9 +59,9 @@ class DecodeLayerArgs(ctypes.Structure):
 class CpuDenseKernel:
     """A loaded kernel library. One instance per model; stateless between calls."""
 
-    # Up to this many rows a decode step runs as one fused call per layer (LlamaDecoder.forward)
-    # and short prompts use this GEMV: 1.3x oneDNN's float32 GEMM at 2-8 rows, 0.86x at 16, where
-    # the fusion still saves ~25 torch ops a layer (benchmarks/RESULTS.md); prefills go to oneDNN.
+    # Up to this many rows a decode step or prompt chunk runs as one fused call per layer
+    # (LlamaDecoder.forward) and projections use this GEMV: 1.4-1.7x torch's best at 2-8 rows,
+    # even with oneDNN's float32 GEMM at 16 (benchmarks/RESULTS.md); longer prefills go to oneDNN.
     MAX_ROWS = 16
 
     def __init__(self, library_path: Path) -> None:

@@ -1,9 +1,9 @@
-// Dense linear layer for few rows (decode steps) on x86-64 CPUs with AVX2, FMA and F16C:
-// y = x W^T (+ b), with W [N, K] in float16, bfloat16 or float32 read once per call at close to
-// the machine's read bandwidth, whatever the row count B. torch's half GEMV reaches 13-16 GB/s of
-// this machine's 30 GB/s, and its half GEMM has no batched kernel (8 rows cost 8x one row); the
-// float32 GEMM that batched steps used instead reads twice the bytes
-// (benchmarks/cpu_gemm.py measures all of them side by side).
+// Dense linear layer for few rows (decode steps, short prompt chunks) on x86-64 CPUs with AVX2, FMA
+// and F16C: y = x W^T (+ b), with W [N, K] in float16, bfloat16 or float32 read once per call
+// whatever the row count B, and (below) a whole decoder layer of a decode step in one call. torch's
+// half GEMM has no batched kernel on this kind of CPU (8 rows cost 8x one row) and the float32
+// GEMM that batched steps used instead reads twice the bytes (benchmarks/cpu_gemm.py measures
+// them side by side).
 //
 // Semantics: F.linear with float32 inputs, accumulated in float32 and rounded to the weight dtype
 // (the reference is dense_linear_reference in kernels/dense_cpu.py). With gate_up, W holds

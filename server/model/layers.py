@@ -34,8 +34,8 @@ class Linear(nn.Module):
 
     On CPU, inputs of up to CpuDenseKernel.MAX_ROWS rows (short prompts, and the projections of a
     decode step that runs in parts) go to our dense kernel (kernels/dense_cpu.py) where it loaded:
-    it reads the half weight once for all rows (1.3x oneDNN's float32 GEMM at 2-8 rows, about
-    torch's half GEMV at one row; benchmarks/cpu_gemm.py), with the same sums as the fused
+    it reads the half weight once for all rows (1.4-1.7x torch's best at 2-8 rows, 1.1x torch's
+    half GEMV at one row; benchmarks/cpu_gemm.py), with the same sums as the fused
     decode layer, so a row gets the same numbers on either path.
 
     With `batched_float32`, larger inputs (prefills) use a float32 copy of the weight: on CPU,
