@@ -8,7 +8,9 @@ ctypes call costs a few microseconds, no more than a torch op's dispatch.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -16,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -60,3 +64,16 @@ def build_library(source: Path, cache_dir: Path) -> Path:
         tmp_path.unlink(missing_ok=True)
         raise RuntimeError(f"building {source.name} failed:\n{error.stderr}") from error
     return target
+
+
+def load_library(source: Path, cache_dir: Path | None, fallback: str) -> ctypes.CDLL | None:
+    """The built library of `source`, or None (with a warning that ends in `fallback`, what the
+    caller does instead) where it cannot run: no AVX2/FMA/F16C, or no working compiler."""
+    if not cpu_supports_kernels():
+        logger.warning("CPU lacks AVX2/FMA/F16C for %s: %s", source.name, fallback)
+        return None
+    try:
+        return ctypes.CDLL(str(build_library(source, cache_dir or default_cache_dir())))
+    except (RuntimeError, OSError) as error:
+        logger.warning("%s unavailable (%s): %s", source.name, error, fallback)
+        return None

@@ -15,21 +15,12 @@ summation order.
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import (
-    CSRC,
-    DTYPE_CODES,
-    build_library,
-    cpu_supports_kernels,
-    default_cache_dir,
-)
-
-logger = logging.getLogger(__name__)
+from kernels.cpu_build import CSRC, DTYPE_CODES, load_library
 
 SOURCE = CSRC / "dense_cpu.c"
 
@@ -64,8 +55,7 @@ class CpuDenseKernel:
     # even with oneDNN's float32 GEMM at 16 (benchmarks/RESULTS.md); longer prefills go to oneDNN.
     MAX_ROWS = 16
 
-    def __init__(self, library_path: Path) -> None:
-        lib = ctypes.CDLL(str(library_path))
+    def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i32, i32]
@@ -81,14 +71,8 @@ class CpuDenseKernel:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> CpuDenseKernel | None:
-        if not cpu_supports_kernels():
-            logger.warning("CPU lacks AVX2/FMA/F16C: dense projections run through torch")
-            return None
-        try:
-            return cls(build_library(SOURCE, cache_dir or default_cache_dir()))
-        except (RuntimeError, OSError) as error:
-            logger.warning("CPU dense kernel unavailable, projections run through torch: %s", error)
-            return None
+        lib = load_library(SOURCE, cache_dir, "decode steps and projections run through torch")
+        return None if lib is None else cls(lib)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias_f32: torch.Tensor | None = None,
                gate_up: bool = False) -> torch.Tensor:

@@ -10,21 +10,12 @@ callers then use the masked dense path, which gives the same numbers without the
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from kernels.cpu_build import (
-    CSRC,
-    DTYPE_CODES,
-    build_library,
-    cpu_supports_kernels,
-    default_cache_dir,
-)
-
-logger = logging.getLogger(__name__)
+from kernels.cpu_build import CSRC, DTYPE_CODES, load_library
 
 SOURCE = CSRC / "wina_cpu.c"
 MAX_SEGMENTS = 4
@@ -33,8 +24,7 @@ MAX_SEGMENTS = 4
 class CpuWinaKernel:
     """A loaded kernel library. One instance per model; stateless between calls."""
 
-    def __init__(self, library_path: Path) -> None:
-        lib = ctypes.CDLL(str(library_path))
+    def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.wina_linear
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i64, p, i64, p, p, i32, p, i64, i32]
@@ -44,14 +34,8 @@ class CpuWinaKernel:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> "CpuWinaKernel | None":
-        if not cpu_supports_kernels():
-            logger.warning("CPU lacks AVX2/FMA/F16C: WINA sparsity runs the masked dense path (no speed-up)")
-            return None
-        try:
-            return cls(build_library(SOURCE, cache_dir or default_cache_dir()))
-        except (RuntimeError, OSError) as error:
-            logger.warning("CPU WINA kernel unavailable, using the masked dense path: %s", error)
-            return None
+        lib = load_library(SOURCE, cache_dir, "WINA sparsity runs the masked dense path (same numbers, no speed-up)")
+        return None if lib is None else cls(lib)
 
     def prepare(self, weight_t: torch.Tensor, col_norms: torch.Tensor, segments: Sequence[int],
                 bias: torch.Tensor | None = None, gate_up: bool = False,

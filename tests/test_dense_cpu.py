@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -78,3 +80,11 @@ def test_rejects_a_mismatched_input():
     weight, x, _ = _case(64, 40, 2, torch.float16)
     with pytest.raises(ValueError, match="does not fit"):
         KERNEL.linear(x[:, :63], weight)
+
+
+def test_load_falls_back_without_a_compiler(tmp_path, monkeypatch, caplog):
+    # An empty cache and a compiler that fails: no kernel, and a warning that says what runs instead.
+    monkeypatch.setenv("CC", "/bin/false")
+    with caplog.at_level(logging.WARNING):
+        assert CpuDenseKernel.load(tmp_path) is None
+    assert "dense_cpu.c unavailable" in caplog.text and "run through torch" in caplog.text
