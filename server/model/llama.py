@@ -20,8 +20,8 @@ from kernels.wina_cpu import CpuWinaKernel
 class LlamaDecoder(nn.Module):
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device, max_model_len: int, dense_kernel: CpuDenseKernel | None = None) -> None:
-        """dense_kernel: the CPU kernel for few-row projections (CpuDenseKernel.load()); None runs
-        every projection through torch."""
+        """dense_kernel: the CPU kernel (CpuDenseKernel.load()) that runs decode steps and short
+        prompt chunks one fused call per layer, and few-row projections; None runs all in torch."""
         super().__init__()
         self.config = config
         self.dtype = dtype
