@@ -1,5 +1,7 @@
-"""The CPU dense linear layer for few rows (decode steps): kernels/csrc/dense_cpu.c, compiled on
-first use and called through ctypes (kernels/cpu_build.py), with its torch reference.
+"""The CPU decode kernel, kernels/csrc/dense_cpu.c: a dense linear layer for few rows and whole
+decoder layers of decode steps, compiled on first use and called through ctypes
+(kernels/cpu_build.py), with the projection's torch reference (the decoder layer's reference is
+the model's own DecoderLayer.forward, which tests/test_model.py compares it with).
 
 Why a kernel of our own: on this kind of CPU (AVX2, no AVX-512), torch's half GEMM costs 8x one
 row for 8 rows, and the float32 GEMM used for batched rows instead reads twice the bytes; and a

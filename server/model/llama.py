@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,8 @@ from server.model.sparsity import (
 )
 from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
 from kernels.wina_cpu import CpuWinaKernel
+
+logger = logging.getLogger(__name__)
 
 
 class LlamaDecoder(nn.Module):
@@ -79,7 +83,10 @@ class LlamaDecoder(nn.Module):
         # decode steps run each layer as one kernel call where they can (see forward)
         self.decode_layers: list[PreparedDecodeLayer] | None = None
         if dense_kernel is not None and device.type == "cpu" and self.kv_dtype == torch.float32:
-            self.decode_layers = [self._prepare_decode_layer(dense_kernel, layer) for layer in self.layers]
+            try:
+                self.decode_layers = [self._prepare_decode_layer(dense_kernel, layer) for layer in self.layers]
+            except ValueError as error:  # a shape the kernel does not take: torch runs every step
+                logger.warning("CPU decode kernel not used for this model: %s", error)
         self.wina: WinaTable | None = None
         q, kv, hidden, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
         # per projection (q, k, v, o, gate, up, down): output width N_p and input width K_p
@@ -171,9 +178,9 @@ class LlamaDecoder(nn.Module):
         # edits neurons beyond keep masks. Both match DecoderLayer.forward up to float32
         # summation order (tests/test_model.py).
         fused = None
-        if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS:
-            if T == 1 or (B == 1 and sparsity is None and self._keep_masks_only(edits)):
-                fused = self.decode_layers
+        if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS and (
+                T == 1 or (B == 1 and sparsity is None and self._keep_masks_only(edits))):
+            fused = self.decode_layers
         if fused is not None:
             fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
             fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
