@@ -1,6 +1,6 @@
 """The CPU matrix products behind `server.model.layers.Linear`, timed one against another on the
-default model's projection shapes: why batch 1 runs half-precision GEMV and batched rows run a
-oneDNN-packed float32 copy of the weight.
+default model's projection shapes: why up to 16 rows run our dense kernel on the half weight and
+longer prefills a oneDNN-packed float32 copy of the weight.
 
 For each projection shape (SmolLM2-135M: fused qkv, o, fused gate/up, down, the tied head) and each
 row count, every variant runs over `--weights` distinct weights in turn (a decode step reads 30

@@ -87,9 +87,9 @@ class CpuDenseKernel:
         rows = x.reshape(-1, K).float().contiguous()  # [B, K]
         width = N // 2 if gate_up else N
         out = torch.empty(rows.shape[0], width, dtype=weight.dtype)
-        status = self._fn(rows.data_ptr(), rows.shape[0], K, weight.data_ptr(), N, DTYPE_CODES[weight.dtype],
-                          None if bias_f32 is None else bias_f32.data_ptr(), out.data_ptr(),
-                          DTYPE_CODES[weight.dtype], int(gate_up))
+        code = DTYPE_CODES[weight.dtype]  # weight and output share the dtype
+        status = self._fn(rows.data_ptr(), rows.shape[0], K, weight.data_ptr(), N, code,
+                          None if bias_f32 is None else bias_f32.data_ptr(), out.data_ptr(), code, int(gate_up))
         if status != 0:
             raise RuntimeError(f"dense_linear rejected x {tuple(x.shape)}, weight {tuple(weight.shape)}")
         return out.view(*x.shape[:-1], width)

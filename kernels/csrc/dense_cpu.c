@@ -156,8 +156,9 @@ int dense_linear(const float *x, int64_t B, int64_t K, const void *weight, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// One decoder layer of a decode step (one new token per row), fused: the model's
-// DecoderLayer.forward for T == 1 without sparsity or neuron edits, in one call instead of about
+// One decoder layer for a decode step (one new token per row) or a short prompt chunk of one
+// sequence (its tokens as rows of one slot), fused: the model's DecoderLayer.forward without
+// sparsity, and without neuron edits other than keep masks, in one call instead of about
 // 25 torch ops, each of which costs more to dispatch than to compute at this size. Same math as the
 // torch path: float32 norms, RoPE, attention and residual stream; every projection rounded to the
 // weight dtype (dense_columns); keys and values in a float32 cache.

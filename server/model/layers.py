@@ -178,25 +178,24 @@ class Attention(nn.Module):
                 q.view(B, KVH, H // KVH, D), keys, values,
                 attn_mask=None if attn_mask is None else attn_mask.view(B, 1, 1, -1),
             )  # [B, KVH, G, D]
-            return self._output(out.reshape(B, 1, H * D), sparsity)
+            return self.project_output(out.reshape(B, 1, H * D), sparsity)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=H != KVH,
         )  # [B, H, T, D]
-        return self._output(out.transpose(1, 2).reshape(B, T, H * D), sparsity)
+        return self.project_output(out.transpose(1, 2).reshape(B, T, H * D), sparsity)
 
-    def _output(self, out: torch.Tensor, sparsity: LayerSparsity | None) -> torch.Tensor:
+    def project_output(self, out: torch.Tensor, sparsity: LayerSparsity | None) -> torch.Tensor:
         if sparsity is None:
             return self.o_proj.forward(out)
         return sparsity.apply(self.sparse_o, out, self.o_proj.forward)
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, gate_up: Linear, down: Linear, intermediate_size: int) -> None:
+    def __init__(self, gate_up: Linear, down: Linear) -> None:
         super().__init__()
         self.gate_up = gate_up  # fused [gate; up] rows
         self.down = down
-        self.intermediate_size = intermediate_size
         self.sparse_gate_up: SparseProjection | None = None  # set by LlamaDecoder.attach_sparsity
         self.sparse_down: SparseProjection | None = None
 
@@ -242,5 +241,5 @@ class DecoderLayer(nn.Module):
         attn = self.attn
         x = kernel.norm(h, kernel.ATTENTION_NORM)
         qkv = attn.qkv.forward(x) if sparsity is None else sparsity.apply(attn.sparse_qkv, x, attn.qkv.forward)
-        h = h + attn._output(kernel.attend(qkv, keys, values, slots, positions), sparsity)
+        h = h + attn.project_output(kernel.attend(qkv, keys, values, slots, positions), sparsity)
         return h + self.mlp.forward(kernel.norm(h, kernel.MLP_NORM), sparsity, neurons)

@@ -67,7 +67,6 @@ class LlamaDecoder(nn.Module):
             mlp = SwiGLU(
                 linear(gate_up_w, gate_up_b),
                 linear(weight(p + "mlp.down_proj.weight"), optional(p + "mlp.down_proj.bias")),
-                c.intermediate_size,
             )
             layers.append(DecoderLayer(self._norm(state_dict, p + "input_layernorm.weight"), attn,
                                        self._norm(state_dict, p + "post_attention_layernorm.weight"), mlp))
