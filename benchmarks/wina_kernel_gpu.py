@@ -12,8 +12,10 @@ round((1-s) K) channels per row and segment. Each case is timed twice, medians b
 
 * eagerly, with ``triton.testing.do_bench`` (events; it flushes the L2 cache between runs): what an
   eager decode step pays, the launcher's CPU time included, which dominates for small layers;
-* as replays of a captured CUDA graph (``do_bench_cudagraph``): the GPU time alone. No L2 flush
-  there, so layers smaller than the L2 (the default model's) read from cache; Llama-3-8B's do not.
+* as replays of a captured CUDA graph (``do_bench_cudagraph``): the GPU time alone. Each call in
+  the graph reads the next of several copies of the weight (``rotating``: enough to fill the L2
+  twice), so the weights come from device memory, as in a decode step, also for the default
+  model's small layers, which would otherwise sit in the L2 between replays.
 
 * triton: the sparse kernel (``wina_linear_sparse`` / ``wina_gate_up_sparse``: always the kernel,
   whatever DENSE_CROSSOVER_BATCH says, so that batches above it can be measured to tune it);
@@ -64,14 +66,36 @@ class Layer:
 LAYERS = {
     layer.name: layer
     for layer in (
+        Layer("llama8b_down", 14336, (4096,)),
+        Layer("llama8b_gate_up", 4096, (14336, 14336), gate_up=True),
         Layer("qkv", 576, (576, 192, 192)),
         Layer("o", 576, (576,)),
         Layer("gate_up", 576, (1536, 1536), gate_up=True),
         Layer("down", 1536, (576,)),
-        Layer("llama8b_gate_up", 4096, (14336, 14336), gate_up=True),
-        Layer("llama8b_down", 14336, (4096,)),
     )
 }
+
+
+def rotating(weight) -> list:
+    """weight [N, K] -> [(weight, weight_t [K, N] contiguous)] copies, as many as make twice the L2
+    cache (at most 64): a captured graph whose calls read copy after copy reads them from device
+    memory, as a decode step does, and not from the L2 where a single small layer would stay."""
+    import torch
+
+    l2_bytes = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 50 * 2**20)
+    copies = max(1, min(64, -(-2 * l2_bytes // (weight.numel() * weight.element_size()))))
+    return [(w, w.t().contiguous()) for w in [weight] + [weight.clone() for _ in range(copies - 1)]]
+
+
+def cycling(calls: list):
+    """One callable that runs calls[0], calls[1], ... in turn (each a different weight copy)."""
+    state = {"next": 0}
+
+    def call():
+        fn = calls[state["next"] % len(calls)]
+        state["next"] += 1
+        return fn()
+    return call
 
 
 def _csv(kind):
@@ -93,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dot-variant", action="store_true",
                         help="also time batches below DOT_MIN_BATCH on the tl.dot path")
+    parser.add_argument("--real-inputs", type=Path, default=None,
+                        help="also time the default model's own layer on its recorded inputs and calibrated "
+                             "thresholds (the file benchmarks/wina_real_inputs.py saves)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     args = parser.parse_args(argv)
     unknown = [name for name in args.layers if name not in LAYERS]
@@ -105,8 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def bench_case(layer: Layer, batch: int, sparsity: float, dtype, args: argparse.Namespace,
-               weights: tuple) -> dict[str, Any]:
+def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: argparse.Namespace,
+               weights: tuple, inputs: tuple | None = None) -> dict[str, Any]:
+    """One timed case. `inputs`: (x [batch, K], thresholds [batch, G]) to use instead of random
+    inputs at top-k thresholds (the --real-inputs cases; `sparsity` None: the achieved one)."""
     import torch
     import torch.nn.functional as F
     import triton.testing
@@ -118,30 +147,39 @@ def bench_case(layer: Layer, batch: int, sparsity: float, dtype, args: argparse.
         wina_linear_reference,
     )
 
-    weight, weight_t, col_norms = weights  # [N, K], [K, N], [G, K]
+    copies, col_norms = weights  # [(weight [N, K], weight_t [K, N])], [G, K]
+    weight, weight_t = copies[0]
     gen = torch.Generator(device="cuda").manual_seed(args.seed + batch)
-    x = torch.randn(batch, layer.k, device="cuda", generator=gen).to(dtype)
-    keep = round((1.0 - sparsity) * layer.k)
-    thresholds = thresholds_for_topk(x, col_norms, keep).to("cuda")  # keep == K builds it on the CPU
+    if inputs is None:
+        x = torch.randn(batch, layer.k, device="cuda", generator=gen).to(dtype)
+        thresholds = thresholds_for_topk(x, col_norms, round((1.0 - sparsity) * layer.k)).to("cuda")
+    else:
+        x, thresholds = inputs
     half = layer.segments[0]
 
     if layer.gate_up:
-        def sparse():
-            return wina_triton.wina_gate_up_sparse(x, weight_t, col_norms, thresholds)
+        def sparse_with(w_t):
+            return wina_triton.wina_gate_up_sparse(x, w_t, col_norms, thresholds)
 
-        def dense():
-            gate_up = F.linear(x, weight)
+        def dense_with(w):
+            gate_up = F.linear(x, w)
             return F.silu(gate_up[:, :half]) * gate_up[:, half:]
 
-        ref, _ = wina_gate_up_reference(x, weight_t, col_norms, thresholds)
+        ref, ref_kept = wina_gate_up_reference(x, weight_t, col_norms, thresholds)
     else:
-        def sparse():
-            return wina_triton.wina_linear_sparse(x, weight_t, col_norms, thresholds, layer.segments)
+        def sparse_with(w_t):
+            return wina_triton.wina_linear_sparse(x, w_t, col_norms, thresholds, layer.segments)
 
-        def dense():
-            return F.linear(x, weight)
+        def dense_with(w):
+            return F.linear(x, w)
 
-        ref, _ = wina_linear_reference(x, weight_t, col_norms, thresholds, layer.segments)
+        ref, ref_kept = wina_linear_reference(x, weight_t, col_norms, thresholds, layer.segments)
+
+    def sparse():
+        return sparse_with(weight_t)
+
+    def dense():
+        return dense_with(weight)
 
     out, kept = sparse()
     err = (out.float() - ref.float()).abs().max().item()
@@ -155,11 +193,16 @@ def bench_case(layer: Layer, batch: int, sparsity: float, dtype, args: argparse.
     def events_ms(fn):  # CPU launch cost included, as an eager decode step pays it
         return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
 
-    def graph_ms(fn):  # GPU time alone: replays of a captured CUDA graph (no L2 flush between them)
+    def graph_ms(fn):  # GPU time alone: replays of a captured CUDA graph
         return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
 
+    def from_memory(fn, arg: int):
+        """fn, called on weight copy after copy: in a graph each call reads its weights from device
+        memory (small layers would otherwise read a single copy from the L2)."""
+        return cycling([lambda c=c: fn(c[arg]) for c in copies])
+
     triton_ms, dense_ms = events_ms(sparse), events_ms(dense)
-    triton_graph_ms, dense_graph_ms = graph_ms(sparse), graph_ms(dense)
+    triton_graph_ms, dense_graph_ms = graph_ms(from_memory(sparse_with, 1)), graph_ms(from_memory(dense_with, 0))
     config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device)
     dot = {}
     if not config.use_dot and args.dot_variant:  # the same case on the tl.dot path, to tune DOT_MIN_BATCH
@@ -173,18 +216,45 @@ def bench_case(layer: Layer, batch: int, sparsity: float, dtype, args: argparse.
                                                       config=dot_config)
         dot = {"dot_us": events_ms(sparse_dot) * 1e3, "dot_graph_us": graph_ms(sparse_dot) * 1e3,
                "dot_max_abs_err": (sparse_dot()[0].float() - ref.float()).abs().max().item()}
+    achieved = 1.0 - float(ref_kept.float().mean()) / layer.k
+    sparsity = achieved if sparsity is None else sparsity
     return {
         "layer": layer.name, "k": layer.k, "segments": list(layer.segments), "gate_up": layer.gate_up,
-        "batch": batch, "sparsity": sparsity, "kept_per_row": keep,
-        "kept_matches": bool((kept == keep).all()),
+        "batch": batch, "sparsity": sparsity,
+        "achieved_sparsity": achieved,
+        "kept_matches": bool(torch.equal(kept.cpu(), ref_kept.cpu())),
         "triton_us": triton_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": triton_ms / dense_ms,
         "triton_graph_us": triton_graph_ms * 1e3, "dense_graph_us": dense_graph_ms * 1e3,
         "graph_ratio": triton_graph_ms / dense_graph_ms, **dot,
         "roofline_ratio": 1.0 - sparsity, "rows_read": rows,
         "triton_gbps": rows * weight_bytes / (triton_graph_ms * 1e-3) / 1e9,
         "dense_gbps": weight_bytes / (dense_graph_ms * 1e-3) / 1e9,
-        "max_abs_err": err, "config": asdict(config),
+        "max_abs_err": err, "config": asdict(config), "weight_copies": len(copies),
     }
+
+
+def real_input_cases(args: argparse.Namespace, dtype) -> list[dict[str, Any]]:
+    """The default model's own layer, inputs and calibrated thresholds (benchmarks/wina_real_inputs.py):
+    batch 1 on the first request's row, and every batch of --batches up to the rows saved."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(args.real_inputs), device="cuda")
+    cases = []
+    for name in ("qkv", "o", "gate_up", "down"):
+        weight = saved[f"{name}.weight"].to(dtype)  # [N, K]
+        segments = tuple(int(w) for w in saved[f"{name}.segments"])
+        layer = Layer(f"real_{name}", weight.shape[1], segments, gate_up=name == "gate_up")
+        weights = (rotating(weight), saved[f"{name}.col_norms"])
+        rows = saved[f"{name}.x"]  # [R, K] float32
+        for batch in (b for b in args.batches if b <= rows.shape[0]):
+            x = rows[:batch].to(dtype)
+            thresholds = saved[f"{name}.thresholds"].expand(batch, -1).contiguous()  # [batch, G]
+            case = bench_case(layer, batch, None, dtype, args, weights, (x, thresholds))
+            cases.append(case)
+            print(f"  {layer.name} B={batch} (real, sparsity {case['achieved_sparsity']:.2f}): in a CUDA graph "
+                  f"{case['triton_graph_us']:.1f} vs {case['dense_graph_us']:.1f} us, rows read "
+                  f"{case['rows_read']:.3f}", flush=True)
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         layer = LAYERS[name]
         n = sum(layer.segments)
         weight = (torch.randn(n, layer.k, device="cuda") / layer.k**0.5).to(dtype)  # [N, K]
-        weights = (weight, weight.t().contiguous(), column_norms(weight, layer.segments))
+        weights = (rotating(weight), column_norms(weight, layer.segments))
         for batch in args.batches:
             for sparsity in args.sparsities:
                 case = bench_case(layer, batch, sparsity, dtype, args, weights)
@@ -224,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{case['dense_graph_us']:.1f} us{dot}", flush=True)
         del weight, weights
         torch.cuda.empty_cache()
+    if args.real_inputs is not None:
+        cases += real_input_cases(args, dtype)
 
     headers = ["layer", "B", "s", "triton us", "dense us", "ratio", "graph: triton", "dense", "ratio", "1-s",
                "rows", "triton GB/s", "dense GB/s", "err", "kept ok"]

@@ -28,8 +28,12 @@ CUDA and need CUDA tensors.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,8 @@ MAX_SEGMENTS = 3  # fused q/k/v
 DOT_MIN_BATCH = 2
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ELEMENTS = 2**31  # pointer offsets are int32 inside the kernels
+TUNED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # one JSON file per GPU model
+TUNED_CONFIGS_ENV = "NEURONSERVE_WINA_CONFIGS"  # a tuning file to use instead
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,8 +88,8 @@ def _wina_linear_kernel(
     cn_ptr,  # [G, K] float32 WINA column norms, one row per segment
     thr_ptr,  # [B, G] float32 per-row, per-segment thresholds
     bias_ptr,  # [N] bias; any pointer when HAS_BIAS is False (never read)
-    y_ptr,  # SPLIT_K == 1: [B, N] output in the weight dtype; else [SPLIT_K, B, N] fp32 partial sums
-    kept_ptr,  # [B, G] int32 kept counts: stored when SPLIT_K == 1, else atomically added (pre-zeroed)
+    y_ptr,  # [B, N] output in the weight dtype; with PARTIALS [splits, B, N] fp32 partial sums
+    kept_ptr,  # [B, G] int32 kept counts: stored, or with PARTIALS atomically added (pre-zeroed)
     B,  # batch rows (<= BLOCK_B)
     K,  # input channels
     N0,  # width of segment 0
@@ -96,8 +102,8 @@ def _wina_linear_kernel(
     stride_ys, stride_yb,  # y strides: split (partials only), row (column stride is 1)
     stride_kb, stride_kg,  # kept strides: row, segment
     K_PER_SPLIT,  # input channels per split-K program, a multiple of BLOCK_K
-    HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (SPLIT_K == 1 only; the launcher adds it otherwise)
-    SPLIT_K: tl.constexpr,  # programs along K (grid axis 1)
+    HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (without PARTIALS; else the reduction adds it)
+    PARTIALS: tl.constexpr,  # several programs along K (grid axis 1) write fp32 partial sums
     BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B (>= 16 with USE_DOT)
     BLOCK_K: tl.constexpr,  # input channels per loop step
     BLOCK_N: tl.constexpr,  # output columns per program
@@ -145,7 +151,7 @@ def _wina_linear_kernel(
     kept = tl.sum(kept, axis=1)
     out_mask = b_ok[:, None] & n_ok[None, :]
     first_block = local_block == 0  # one program per (segment, split) reports the counts
-    if SPLIT_K == 1:
+    if not PARTIALS:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :],
@@ -166,8 +172,8 @@ def _wina_gate_up_kernel(
     cn_ptr,  # [2, K] float32 column norms: gate, up
     thr_ptr,  # [B, 2] float32 thresholds: gate, up
     bias_ptr,  # [2I] bias; any pointer when HAS_BIAS is False (never read)
-    y_ptr,  # SPLIT_K == 1: [B, I] silu(gate) * up in the weight dtype; else [SPLIT_K, B, 2I] fp32 partials
-    kept_ptr,  # [B, 2] int32 kept counts: stored when SPLIT_K == 1, else atomically added (pre-zeroed)
+    y_ptr,  # [B, I] silu(gate) * up in the weight dtype; with PARTIALS [splits, B, 2I] fp32 partials
+    kept_ptr,  # [B, 2] int32 kept counts: stored, or with PARTIALS atomically added (pre-zeroed)
     B,  # batch rows (<= BLOCK_B)
     K,  # input channels
     I,  # intermediate width (gate and up columns each)
@@ -178,8 +184,8 @@ def _wina_gate_up_kernel(
     stride_ys, stride_yb,  # y strides: split (partials only), row (column stride is 1)
     stride_kb, stride_kg,  # kept strides: row, segment
     K_PER_SPLIT,  # input channels per split-K program, a multiple of BLOCK_K
-    HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (SPLIT_K == 1 only; the launcher adds it otherwise)
-    SPLIT_K: tl.constexpr,  # programs along K (grid axis 1)
+    HAS_BIAS: tl.constexpr,  # add bias_ptr in the epilogue (without PARTIALS; else the reduction adds it)
+    PARTIALS: tl.constexpr,  # several programs along K (grid axis 1) write fp32 partial sums
     BLOCK_B: tl.constexpr,  # batch rows per tile: next power of two >= B (>= 16 with USE_DOT)
     BLOCK_K: tl.constexpr,  # input channels per loop step
     BLOCK_N: tl.constexpr,  # intermediate columns per program (each of gate and up)
@@ -226,7 +232,7 @@ def _wina_gate_up_kernel(
     kept_u = tl.sum(kept_u, axis=1)
     out_mask = b_ok[:, None] & n_ok[None, :]
     first_block = pid_n == 0  # one program per split reports the counts
-    if SPLIT_K == 1:
+    if not PARTIALS:
         if HAS_BIAS:
             acc_g += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(bias_ptr + I + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -248,6 +254,42 @@ def _wina_gate_up_kernel(
             tl.atomic_add(kept_ptr + offs_b * stride_kb + stride_kg, kept_u, mask=b_ok)
 
 
+@triton.jit
+def _sum_partials_kernel(
+    p_ptr,  # [splits, B, W] fp32 partial sums of a split-K launch
+    bias_ptr,  # [W] bias; any pointer when HAS_BIAS is False (never read)
+    y_ptr,  # [B, N] output in the weight dtype: N = W, or W / 2 with SWIGLU
+    SPLITS,  # partial sums per output
+    N,  # output columns
+    stride_ps, stride_pb,  # partials strides: split, row (column stride is 1)
+    stride_yb,  # output row stride (column stride is 1)
+    HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr,  # partials hold gate | up (W = 2N): the output is silu(gate) * up
+    BLOCK_N: tl.constexpr,
+):
+    """One launch after a split-K launch: sums the partials in split order (the same sum on every
+    run, unlike float atomics), adds the bias, rounds, and for gate/up applies SwiGLU."""
+    row = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    partial = p_ptr + row * stride_pb + offs_n
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)  # up columns (SWIGLU only)
+    for split in range(SPLITS):
+        acc += tl.load(partial + split * stride_ps, mask=n_ok, other=0.0)
+        if SWIGLU:
+            acc_u += tl.load(partial + split * stride_ps + N, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            acc_u += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if SWIGLU:  # as the unsplit kernel: gate and up rounded to the output dtype first
+        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * up
+    tl.store(y_ptr + row * stride_yb + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -262,9 +304,34 @@ class WinaKernelConfig:
 
     block_k: int  # input channels per loop step
     block_n: int  # output columns per program
-    split_k: int = 1  # programs along K; > 1 writes fp32 partials that the launcher sums
+    split_k: int = 1  # programs along K; > 1 writes fp32 partials that a second launch sums
     num_warps: int = 4
     use_dot: bool | None = None  # tl.dot on a batch tile padded to >= 16; None: batch >= DOT_MIN_BATCH
+    num_stages: int | None = None  # software-pipelining depth of the K loop; None: Triton's default
+
+
+def tuning_key(gate_up: bool, block_b: int, k: int, widths: Sequence[int]) -> str:
+    """The key of one tuned configuration: kernel, batch tile (every batch that pads to the same
+    BLOCK_B runs the same compiled kernel), input channels and segment widths."""
+    return f"{'gate_up' if gate_up else 'linear'} B{block_b} K{k} N{'+'.join(str(w) for w in widths)}"
+
+
+def tuned_configs_path(device_name: str) -> Path:
+    """kernels/configs/<GPU name>.json (what benchmarks/wina_tune_gpu.py writes), or the file that
+    $NEURONSERVE_WINA_CONFIGS names (read once per process)."""
+    override = os.environ.get(TUNED_CONFIGS_ENV)
+    if override:
+        return Path(override)
+    return TUNED_CONFIGS_DIR / (re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") + ".json")
+
+
+@functools.lru_cache(maxsize=8)
+def load_tuned_configs(path: Path) -> dict[str, WinaKernelConfig]:
+    """{tuning_key: config} from a tuning file; {} when there is none (the heuristic then decides)."""
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text())["configs"]
+    return {key: WinaKernelConfig(**entry) for key, entry in entries.items()}
 
 
 def _tile(batch: int, use_dot: bool | None = None) -> tuple[int, bool]:
@@ -277,11 +344,23 @@ def _tile(batch: int, use_dot: bool | None = None) -> tuple[int, bool]:
 @functools.lru_cache(maxsize=512)
 def pick_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
                 device: torch.device, use_dot: bool | None = None) -> WinaKernelConfig:
-    """Block sizes from the batch and shapes (cached: decode calls it every step). First guesses,
-    to be tuned on a GPU with benchmarks/wina_kernel_gpu.py; they only change speed, never results
-    beyond fp32 summation order. Triton compiles once per distinct (BLOCK_B, BLOCK_K, BLOCK_N,
-    SPLIT_K, flags), and BLOCK_B is bucketed to powers of two. `use_dot` forces the tl.dot path
-    on or off (None: from DOT_MIN_BATCH)."""
+    """Launch parameters for a batch and shapes (cached: decode calls it every step): on CUDA, the
+    measured best for this GPU and shape where benchmarks/wina_tune_gpu.py tuned it
+    (`tuned_configs_path`), else a heuristic. They only change speed, never results beyond fp32
+    summation order. Triton compiles once per distinct (BLOCK_B, BLOCK_K, BLOCK_N, warps, stages,
+    flags), and BLOCK_B is bucketed to powers of two. `use_dot` forces the tl.dot path on or off
+    (None: from DOT_MIN_BATCH; a forced path never takes a tuned config)."""
+    if device.type == "cuda" and use_dot is None:
+        tuned = load_tuned_configs(tuned_configs_path(torch.cuda.get_device_name(device)))
+        config = tuned.get(tuning_key(gate_up, _tile(batch)[0], k, widths))
+        if config is not None:
+            return config
+    return heuristic_config(batch, k, widths, gate_up, device, use_dot)
+
+
+def heuristic_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
+                     device: torch.device, use_dot: bool | None = None) -> WinaKernelConfig:
+    """`pick_config` where no tuned configuration exists: first guesses from the shapes."""
     block_b, use_dot = _tile(batch, use_dot)
     widest = triton.next_power_of_2(max(widths))
     tiles = 2 if gate_up else 1  # gate_up holds two weight tiles and two accumulators
@@ -358,6 +437,8 @@ def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int,
         raise ValueError(f"tl.dot needs block_k and block_n >= 16; got {config}")
     if config.split_k < 1:
         raise ValueError(f"split_k must be >= 1; got {config.split_k}")
+    if config.num_stages is not None and config.num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1; got {config.num_stages}")
 
 
 def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor,
@@ -367,6 +448,7 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
     """The launch both kernels share: same argument order after their shape arguments."""
     partials = split_k > 1
     block_b, use_dot = tile
+    pipelining = {} if config.num_stages is None else {"num_stages": config.num_stages}
     kernel[(grid_n, split_k)](
         x, weight_t, col_norms, thresholds, bias if bias is not None else x, y, kept,
         x.shape[0], k, *shape_args,
@@ -378,7 +460,7 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
         kept.stride(0), kept.stride(1),
         k_per_split,
         HAS_BIAS=bias is not None,
-        SPLIT_K=split_k,
+        PARTIALS=partials,
         BLOCK_B=block_b,
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
@@ -387,7 +469,22 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
         # (16-bit products are exact in fp32) gives the same result.
         DOT_NATIVE=x.dtype == weight_t.dtype and x.dtype != torch.float32 and not INTERPRETED,
         num_warps=config.num_warps,
+        **pipelining,
     )
+
+
+def _sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  swiglu: bool) -> torch.Tensor:
+    """[splits, B, W] fp32 partials -> [B, N] in `dtype` (N = W, or W / 2 with swiglu), one launch."""
+    splits, batch, width = partials.shape
+    n = width // 2 if swiglu else width
+    y = torch.empty(batch, n, dtype=dtype, device=partials.device)
+    block_n = min(1024, triton.next_power_of_2(n))
+    _sum_partials_kernel[(batch, triton.cdiv(n, block_n))](
+        partials, bias if bias is not None else partials, y, splits, n,
+        partials.stride(0), partials.stride(1), y.stride(0),
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n)
+    return y
 
 
 def _split(k: int, config: WinaKernelConfig) -> tuple[int, int]:
@@ -427,11 +524,8 @@ def wina_linear_sparse(
     padded = widths + [0] * (MAX_SEGMENTS - len(widths))
     _launch(_wina_linear_kernel, x, weight_t, col_norms, thresholds, bias, y, kept, grid_n, k,
             tuple(padded), config, tile, k_per_split, split_k)
-    if split_k > 1:  # a deterministic reduction (no float atomics): results do not vary run to run
-        y = y.sum(dim=0)
-        if bias is not None:
-            y += bias.float()
-        y = y.to(weight_t.dtype)
+    if split_k > 1:
+        y = _sum_partials(y, bias, weight_t.dtype, swiglu=False)
     return y, kept
 
 
@@ -465,10 +559,7 @@ def wina_gate_up_sparse(
     _launch(_wina_gate_up_kernel, x, weight_t, col_norms, thresholds, bias, y, kept,
             triton.cdiv(half, config.block_n), k, (half,), config, tile, k_per_split, split_k)
     if split_k > 1:
-        gate_up = y.sum(dim=0)
-        if bias is not None:
-            gate_up += bias.float()
-        y = _swiglu(gate_up.to(weight_t.dtype))
+        y = _sum_partials(y, bias, weight_t.dtype, swiglu=True)
     return y, kept
 
 

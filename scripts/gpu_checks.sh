@@ -2,12 +2,17 @@
 # The checks that need a CUDA GPU, in one call: for a lent GPU machine (docs/gpu.md says how to
 # prepare one) or any CUDA box with the project installed.
 #
-#   OUT=DIR bash scripts/gpu_checks.sh [kernels] [tests] [kernels-bf16] [decode]   (default: all four)
+#   OUT=DIR bash scripts/gpu_checks.sh [tune] [kernels] [tests] [kernels-bf16] [decode]   (default: all)
 #
 # KERNEL_ARGS and DECODE_ARGS replace the microbenchmark's and the decode benchmark's default
 # options (to fit a short lease).
 #
-# kernels       Triton sparse GEMV vs cuBLAS (benchmarks/wina_kernel_gpu.py), float16, batch 1..32
+# tune          tune the kernels' launch parameters for this GPU (benchmarks/wina_tune_gpu.py) into
+#               $OUT/wina_configs.json, which every later step then uses (commit it as
+#               kernels/configs/<GPU name>.json)
+# kernels       Triton sparse GEMV vs cuBLAS (benchmarks/wina_kernel_gpu.py), float16, batch 1..8,
+#               and on the default model's own layer and inputs where .gpu/wina_real_inputs.safetensors
+#               exists (benchmarks/wina_real_inputs.py saves it)
 # tests         pytest -m gpu: compiled kernels against the references, model/sparsity/interventions/engine
 # kernels-bf16  the same microbenchmark in bfloat16, batch 1 and 8
 # decode        engine decode tok/s on CUDA at each sparsity (benchmarks/wina_speed.py) after
@@ -48,20 +53,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log everything, prin
 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0))"
 } 2>&1 | tee -a "$LOG"
 
-steps=${*:-kernels tests kernels-bf16 decode}
+real_inputs=()
+[ -f .gpu/wina_real_inputs.safetensors ] && real_inputs=(--real-inputs .gpu/wina_real_inputs.safetensors)
+steps=${*:-tune kernels tests kernels-bf16 decode}
 for s in $steps; do
     case $s in
+    tune)
+        step tune 270 python3 benchmarks/wina_tune_gpu.py --configs "$OUT/wina_configs.json" \
+            --out "$OUT/wina_tune_gpu.json"
+        [ -f "$OUT/wina_configs.json" ] && export NEURONSERVE_WINA_CONFIGS=$OUT/wina_configs.json
+        ;;
     kernels)
         # shellcheck disable=SC2086  # KERNEL_ARGS is a list of options
-        step kernels 200 python3 benchmarks/wina_kernel_gpu.py ${KERNEL_ARGS:---batches 1,2,4,8,16,32 --dot-variant} \
-            --out "$OUT/wina_kernel_gpu_float16.json"
+        step kernels 120 python3 benchmarks/wina_kernel_gpu.py ${KERNEL_ARGS:---batches 1,2,4,8 --rep-ms 20 --warmup-ms 10} \
+            "${real_inputs[@]}" --out "$OUT/wina_kernel_gpu_float16.json"
         ;;
     tests)
-        step tests 240 env TRITON_INTERPRET=0 python3 -m pytest -m gpu -rA -s -p no:cacheprovider \
+        step tests 180 env TRITON_INTERPRET=0 python3 -m pytest -m gpu -rA -s -p no:cacheprovider \
             tests/test_gpu.py tests/test_wina_triton.py
         ;;
     kernels-bf16)
-        step kernels-bf16 60 python3 benchmarks/wina_kernel_gpu.py --dtype bfloat16 --batches 1,8 \
+        step kernels-bf16 60 python3 benchmarks/wina_kernel_gpu.py --dtype bfloat16 --batches 1,8 --rep-ms 20 \
             --out "$OUT/wina_kernel_gpu_bfloat16.json"
         ;;
     decode)
@@ -87,11 +99,17 @@ for f in "$OUT"/*.json; do
 import json, sys
 report = json.load(open(sys.argv[1]))
 name = sys.argv[1].rsplit("/", 1)[-1]
+if report.get("benchmark") == "wina_tune_gpu":
+    for c in report["cases"]:
+        print(f"{name}: {c['layer']} B={c['batch']} tuned {c['best_us']:.1f} us, heuristic {c['heuristic_us'] or 0:.1f}, "
+              f"cuBLAS {c['dense_us']:.1f} (x{c['x_dense']:.2f}) {c['best']}")
+    sys.exit()
 for c in report.get("cases", []):
-    if c["sparsity"] == 0.5:
+    if c["sparsity"] == 0.5 or c["layer"].startswith("real_"):
         dot = f"; dot path {c['dot_us']:.1f} / graph {c['dot_graph_us']:.1f}" if "dot_us" in c else ""
-        print(f"{name}: {c['layer']} B={c['batch']} s=0.5 eager {c['triton_us']:.1f} vs cuBLAS {c['dense_us']:.1f} us; "
-              f"graph {c['triton_graph_us']:.1f} vs {c['dense_graph_us']:.1f} us (x{1 / c['graph_ratio']:.2f}){dot}")
+        print(f"{name}: {c['layer']} B={c['batch']} s={c['sparsity']:.2f} eager {c['triton_us']:.1f} vs cuBLAS "
+              f"{c['dense_us']:.1f} us; graph {c['triton_graph_us']:.1f} vs {c['dense_graph_us']:.1f} us "
+              f"(x{1 / c['graph_ratio']:.2f}, rows read {c['rows_read']:.2f}){dot}")
 decode = report.get("decode")
 if decode:
     for r in decode["rows"]:

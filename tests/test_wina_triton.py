@@ -10,8 +10,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -150,7 +152,7 @@ def test_gate_up_odd_shapes(batch, sparsity, dtype):
 
 @interpreted
 @pytest.mark.parametrize("config", [wt.WinaKernelConfig(block_k=16, block_n=16),
-                                    wt.WinaKernelConfig(block_k=16, block_n=16, split_k=3),
+                                    wt.WinaKernelConfig(block_k=16, block_n=16, split_k=3, num_stages=2),
                                     wt.WinaKernelConfig(block_k=16, block_n=16, use_dot=True)],
                          ids=["16x16", "split_k3", "dot"])
 @pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (5, torch.bfloat16), (12, torch.float16)],
@@ -304,3 +306,30 @@ def test_compiled_kernel_on_cuda():
             other[1:] = thresholds_for_topk(x[1:], col_norms, 50)
             y1, _ = wt.wina_linear_sparse(x, weight_t, col_norms, other, (576, 192, 192), b)
             assert torch.equal(y1[0], y0[0])
+
+
+def test_tuned_config_table_round_trip(tmp_path):
+    """A tuning file as benchmarks/wina_tune_gpu.py writes it loads back into the same configs."""
+    config = wt.WinaKernelConfig(block_k=64, block_n=128, split_k=7, num_warps=8, use_dot=False, num_stages=2)
+    key = wt.tuning_key(False, 1, 14336, (4096,))
+    assert key == "linear B1 K14336 N4096"
+    assert wt.tuning_key(True, 16, 576, (1536, 1536)) == "gate_up B16 K576 N1536+1536"
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"configs": {key: {k: v for k, v in asdict(config).items() if v is not None}}}))
+    assert wt.load_tuned_configs(path) == {key: config}
+    assert wt.load_tuned_configs(tmp_path / "missing.json") == {}
+    assert wt.tuned_configs_path("NVIDIA H100 80GB HBM3").name == "nvidia_h100_80gb_hbm3.json"
+
+
+@pytest.mark.parametrize("path", sorted(wt.TUNED_CONFIGS_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_committed_tuned_configs_are_launchable(path):
+    """Every committed tuning entry names a kernel, a batch tile and shapes, and a config that the
+    launcher accepts (powers of two, the tile's path)."""
+    for key, config in wt.load_tuned_configs(path).items():
+        kernel, tile, k, widths = key.split(" ")
+        assert kernel in ("linear", "gate_up") and tile[0] == "B" and k[0] == "K" and widths[0] == "N"
+        block_b = int(tile[1:])
+        assert config.use_dot in (None, block_b >= 16)
+        for value in (config.block_k, config.block_n):
+            assert value >= 16 and value & (value - 1) == 0
+        assert config.split_k >= 1 and config.num_warps in (1, 2, 4, 8, 16)
