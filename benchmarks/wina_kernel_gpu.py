@@ -115,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dot-variant", action="store_true",
-                        help="also time batches below DOT_MIN_BATCH on the tl.dot path")
+    parser.add_argument("--broadcast-configs", type=Path, default=None,
+                        help="also time batch 1 on the broadcast path, with the configs of this tuning file "
+                             "(benchmarks/wina_tune_gpu.py --path broadcast --batches 1)")
     parser.add_argument("--real-inputs", type=Path, default=None,
                         help="also time the default model's own layer on its recorded inputs and calibrated "
                              "thresholds (the file benchmarks/wina_real_inputs.py saves)")
@@ -204,18 +205,19 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
     triton_ms, dense_ms = events_ms(sparse), events_ms(dense)
     triton_graph_ms, dense_graph_ms = graph_ms(from_memory(sparse_with, 1)), graph_ms(from_memory(dense_with, 0))
     config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device)
-    dot = {}
-    if not config.use_dot and args.dot_variant:  # the same case on the tl.dot path, to tune DOT_MIN_BATCH
-        dot_config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device, True)
-        if layer.gate_up:
-            def sparse_dot():
-                return wina_triton.wina_gate_up_sparse(x, weight_t, col_norms, thresholds, config=dot_config)
-        else:
-            def sparse_dot():
-                return wina_triton.wina_linear_sparse(x, weight_t, col_norms, thresholds, layer.segments,
-                                                      config=dot_config)
-        dot = {"dot_us": events_ms(sparse_dot) * 1e3, "dot_graph_us": graph_ms(sparse_dot) * 1e3,
-               "dot_max_abs_err": (sparse_dot()[0].float() - ref.float()).abs().max().item()}
+    broadcast = {}
+    if args.broadcast_configs is not None and batch == 1:  # the same case on the broadcast path, tuned
+        tuned = wina_triton.load_tuned_configs(args.broadcast_configs)
+        broadcast_config = tuned.get(wina_triton.tuning_key(layer.gate_up, 1, layer.k, layer.segments))
+        if broadcast_config is not None:
+            def broadcast_with(w_t):
+                if layer.gate_up:
+                    return wina_triton.wina_gate_up_sparse(x, w_t, col_norms, thresholds, config=broadcast_config)
+                return wina_triton.wina_linear_sparse(x, w_t, col_norms, thresholds, layer.segments,
+                                                      config=broadcast_config)
+            broadcast = {"broadcast_graph_us": graph_ms(from_memory(broadcast_with, 1)) * 1e3,
+                         "broadcast_max_abs_err": (broadcast_with(weight_t)[0].float() - ref.float()).abs().max().item(),
+                         "broadcast_config": asdict(broadcast_config)}
     achieved = 1.0 - float(ref_kept.float().mean()) / layer.k
     sparsity = achieved if sparsity is None else sparsity
     return {
@@ -225,7 +227,7 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
         "kept_matches": bool(torch.equal(kept.cpu(), ref_kept.cpu())),
         "triton_us": triton_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": triton_ms / dense_ms,
         "triton_graph_us": triton_graph_ms * 1e3, "dense_graph_us": dense_graph_ms * 1e3,
-        "graph_ratio": triton_graph_ms / dense_graph_ms, **dot,
+        "graph_ratio": triton_graph_ms / dense_graph_ms, **broadcast,
         "roofline_ratio": 1.0 - sparsity, "rows_read": rows,
         "triton_gbps": rows * weight_bytes / (triton_graph_ms * 1e-3) / 1e9,
         "dense_gbps": weight_bytes / (dense_graph_ms * 1e-3) / 1e9,
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             for sparsity in args.sparsities:
                 case = bench_case(layer, batch, sparsity, dtype, args, weights)
                 cases.append(case)
-                dot = f", dot path {case['dot_us']:.1f} / {case['dot_graph_us']:.1f} us" if "dot_us" in case else ""
+                dot = (f", broadcast path {case['broadcast_graph_us']:.1f} us" if "broadcast_graph_us" in case
+                       else "")
                 print(f"  {name} B={batch} s={sparsity}: triton {case['triton_us']:.1f} us, dense "
                       f"{case['dense_us']:.1f} us; in a CUDA graph {case['triton_graph_us']:.1f} vs "
                       f"{case['dense_graph_us']:.1f} us{dot}", flush=True)

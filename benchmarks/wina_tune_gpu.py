@@ -1,8 +1,7 @@
 """Tune the WINA Triton kernels' launch parameters on one CUDA GPU; write the table they read.
 
-For each layer of ``benchmarks/wina_kernel_gpu.py`` (``--layers``) and batch (``--batches``,
-default 1 and 8: batch 1 runs the broadcast kernel, batches 2..16 share the tl.dot kernel of a
-16-row tile, so 8 stands for them), at one sparsity (``--sparsity``, default 0.5, per-row top-k on
+For each layer of ``benchmarks/wina_kernel_gpu.py`` (``--layers``) and batches (``--batches``,
+default 1 and 8), at one sparsity (``--sparsity``, default 0.5, per-row top-k on
 random inputs), this times candidate configurations (block sizes, K splits, warps, pipelining
 stages) and keeps the fastest whose output matches the torch reference. It searches in two rounds:
 a coarse grid of tile shapes and K splits, then warps and stages around the best three.
@@ -12,6 +11,11 @@ memory and not from the L2 cache: each call in the graph reads the next of sever
 weight, enough copies to overflow the L2 twice (``rotating``). Decode reads each layer's weights
 once per token, after the other layers' weights went through the cache, so this is the time a
 decode step pays; the default model's layers (1-4 MB) would otherwise sit in a 50 MB L2.
+
+Batches whose rows pad to the same batch tile run one compiled kernel and get one configuration,
+the one with the least time summed over them; on CUDA every batch of 1 to 16 rows uses the
+16-row tl.dot tile (``DOT_MIN_BATCH``), so ``--batches 1,8`` tunes one configuration per shape
+for both.
 
 The winners go to ``--configs`` (default ``kernels/configs/<GPU name>.json``, which
 ``kernels.wina_triton.pick_config`` reads for that GPU; entries already in the file for other
@@ -61,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of input channels skipped")
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     parser.add_argument("--rep-ms", type=int, default=5, help="do_bench_cudagraph time per candidate")
+    parser.add_argument("--path", choices=("auto", "dot", "broadcast"), default="auto",
+                        help="the kernel path to tune: the one pick_config takes (auto), or one forced, to "
+                             "compare (pick_config reads only the auto entries: write forced ones elsewhere)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that compile the candidates before they are timed (0: none)")
@@ -76,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def coarse_grid(layer: Layer, batch: int, wt) -> list:
-    """Tile shapes x K splits (1, 2, 4 or 16 chunks per program, or the heuristic's split)."""
-    block_b, use_dot = wt._tile(batch)
+def coarse_grid(layer: Layer, batch: int, wt, use_dot: bool | None = None) -> list:
+    """Tile shapes x K splits (1, 2, 4 or 16 chunks per program, or all in one program)."""
+    block_b, use_dot = wt._tile(batch, use_dot)
     tiles = 2 if layer.gate_up else 1
     widest = max(layer.segments)
     configs = []
@@ -146,7 +153,9 @@ def precompile(pool, layer: Layer, batch: int, dtype_name: str, configs: list) -
         future.result()
 
 
-def tune_case(layer: Layer, batch: int, args: argparse.Namespace, wt, pool=None) -> dict[str, Any]:
+def tune_case(layer: Layer, batches: list[int], args: argparse.Namespace, wt, pool=None) -> dict[str, Any]:
+    """One configuration for `batches`, which share a batch tile (so one compiled kernel and one
+    tuning entry): the candidate with the least summed time over them."""
     import torch
     import torch.nn.functional as F
     import triton.testing
@@ -163,28 +172,29 @@ def tune_case(layer: Layer, batch: int, args: argparse.Namespace, wt, pool=None)
     n = sum(layer.segments)
     weight = (torch.randn(n, layer.k, device="cuda") / layer.k**0.5).to(dtype)  # [N, K]
     col_norms = column_norms(weight, layer.segments)
-    x = torch.randn(batch, layer.k, device="cuda").to(dtype)
-    thresholds = thresholds_for_topk(x, col_norms, round((1.0 - args.sparsity) * layer.k)).to("cuda")
     weights = rotating(weight)  # [(weight [N, K], weight_t [K, N])], enough copies to overflow the L2
     half = layer.segments[0]
-    if layer.gate_up:
-        ref, _ = wina_gate_up_reference(x, weights[0][1], col_norms, thresholds)
-    else:
-        ref, _ = wina_linear_reference(x, weights[0][1], col_norms, thresholds, layer.segments)
+    problems = {}  # batch -> (x [B, K], thresholds [B, G], reference output)
+    for batch in batches:
+        x = torch.randn(batch, layer.k, device="cuda").to(dtype)
+        thresholds = thresholds_for_topk(x, col_norms, round((1.0 - args.sparsity) * layer.k)).to("cuda")
+        if layer.gate_up:
+            ref, _ = wina_gate_up_reference(x, weights[0][1], col_norms, thresholds)
+        else:
+            ref, _ = wina_linear_reference(x, weights[0][1], col_norms, thresholds, layer.segments)
+        problems[batch] = (x, thresholds, ref.float())
 
-    def sparse_fn(config):  # each call of a captured graph reads the next weight copy
+    def sparse_fn(config, batch):  # each call of a captured graph reads the next weight copy
+        x, thresholds, _ = problems[batch]
         if layer.gate_up:
             return cycling([functools.partial(wt.wina_gate_up_sparse, x, w_t, col_norms, thresholds, config=config)
                             for _, w_t in weights])
         return cycling([functools.partial(wt.wina_linear_sparse, x, w_t, col_norms, thresholds, layer.segments,
                                           config=config) for _, w_t in weights])
 
-    def dense_call(w):
+    def dense_call(x, w):
         out = F.linear(x, w)
         return F.silu(out[:, :half]) * out[:, half:] if layer.gate_up else out
-
-    def dense_fn():
-        return cycling([functools.partial(dense_call, w) for w, _ in weights])
 
     def graph_us(fn) -> float:
         return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
@@ -193,11 +203,12 @@ def tune_case(layer: Layer, batch: int, args: argparse.Namespace, wt, pool=None)
     # for fp16 / bf16 allows 2-4), plus an absolute floor for values near zero.
     rtol = 2**-9 if dtype == torch.float16 else 2**-6
 
-    def matches(config) -> bool:
-        out = sparse_fn(config)()[0].float()
-        return bool(((out - ref.float()).abs() <= 1e-3 + rtol * ref.float().abs()).all())
+    def matches(config, batch) -> bool:
+        out = sparse_fn(config, batch)()[0].float()
+        ref = problems[batch][2]
+        return bool(((out - ref).abs() <= 1e-3 + rtol * ref.abs()).all())
 
-    timings: dict[Any, float] = {}
+    timings: dict[Any, dict[int, float]] = {}  # config -> batch -> us
     rejected = []
 
     def measure(configs):
@@ -205,34 +216,39 @@ def tune_case(layer: Layer, batch: int, args: argparse.Namespace, wt, pool=None)
             if config in timings:
                 continue
             try:
-                if not matches(config):
+                if not all(matches(config, b) for b in batches):
                     rejected.append(asdict(config))
                     continue
-                timings[config] = graph_us(sparse_fn(config))
+                timings[config] = {b: graph_us(sparse_fn(config, b)) for b in batches}
             except Exception as error:  # noqa: BLE001 - a config the compiler refuses is skipped
                 rejected.append({**asdict(config), "error": f"{type(error).__name__}: {str(error)[:200]}"})
 
+    def total(config) -> float:
+        return sum(timings[config].values())
+
     started = time.perf_counter()
-    heuristic = wt.heuristic_config(batch, layer.k, layer.segments, layer.gate_up, x.device)
-    coarse = [heuristic, *coarse_grid(layer, batch, wt)]
-    precompile(pool, layer, batch, args.dtype, coarse)
+    device = weight.device
+    use_dot = {"auto": None, "dot": True, "broadcast": False}[args.path]
+    heuristic = wt.heuristic_config(batches[0], layer.k, layer.segments, layer.gate_up, device, use_dot)
+    coarse = [heuristic, *coarse_grid(layer, batches[0], wt, use_dot)]
+    precompile(pool, layer, batches[0], args.dtype, coarse)
     measure(coarse)
-    refined = refine_grid(sorted(timings, key=timings.get)[:3])
-    precompile(pool, layer, batch, args.dtype, refined)
+    refined = refine_grid(sorted(timings, key=total)[:3])
+    precompile(pool, layer, batches[0], args.dtype, refined)
     measure(refined)
-    best = min(timings, key=timings.get)
-    dense_us = graph_us(dense_fn())
-    result = {
+    best = min(timings, key=total)
+    dense_us = {b: graph_us(cycling([functools.partial(dense_call, problems[b][0], w) for w, _ in weights]))
+                for b in batches}
+    return {
         "layer": layer.name, "k": layer.k, "segments": list(layer.segments), "gate_up": layer.gate_up,
-        "batch": batch, "sparsity": args.sparsity, "weight_copies": len(weights),
-        "key": wt.tuning_key(layer.gate_up, wt._tile(batch)[0], layer.k, layer.segments),
+        "batches": batches, "sparsity": args.sparsity, "weight_copies": len(weights),
+        "key": wt.tuning_key(layer.gate_up, wt._tile(batches[0], use_dot)[0], layer.k, layer.segments),
         "best": asdict(best), "best_us": timings[best],
         "heuristic": asdict(heuristic), "heuristic_us": timings.get(heuristic),
-        "dense_us": dense_us, "x_dense": dense_us / timings[best],
+        "dense_us": dense_us, "x_dense": {b: dense_us[b] / timings[best][b] for b in batches},
         "candidates": len(timings), "rejected": rejected, "seconds": time.perf_counter() - started,
-        "all": sorted(([asdict(c), t] for c, t in timings.items()), key=lambda item: item[1]),
+        "all": sorted(([asdict(c), t] for c, t in timings.items()), key=lambda item: sum(item[1].values())),
     }
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,30 +277,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_workers > 0:
         pool = concurrent.futures.ProcessPoolExecutor(args.compile_workers,
                                                       mp_context=multiprocessing.get_context("spawn"))
+    tiles: dict[int, list[int]] = {}  # batches that share a batch tile share one tuned config
+    for batch in args.batches:
+        tiles.setdefault(wt._tile(batch, {"auto": None, "dot": True, "broadcast": False}[args.path])[0],
+                         []).append(batch)
     for name in args.layers:
-        for batch in args.batches:
-            case = tune_case(LAYERS[name], batch, args, wt, pool)
+        for batches in tiles.values():
+            case = tune_case(LAYERS[name], batches, args, wt, pool)
             torch.cuda.empty_cache()  # the case's weight copies
             cases.append(case)
-            print(f"  {name} B={batch}: tuned {case['best_us']:.1f} us {case['best']}, heuristic "
-                  f"{fmt(case['heuristic_us'])} us, cuBLAS {case['dense_us']:.1f} us (x{case['x_dense']:.2f}); "
-                  f"{case['candidates']} candidates, {len(case['rejected'])} rejected, {case['seconds']:.0f} s",
-                  flush=True)
+            timing = ", ".join(f"B={b}: {case['best_us'][b]:.1f} us vs cuBLAS {case['dense_us'][b]:.1f} "
+                               f"(x{case['x_dense'][b]:.2f})" for b in batches)
+            print(f"  {name} {timing}; {case['best']}; {case['candidates']} candidates, "
+                  f"{len(case['rejected'])} rejected, {case['seconds']:.0f} s", flush=True)
             # written after every case, so that a run cut short keeps what it measured
             table["configs"][case["key"]] = {k: v for k, v in case["best"].items() if v is not None}
             table["measured"][case["key"]] = {
-                "batch": case["batch"], "sparsity": case["sparsity"], "tuned_us": case["best_us"],
+                "batches": batches, "sparsity": case["sparsity"], "tuned_us": case["best_us"],
                 "heuristic_us": case["heuristic_us"], "cublas_us": case["dense_us"]}
             table["utc_time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             configs_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
     if pool is not None:
         pool.shutdown()
-    headers = ["layer", "B", "tuned us", "heuristic us", "cuBLAS us", "x cuBLAS", "tuned/heuristic", "config"]
-    rows = [[c["layer"], str(c["batch"]), fmt(c["best_us"]), fmt(c["heuristic_us"]), fmt(c["dense_us"]),
-             fmt(c["x_dense"], 2), fmt(c["best_us"] / c["heuristic_us"], 2) if c["heuristic_us"] else "-",
-             "k{block_k} n{block_n} s{split_k} w{num_warps} st{num_stages}".format(**c["best"])]
-            for c in cases]
+    headers = ["layer", "B", "tuned us", "heuristic us", "cuBLAS us", "x cuBLAS", "config"]
+    rows = [[c["layer"], str(b), fmt(c["best_us"][b]), fmt((c["heuristic_us"] or {}).get(b)), fmt(c["dense_us"][b]),
+             fmt(c["x_dense"][b], 2), "k{block_k} n{block_n} s{split_k} w{num_warps} st{num_stages}".format(**c["best"])]
+            for c in cases for b in c["batches"]]
     text = (f"WINA kernel tuning on {gpu} ({args.dtype}, sparsity {args.sparsity}, GPU time in a CUDA graph, "
             "weights from device memory)\n\n" + format_table(headers, rows))
     report = {

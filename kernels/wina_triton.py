@@ -49,11 +49,14 @@ DENSE_CROSSOVER_BATCH = 16
 MAX_SPARSE_BATCH = 32  # the sparse kernel holds every batch row in one tile (BLOCK_B <= 32)
 MAX_SEGMENTS = 3  # fused q/k/v
 # Batches of at least this many rows pad the batch tile to >= 16 rows and use tl.dot (tensor cores)
-# instead of a broadcast multiply-and-sum; memory-bound, the padding costs no bandwidth. Measured on
-# an H200 (benchmarks/RESULTS.md, "WINA on a GPU"): at batch 2..8 the dot path was as
-# fast or faster on every layer, and 2.5x to 25x faster on Llama-3-8B's MLP, where the broadcast
-# product's [B, BLOCK_K, BLOCK_N] tile spills; at batch 1 the broadcast path wins.
-DOT_MIN_BATCH = 2
+# instead of a broadcast multiply-and-sum; memory-bound, the padding costs no bandwidth. At 1 every
+# batch of 1 to 16 rows runs the same compiled kernel with the same K chunks, so a row gets the
+# same bits whatever its batch (an MMA's output row depends on its own input row alone): with the
+# broadcast path at batch 1 (faster there on an H100 by the ratio in benchmarks/RESULTS.md,
+# "WINA on a GPU"), a sparse bfloat16 row of the stand-in model moved by 2.7 in its logits between
+# batch 1 and batch 3, as the paths' different roundings flipped masks near their thresholds.
+# The broadcast path stays for use_dot=False (tests, comparisons).
+DOT_MIN_BATCH = 1
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ELEMENTS = 2**31  # pointer offsets are int32 inside the kernels
 TUNED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # one JSON file per GPU model

@@ -59,14 +59,19 @@ steps=${*:-tune kernels tests kernels-bf16 decode}
 for s in $steps; do
     case $s in
     tune)
-        step tune 270 python3 benchmarks/wina_tune_gpu.py --configs "$OUT/wina_configs.json" \
+        # the broadcast path at batch 1 too, for the comparison in the kernels step (never served)
+        step tune-broadcast 120 python3 benchmarks/wina_tune_gpu.py --path broadcast --batches 1 \
+            --configs "$OUT/wina_configs_broadcast.json" --out "$OUT/wina_tune_gpu_broadcast.json"
+        step tune 240 python3 benchmarks/wina_tune_gpu.py --configs "$OUT/wina_configs.json" \
             --out "$OUT/wina_tune_gpu.json"
         [ -f "$OUT/wina_configs.json" ] && export NEURONSERVE_WINA_CONFIGS=$OUT/wina_configs.json
         ;;
     kernels)
+        broadcast=()
+        [ -f "$OUT/wina_configs_broadcast.json" ] && broadcast=(--broadcast-configs "$OUT/wina_configs_broadcast.json")
         # shellcheck disable=SC2086  # KERNEL_ARGS is a list of options
         step kernels 120 python3 benchmarks/wina_kernel_gpu.py ${KERNEL_ARGS:---batches 1,2,4,8 --rep-ms 20 --warmup-ms 10} \
-            "${real_inputs[@]}" --out "$OUT/wina_kernel_gpu_float16.json"
+            "${real_inputs[@]}" "${broadcast[@]}" --out "$OUT/wina_kernel_gpu_float16.json"
         ;;
     tests)
         step tests 180 env TRITON_INTERPRET=0 python3 -m pytest -m gpu -rA -s -p no:cacheprovider \
@@ -101,12 +106,15 @@ report = json.load(open(sys.argv[1]))
 name = sys.argv[1].rsplit("/", 1)[-1]
 if report.get("benchmark") == "wina_tune_gpu":
     for c in report["cases"]:
-        print(f"{name}: {c['layer']} B={c['batch']} tuned {c['best_us']:.1f} us, heuristic {c['heuristic_us'] or 0:.1f}, "
-              f"cuBLAS {c['dense_us']:.1f} (x{c['x_dense']:.2f}) {c['best']}")
+        for b in c["batches"]:
+            b = str(b) if str(b) in c["best_us"] else b
+            print(f"{name}: {c['layer']} B={b} tuned {c['best_us'][b]:.1f} us, heuristic "
+                  f"{(c['heuristic_us'] or {}).get(b, 0):.1f}, cuBLAS {c['dense_us'][b]:.1f} "
+                  f"(x{c['x_dense'][b]:.2f}) {c['best']}")
     sys.exit()
 for c in report.get("cases", []):
     if c["sparsity"] == 0.5 or c["layer"].startswith("real_"):
-        dot = f"; dot path {c['dot_us']:.1f} / graph {c['dot_graph_us']:.1f}" if "dot_us" in c else ""
+        dot = f"; broadcast path {c['broadcast_graph_us']:.1f}" if "broadcast_graph_us" in c else ""
         print(f"{name}: {c['layer']} B={c['batch']} s={c['sparsity']:.2f} eager {c['triton_us']:.1f} vs cuBLAS "
               f"{c['dense_us']:.1f} us; graph {c['triton_graph_us']:.1f} vs {c['dense_graph_us']:.1f} us "
               f"(x{1 / c['graph_ratio']:.2f}, rows read {c['rows_read']:.2f}){dot}")

@@ -151,15 +151,15 @@ def test_gate_up_odd_shapes(batch, sparsity, dtype):
 
 
 @interpreted
-@pytest.mark.parametrize("config", [wt.WinaKernelConfig(block_k=16, block_n=16),
+@pytest.mark.parametrize("config", [wt.WinaKernelConfig(block_k=16, block_n=16, use_dot=False),
                                     wt.WinaKernelConfig(block_k=16, block_n=16, split_k=3, num_stages=2),
                                     wt.WinaKernelConfig(block_k=16, block_n=16, use_dot=True)],
-                         ids=["16x16", "split_k3", "dot"])
+                         ids=["broadcast", "split_k3", "dot"])
 @pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (5, torch.bfloat16), (12, torch.float16)],
                          ids=["1-fp32", "5-bf16", "12-fp16"])
 def test_small_blocks_split_k_and_dot(batch, dtype, config):
-    """16x16 tiles: several column blocks per segment, a K tail, split-K partials (3 splits of K=37
-    in 16-channel chunks), and the tl.dot path at batches that would use the broadcast one."""
+    """16x16 tiles: several column blocks per segment, a K tail, the broadcast path (forced),
+    split-K partials (3 splits of K=37 in 16-channel chunks) and the tl.dot path."""
     _check_linear(batch, 37, (20, 17, 16), dtype, 0.5, True, fn=wt.wina_linear_sparse, config=config)
     _check_gate_up(batch, 37, 21, dtype, 0.5, True, fn=wt.wina_gate_up_sparse, config=config)
 
@@ -214,6 +214,28 @@ def test_row_ignores_neighbours_masks(batch):
         other[1:] = thresholds_for_topk(xg[1:], cng, neighbours_keep)
         h1, hkept1 = wt.wina_gate_up_triton(xg, wg, cng, other, bg)
         assert torch.equal(h1[0], h0[0]) and torch.equal(hkept1[0], hkept0[0])
+
+
+def _check_row_same_at_any_batch(dtype: torch.dtype, device: str = "cpu") -> None:
+    """Row 0 alone and in batches of 2..16 rows: the same bits (every such batch runs the same
+    16-row tile; an MMA's output row depends on its own input row alone)."""
+    for k, segments, gate_up in ((100, (20, 17, 16), False), (576, (576, 192, 192), False),
+                                 (576, (1536, 1536), True)):
+        (x, weight_t, col_norms, thresholds, b), _ = _problem(16, k, segments, dtype, 0.5, True, device=device)
+        outputs = []
+        for batch in (1, 2, 5, 16):
+            if gate_up:
+                outputs.append(wt.wina_gate_up_sparse(x[:batch], weight_t, col_norms, thresholds[:batch], b))
+            else:
+                outputs.append(wt.wina_linear_sparse(x[:batch], weight_t, col_norms, thresholds[:batch], segments, b))
+        for y, kept in outputs[1:]:
+            assert torch.equal(y[0], outputs[0][0][0]) and torch.equal(kept[0], outputs[0][1][0])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_row_same_at_any_batch_size(dtype):
+    _check_row_same_at_any_batch(dtype)
 
 
 @interpreted
@@ -292,6 +314,7 @@ def test_compiled_kernel_on_cuda():
                 run(*sparse, batch, 37, (20, 17, 16), dtype, sparsity, False)
                 run(wt.wina_gate_up_sparse, wina_gate_up_reference, batch, 576, (1536, 1536), dtype, sparsity,
                     True)
+        _check_row_same_at_any_batch(dtype, "cuda")
         # the wrappers (dense above the crossover) and split-K on a Llama-3-8B down projection
         run(wt.wina_linear_triton, wina_linear_reference, 32, 576, (576, 192, 192), dtype, 0.5, False)
         run(wt.wina_gate_up_triton, wina_gate_up_reference, 32, 576, (1536, 1536), dtype, 0.5, True)
