@@ -86,6 +86,43 @@ def test_row_does_not_depend_on_neighbours(dtype):
         assert torch.equal(alone, together[i:i + 1])
 
 
+def test_row_does_not_depend_on_thread_count():
+    """Threads split the outputs, never a sum: one thread and two give the same bits."""
+    K, segments = 576, (1536, 1536)
+    weight, x, bias = _case(K, segments, 3, torch.float16, seed=4)
+    norms = column_norms(weight, segments)
+    thresholds = thresholds_for_topk(x, norms, K // 2)
+    weight_t = weight.t().contiguous()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(KERNEL.linear(x, weight_t, norms, thresholds, segments, bias, gate_up=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_output_holds_the_rounded_values(dtype):
+    """The float32 output (the model's, rounded eight at a time) carries exactly the values of the
+    weight-dtype output (rounded one at a time), huge and tiny magnitudes and a ragged tail included."""
+    K, segments = 101, (45, 19)
+    weight, x, bias = _case(K, segments, 3, dtype, seed=5)
+    x = x * torch.logspace(-6, 6, K)  # outputs from ~1e-6 to beyond the half range
+    norms = column_norms(weight, segments)
+    thresholds = thresholds_for_topk(x, norms, 60)
+    weight_t = weight.t().contiguous()
+    prepared_half = KERNEL.prepare(weight_t, norms, segments, bias)
+    prepared_f32 = KERNEL.prepare(weight_t, norms, segments, bias, out_dtype=torch.float32)
+    kept = torch.empty(3, 2, dtype=torch.int32)
+    half = prepared_half(x, thresholds.data_ptr(), 2, kept.data_ptr(), 2)
+    f32 = prepared_f32(x, thresholds.data_ptr(), 2, kept.data_ptr(), 2)
+    assert f32.dtype == torch.float32 and half.dtype == dtype
+    assert torch.equal(f32, half.float())
+
+
 def test_threshold_zero_is_dense():
     """Threshold 0 keeps every non-zero input: the product equals the dense one."""
     K, segments = 576, (576,)

@@ -59,6 +59,22 @@ static inline float round_to(int dtype, float v) {
     return load1(&bits, 0, dtype);
 }
 
+// round_to on 8 values at once (the same results, bit for bit)
+static inline __m256 round8_to(int dtype, __m256 v) {
+    if (dtype == DTYPE_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    if (dtype == DTYPE_BF16) {
+        const __m256i bits = _mm256_castps_si256(v);
+        const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+        const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+        const __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000));  // keep NaN a NaN
+        const __m256i chosen = _mm256_blendv_epi8(rounded, quiet, nan);
+        return _mm256_castsi256_ps(_mm256_and_si256(chosen, _mm256_set1_epi32((int)0xffff0000u)));
+    }
+    return v;
+}
+
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 #endif

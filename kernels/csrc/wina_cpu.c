@@ -1,11 +1,20 @@
 // WINA sparse linear layer for x86-64 CPUs with AVX2, FMA and F16C: reads only the rows of the
-// transposed weight W^T [K, N] whose input channel some batch row keeps, at full bandwidth, and
-// accumulates in float32. Semantics: kernels/wina_reference.py (wina_linear_reference and
+// transposed weight W^T [K, N] whose input channel some batch row keeps, and accumulates in
+// float32. Semantics: kernels/wina_reference.py (wina_linear_reference and
 // wina_gate_up_reference), the oracle the tests compare this against.
 //
-// Batch invariance: every row's sum visits its kept channels in ascending order, one fused
-// multiply-add each; a channel that only a neighbour keeps contributes fma(0, w, acc) == acc,
-// which leaves the sum bit-for-bit unchanged. So a row's output never depends on its neighbours.
+// Batch invariance: every output's sum starts at 0 and visits the kept channels in ascending
+// order, one fused multiply-add each; a channel that only a neighbour keeps contributes
+// fma(0, w, acc) == acc, which leaves the sum bit-for-bit unchanged. So a row's output never
+// depends on its neighbours, nor on the thread count (threads split the outputs, never a sum).
+//
+// Layout of the work: threads split the output columns; each streams the kept rows' pieces of its
+// columns eight rows side by side into float32 sums, so no sum is ever split between threads:
+// no barrier, no partial sums to add, the same result at any thread count. The kept-channel sets
+// are built eight channels per vector compare, and float32 outputs are rounded eight at a time.
+// (The first version split the channels between threads, which cost a barrier and a reduction
+// per call.) On the development CPU the limit is reading kept rows from DRAM, not this code:
+// benchmarks/row_skip_bandwidth.py measures what skipping rows can save there.
 //
 // Built on first use by kernels/wina_cpu.py (gcc -O3 -mavx2 -mfma -mf16c -fopenmp) and called
 // through ctypes; OpenMP resolves to the libgomp that torch has already loaded, so the kernel
@@ -30,91 +39,66 @@ typedef struct {
     float *coefficients;  // [count, B]
 } ActiveSet;
 
-// Rows [a_begin, a_end) of the active set, ahead of which accumulate() prefetches.
-static inline void prefetch_rows(const ActiveSet *set, int32_t a, int32_t a_end, const char *base,
-                                 int64_t row_bytes, int64_t ldw_bytes, int64_t col0_bytes) {
-    for (; a < a_end; ++a) {
-        const char *row = base + (int64_t)set->channels[a] * ldw_bytes + col0_bytes;
-        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
-    }
-}
+// BYTES_PER_THREAD: weight bytes below which another thread costs more to start than it saves
+enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
 
-// acc[b, 0:width] (row stride acc_stride) += sum over active entries [a_begin, a_end) of
-// coef[a, b] * W^T[channel_a, col0 : col0 + width].
-// Four channels per pass: four weight rows are read side by side and each accumulator is loaded
-// and stored once per four multiply-adds (still applied one channel after another, in order).
-// The kept channels are scattered, which defeats the hardware prefetcher, so rows a few passes
-// ahead are prefetched in software.
-static void accumulate(const ActiveSet *set, int32_t a_begin, int32_t a_end, int64_t B, const void *weight_t,
-                       int64_t ldw, int dtype, int64_t col0, int64_t width, float *acc, int64_t acc_stride) {
+// acc[b, 0:width] (row stride acc_stride) continues, over all active entries in order, the sum of
+// coef[a, b] * W^T[channel_a, col0 : col0 + width]: one fused multiply-add per channel, in channel
+// order, so the result is the same float32 chain whatever the pass grouping below.
+// Eight channels per pass: eight weight row pieces are read side by side (each a contiguous run,
+// which the memory system streams) and each accumulator is loaded and stored once per eight
+// multiply-adds. The kept channels are scattered, which defeats the hardware prefetcher across
+// rows, so rows a few passes ahead are prefetched in software.
+static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype, int64_t col0,
+                       int64_t width, float *acc, int64_t acc_stride) {
     const int64_t vec_end = width & ~(int64_t)7;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
     const int64_t row_bytes = width * elem;
     int32_t ahead = (int32_t)(16384 / (row_bytes + 1));  // about 16 KiB in flight
     ahead = ahead < 8 ? 8 : (ahead > 64 ? 64 : ahead);
     const char *base = (const char *)weight_t;
-    prefetch_rows(set, a_begin, a_begin + ahead < a_end ? a_begin + ahead : a_end, base, row_bytes, ldw * elem,
-                  col0 * elem);
-    int32_t a = a_begin;
-    for (; a + 4 <= a_end; a += 4) {
-        const int32_t p0 = a + ahead, p1 = p0 + 4 < a_end ? p0 + 4 : a_end;
-        if (p0 < p1) prefetch_rows(set, p0, p1, base, row_bytes, ldw * elem, col0 * elem);
-        const int64_t r0 = (int64_t)set->channels[a] * ldw + col0;
-        const int64_t r1 = (int64_t)set->channels[a + 1] * ldw + col0;
-        const int64_t r2 = (int64_t)set->channels[a + 2] * ldw + col0;
-        const int64_t r3 = (int64_t)set->channels[a + 3] * ldw + col0;
-        const float *coef = set->coefficients + (int64_t)a * B;
-        for (int64_t j = 0; j < vec_end; j += 8) {
-            const __m256 w0 = load8(weight_t, r0 + j, dtype), w1 = load8(weight_t, r1 + j, dtype);
-            const __m256 w2 = load8(weight_t, r2 + j, dtype), w3 = load8(weight_t, r3 + j, dtype);
-            for (int64_t b = 0; b < B; ++b) {
-                float *dst = acc + b * acc_stride + j;
-                __m256 v = _mm256_loadu_ps(dst);
-                v = _mm256_fmadd_ps(_mm256_set1_ps(coef[b]), w0, v);
-                v = _mm256_fmadd_ps(_mm256_set1_ps(coef[B + b]), w1, v);
-                v = _mm256_fmadd_ps(_mm256_set1_ps(coef[2 * B + b]), w2, v);
-                v = _mm256_fmadd_ps(_mm256_set1_ps(coef[3 * B + b]), w3, v);
-                _mm256_storeu_ps(dst, v);
-            }
+    const int32_t count = set->count;
+    for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {
+        const char *row = base + ((int64_t)set->channels[a] * ldw + col0) * elem;
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    }
+    int32_t a = 0;
+    for (; a + PASS_CHANNELS <= count; a += PASS_CHANNELS) {
+        for (int32_t p = a + ahead; p < a + ahead + PASS_CHANNELS && p < count; ++p) {
+            const char *row = base + ((int64_t)set->channels[p] * ldw + col0) * elem;
+            for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
         }
-        for (int64_t j = vec_end; j < width; ++j) {
-            const float w0 = load1(weight_t, r0 + j, dtype), w1 = load1(weight_t, r1 + j, dtype);
-            const float w2 = load1(weight_t, r2 + j, dtype), w3 = load1(weight_t, r3 + j, dtype);
-            for (int64_t b = 0; b < B; ++b) {
-                float v = acc[b * acc_stride + j];
-                v = fmaf(coef[b], w0, v);
-                v = fmaf(coef[B + b], w1, v);
-                v = fmaf(coef[2 * B + b], w2, v);
-                v = fmaf(coef[3 * B + b], w3, v);
-                acc[b * acc_stride + j] = v;
+        int64_t r[PASS_CHANNELS];
+        for (int i = 0; i < PASS_CHANNELS; ++i) r[i] = (int64_t)set->channels[a + i] * ldw + col0;
+        const float *coef = set->coefficients + (int64_t)a * B;
+        for (int64_t b = 0; b < B; ++b) {
+            __m256 c[PASS_CHANNELS];
+            for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i * B + b]);
+            float *dst = acc + b * acc_stride;
+            for (int64_t j = 0; j < vec_end; j += 8) {
+                __m256 v = _mm256_loadu_ps(dst + j);
+                for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
+                _mm256_storeu_ps(dst + j, v);
+            }
+            for (int64_t j = vec_end; j < width; ++j) {
+                float v = dst[j];
+                for (int i = 0; i < PASS_CHANNELS; ++i) v = fmaf(coef[i * B + b], load1(weight_t, r[i] + j, dtype), v);
+                dst[j] = v;
             }
         }
     }
-    for (; a < a_end; ++a) {
+    for (; a < count; ++a) {
         const int64_t r0 = (int64_t)set->channels[a] * ldw + col0;
         const float *coef = set->coefficients + (int64_t)a * B;
-        for (int64_t j = 0; j < vec_end; j += 8) {
-            const __m256 w0 = load8(weight_t, r0 + j, dtype);
-            for (int64_t b = 0; b < B; ++b) {
-                float *dst = acc + b * acc_stride + j;
-                _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_set1_ps(coef[b]), w0, _mm256_loadu_ps(dst)));
+        for (int64_t b = 0; b < B; ++b) {
+            const __m256 c0 = _mm256_set1_ps(coef[b]);
+            float *dst = acc + b * acc_stride;
+            for (int64_t j = 0; j < vec_end; j += 8) {
+                _mm256_storeu_ps(dst + j, _mm256_fmadd_ps(c0, load8(weight_t, r0 + j, dtype), _mm256_loadu_ps(dst + j)));
             }
-        }
-        for (int64_t j = vec_end; j < width; ++j) {
-            const float w0 = load1(weight_t, r0 + j, dtype);
-            for (int64_t b = 0; b < B; ++b) acc[b * acc_stride + j] = fmaf(coef[b], w0, acc[b * acc_stride + j]);
+            for (int64_t j = vec_end; j < width; ++j) dst[j] = fmaf(coef[b], load1(weight_t, r0 + j, dtype), dst[j]);
         }
     }
-}
-
-// First active entry whose channel is >= channel (channels ascend).
-static int32_t lower_bound(const ActiveSet *set, int64_t channel) {
-    int32_t lo = 0, hi = set->count;
-    while (lo < hi) {
-        const int32_t mid = (lo + hi) / 2;
-        if (set->channels[mid] < channel) lo = mid + 1; else hi = mid;
-    }
-    return lo;
 }
 
 // x: [B, K] float32; weight_t: [K, N] (dtype); col_norms: [G, K] float32; thresholds: [B, G]
@@ -137,9 +121,10 @@ int wina_linear(const float *x, int64_t B, int64_t K, const void *weight_t, int6
     ActiveSet sets[MAX_SEGMENTS];
     int32_t *channel_buffer = malloc(sizeof(int32_t) * G * K);
     float *coef_buffer = malloc(sizeof(float) * G * K * B);
-    if (!channel_buffer || !coef_buffer) {
-        free(channel_buffer);
-        free(coef_buffer);
+    float *row_thresholds = malloc(sizeof(float) * B);
+    unsigned *row_bits = malloc(sizeof(unsigned) * B);
+    if (!channel_buffer || !coef_buffer || !row_thresholds || !row_bits) {
+        free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
         return -1;
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -147,14 +132,38 @@ int wina_linear(const float *x, int64_t B, int64_t K, const void *weight_t, int6
         set->count = 0;
         set->channels = channel_buffer + g * K;
         set->coefficients = coef_buffer + g * K * B;
-        for (int64_t b = 0; b < B; ++b) kept[b * kept_stride + g] = 0;
         const float *norms = col_norms + g * K;
-        for (int64_t i = 0; i < K; ++i) {
+        for (int64_t b = 0; b < B; ++b) {
+            kept[b * kept_stride + g] = 0;
+            row_thresholds[b] = thresholds[b * threshold_stride + g];
+        }
+        // Eight channels at a time: each row's keep bits from one vector compare (the same
+        // |x| * norm > threshold as the scalar tail), then the union's channels in order.
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        int64_t i = 0;
+        for (; i + 8 <= K; i += 8) {
+            const __m256 n = _mm256_loadu_ps(norms + i);
+            unsigned any = 0;
+            for (int64_t b = 0; b < B; ++b) {
+                const __m256 score = _mm256_mul_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + b * K + i)), n);
+                row_bits[b] = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(score, _mm256_set1_ps(row_thresholds[b]),
+                                                                          _CMP_GT_OQ));
+                kept[b * kept_stride + g] += __builtin_popcount(row_bits[b]);
+                any |= row_bits[b];
+            }
+            for (; any; any &= any - 1) {
+                const int bit = __builtin_ctz(any);
+                float *coef = set->coefficients + (int64_t)set->count * B;
+                for (int64_t b = 0; b < B; ++b) coef[b] = (row_bits[b] >> bit) & 1u ? x[b * K + i + bit] : 0.0f;
+                set->channels[set->count++] = (int32_t)(i + bit);
+            }
+        }
+        for (; i < K; ++i) {
             int any = 0;
             float *coef = set->coefficients + (int64_t)set->count * B;
             for (int64_t b = 0; b < B; ++b) {
                 const float xi = x[b * K + i];
-                const int keep = fabsf(xi) * norms[i] > thresholds[b * threshold_stride + g];
+                const int keep = fabsf(xi) * norms[i] > row_thresholds[b];
                 coef[b] = keep ? xi : 0.0f;
                 kept[b * kept_stride + g] += keep;
                 any |= keep;
@@ -163,53 +172,62 @@ int wina_linear(const float *x, int64_t B, int64_t K, const void *weight_t, int6
         }
     }
 
-    // Threads split the input channels at fixed boundaries (not by how many are kept, which
-    // depends on the neighbours): each reads whole rows of W^T, long contiguous runs, into its own
-    // partial sums, which are then added in thread order. A row's result thus depends only on its
-    // own mask and the thread count.
+    // Threads split each segment's output columns at fixed, 8-aligned boundaries (with gate_up the
+    // same gate and up columns, which the epilogue pairs); every output's sum runs whole in one
+    // thread, so the thread count changes no result and no partial sums need adding. Small calls
+    // stay on one thread.
     const int64_t out_width = gate_up ? N / 2 : N;
-    const int threads = (int)omp_get_max_threads();
-    float *partial = calloc((size_t)threads * B * N, sizeof(float));  // [threads, B, N]
-    if (!partial) {
-        free(channel_buffer);
-        free(coef_buffer);
+    const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
+    float *acc = malloc(sizeof(float) * B * N);  // [B, N]
+    if (!acc) {
+        free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
         return -1;
     }
-#pragma omp parallel num_threads(threads)
+    int64_t bytes = 0;
+    for (int64_t g = 0; g < G; ++g) bytes += (int64_t)sets[g].count * segment_sizes[g] * elem;
+    int64_t threads = omp_get_max_threads();
+    if (bytes / BYTES_PER_THREAD + 1 < threads) threads = bytes / BYTES_PER_THREAD + 1;
+#pragma omp parallel num_threads((int)threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *acc = partial + (int64_t)t * B * N;
-        const int64_t k0 = K * t / nt, k1 = K * (t + 1) / nt;
         for (int64_t g = 0; g < G; ++g) {
-            const ActiveSet *set = &sets[g];
-            accumulate(set, lower_bound(set, k0), lower_bound(set, k1), B, weight_t, N, dtype, segment_start[g],
-                       segment_sizes[g], acc + segment_start[g], N);
+            const int64_t vectors = (segment_sizes[g] + 7) / 8;
+            const int64_t c0 = 8 * (vectors * t / nt);
+            const int64_t c1 = 8 * (vectors * (t + 1) / nt) < segment_sizes[g] ? 8 * (vectors * (t + 1) / nt) : segment_sizes[g];
+            if (c0 >= c1) continue;
+            for (int64_t b = 0; b < B; ++b) memset(acc + b * N + segment_start[g] + c0, 0, sizeof(float) * (c1 - c0));
+            accumulate(&sets[g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0, acc + segment_start[g] + c0, N);
         }
-#pragma omp barrier
-        const int64_t c0 = out_width * t / nt, c1 = out_width * (t + 1) / nt;
-        for (int64_t b = 0; b < B; ++b) {
-            for (int64_t j = c0; j < c1; ++j) {
-                float v = 0.0f, u = 0.0f;
-                for (int s = 0; s < nt; ++s) {
-                    const float *row = partial + ((int64_t)s * B + b) * N;
-                    v += row[j];
-                    if (gate_up) u += row[out_width + j];
+        // Epilogue for the owned columns: bias, rounding to the weight dtype, SwiGLU for gate_up.
+        for (int64_t g = 0; g < (gate_up ? 1 : G); ++g) {
+            const int64_t vectors = (segment_sizes[g] + 7) / 8;
+            const int64_t c0 = 8 * (vectors * t / nt);
+            const int64_t c1 = 8 * (vectors * (t + 1) / nt) < segment_sizes[g] ? 8 * (vectors * (t + 1) / nt) : segment_sizes[g];
+            for (int64_t b = 0; b < B; ++b) {
+                const float *row = acc + b * N;
+                int64_t c = c0;
+                if (!gate_up && out_dtype == DTYPE_F32) {  // the model's case: 8 outputs at a time
+                    for (; c + 8 <= c1; c += 8) {
+                        const int64_t j = segment_start[g] + c;
+                        __m256 v = _mm256_loadu_ps(row + j);
+                        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+                        _mm256_storeu_ps((float *)out + b * out_width + j, round8_to(dtype, v));
+                    }
                 }
-                if (bias) {
-                    v += bias[j];
-                    if (gate_up) u += bias[out_width + j];
+                for (; c < c1; ++c) {
+                    const int64_t j = segment_start[g] + c;  // output column (gate column with gate_up)
+                    float v = row[j] + (bias ? bias[j] : 0.0f);
+                    if (gate_up) {
+                        // gate and up rounded first, as the reference does
+                        const float u = round_to(dtype, row[out_width + j] + (bias ? bias[out_width + j] : 0.0f));
+                        v = silu(round_to(dtype, v)) * u;
+                    }
+                    store1(out, b * out_width + j, out_dtype, round_to(dtype, v));
                 }
-                if (gate_up) {
-                    v = round_to(dtype, v);  // gate and up rounded first, as the reference does
-                    u = round_to(dtype, u);
-                    v = silu(v) * u;
-                }
-                store1(out, b * out_width + j, out_dtype, round_to(dtype, v));
             }
         }
     }
-    free(partial);
-    free(channel_buffer);
-    free(coef_buffer);
+    free(acc);
+    free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
     return 0;
 }
