@@ -46,7 +46,10 @@ class DecodeLayerArgs(ctypes.Structure):
                 ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "max_len", "dtype")] + [
         ("eps", ctypes.c_double)] + [(name, ctypes.c_void_p) for name in
                                       ("attn_norm", "mlp_norm", "qkv_w", "o_w", "gate_up_w", "down_w",
-                                       "qkv_b", "o_b", "gate_up_b", "down_b", "cos", "signed_sin")]
+                                       "qkv_b", "o_b", "gate_up_b", "down_b", "cos", "signed_sin",
+                                       "qkv_wt", "o_wt", "gate_up_wt", "down_wt",
+                                       "qkv_factors", "o_factors", "gate_up_factors", "down_factors")] + [
+        ("qkv_segments", ctypes.c_int64 * 3)]
 
 
 class CpuDenseKernel:
@@ -62,7 +65,7 @@ class CpuDenseKernel:
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
-        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p]
+        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p, p, p]
         lib.decode_layer.restype = ctypes.c_int
         lib.decode_attention.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
         lib.decode_attention.restype = ctypes.c_int
@@ -159,24 +162,62 @@ class PreparedDecodeLayer:
         self._args = args
         self._args_ref = ctypes.byref(args)
         self._tensors = tensors  # kept alive: args holds their addresses
+        self._sparse_tensors: tuple = ()
         self.attention_width = args.heads * args.head_dim
         self.qkv_width = (args.heads + 2 * args.kv_heads) * args.head_dim
         self.intermediate = args.intermediate
+        self.sparse = False  # whether attach_sparsity ran: steps whose rows are all sparse fuse too
+
+    def attach_sparsity(self, qkv: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]],
+                        o: tuple[torch.Tensor, torch.Tensor], gate_up: tuple[torch.Tensor, torch.Tensor],
+                        down: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """WINA sparsity for steps whose rows are all sparse: each projection as (W^T [in, out]
+        contiguous in the layer's weight dtype, score factors [segments, in] contiguous float32),
+        qkv with its (q, k, v) widths. The layer then computes each projection as the separate
+        sparse kernel (kernels/wina_cpu.py) does, with the same numbers. The tensors must outlive
+        this object and not move."""
+        a = self._args
+        shapes = {"qkv": (a.hidden, self.qkv_width, 3), "o": (self.attention_width, a.hidden, 1),
+                  "gate_up": (a.hidden, 2 * a.intermediate, 2), "down": (a.intermediate, a.hidden, 1)}
+        problems = []
+        for name, (weight_t, factors) in {"qkv": qkv[:2], "o": o, "gate_up": gate_up, "down": down}.items():
+            k, n, g = shapes[name]
+            if (tuple(weight_t.shape) != (k, n) or not weight_t.is_contiguous()
+                    or DTYPE_CODES.get(weight_t.dtype) != a.dtype):
+                problems.append(f"{name} W^T must be contiguous [{k}, {n}] in the layer's dtype")
+            if tuple(factors.shape) != (g, k) or factors.dtype != torch.float32 or not factors.is_contiguous():
+                problems.append(f"{name} factors must be contiguous float32 [{g}, {k}]")
+        if len(qkv[2]) != 3 or sum(qkv[2]) != self.qkv_width:
+            problems.append(f"qkv widths {qkv[2]} must be 3 summing to {self.qkv_width}")
+        if problems:
+            raise ValueError("decode_layer sparsity: " + "; ".join(problems))
+        a.qkv_wt, a.o_wt, a.gate_up_wt, a.down_wt = (t[0].data_ptr() for t in (qkv, o, gate_up, down))
+        a.qkv_factors, a.o_factors, a.gate_up_factors, a.down_factors = (t[1].data_ptr() for t in (qkv, o, gate_up, down))
+        a.qkv_segments[:] = list(qkv[2])
+        self._sparse_tensors = (*qkv[:2], *o, *gate_up, *down)
+        self.sparse = True
 
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                 positions: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+                 positions: torch.Tensor, keep: torch.Tensor | None = None, thresholds_ptr: int | None = None,
+                 kept_ptr: int | None = None) -> torch.Tensor:
         """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] float32
         contiguous (written at each row's slot and position); slots, positions: [B] int64
         contiguous; keep: [B, intermediate] float32 0/1 contiguous, the MLP neurons each row keeps
-        (None: all) -> the residual stream after the layer, [B, 1, hidden]. Callers check shapes
-        once per step (LlamaDecoder.forward); the kernel re-checks slots and positions."""
+        (None: all); thresholds_ptr / kept_ptr: with attach_sparsity, the addresses of every row's
+        [B, 7] float32 WINA thresholds and int32 kept counts (q, k, v, o, gate, up, down; the
+        counts are written), or None for a dense step -> the residual stream after the layer,
+        [B, 1, hidden]. Callers check shapes once per step (LlamaDecoder.forward); the kernel
+        re-checks slots and positions."""
         if keep is not None and (keep.shape != (h.shape[0], self.intermediate) or keep.dtype != torch.float32
                                  or not keep.is_contiguous()):
             raise ValueError(f"decode_layer: keep must be contiguous float32 [{h.shape[0]}, {self.intermediate}]")
+        if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not self.sparse):
+            raise ValueError("decode_layer: thresholds and kept go together, after attach_sparsity")
         out = torch.empty_like(h)
         self._check(self._layer_fn(self._args_ref, keys.data_ptr(), values.data_ptr(), keys.shape[0], h.data_ptr(),
                                    out.data_ptr(), h.shape[0], slots.data_ptr(), positions.data_ptr(),
-                                   None if keep is None else keep.data_ptr()), slots, positions)
+                                   None if keep is None else keep.data_ptr(), thresholds_ptr, kept_ptr),
+                    slots, positions)
         return out
 
     def norm(self, h: torch.Tensor, which: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels.wina_cpu import CpuWinaKernel
 from kernels.wina_reference import column_norms
@@ -161,3 +162,33 @@ def test_official_wina_criterion_uses_norms_on_k_and_gate_only(loaded, profiles)
     assert plan is not None  # the table serves like any other
     with pytest.raises(ValueError, match="unknown WINA criterion"):
         criterion_factors(torch.ones(4, 3), (4,), O_COLUMNS, "bogus")
+
+
+def test_fused_sparse_decode_step_equals_separate_calls(loaded, profiles):
+    """A decode step whose rows are all sparse runs each layer as one kernel call; it gives the
+    same numbers and kept counts, bit for bit, as the layer's separate sparse projection calls
+    (DecoderLayer.forward_decode, which mixed batches take)."""
+    model = loaded.model
+    if model.decode_layers is None:
+        pytest.skip("no CPU decode kernel here")
+    model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
+    assert all(layer.sparse for layer in model.decode_layers)
+    tokens = _batch(loaded.tokenizer, PROMPTS)
+    B, T = tokens.shape
+    cache = model.new_cache(B)
+    for row in range(B):  # dense prompts, then one sparse step at three targets
+        model(tokens[row:row + 1, :-1], torch.tensor([row]), torch.tensor([0]), cache)
+    plan = model.sparsity_plan([0.5, 0.3, 0.7], 1)
+    slots, positions = torch.arange(B), torch.full((B,), T - 1)
+    h = F.embedding(tokens[:, -1:], model.embed).float()  # [B, 1, hidden]
+    for i, layer in enumerate(model.layers):
+        view = plan.layer(i)
+        keys, values = cache.keys[i].clone(), cache.values[i].clone()
+        fused = model.decode_layers[i](h, keys, values, slots, positions, None, view.thresholds_ptr, view.kept_ptr)
+        fused_kept = view.kept.clone()
+        separate = layer.forward_decode(model.decode_layers[i], h, cache.keys[i], cache.values[i], slots,
+                                        positions, view, None)
+        assert torch.equal(fused, separate), i
+        assert torch.equal(view.kept, fused_kept) and bool((fused_kept > 0).all()), i
+        assert torch.equal(keys, cache.keys[i]) and torch.equal(values, cache.values[i]), i
+        h = fused

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 
 #include "simd_cpu.h"
+#include "wina_core.h"
 
 enum { ROW_BLOCK = 8, PREFETCH_BYTES = 4096 };
 
@@ -171,7 +172,14 @@ typedef struct {
     const void *qkv_w, *o_w, *gate_up_w, *down_w;   // [(H + 2 KVH) D, hidden], [hidden, H D], [2I, hidden], [hidden, I]
     const float *qkv_b, *o_b, *gate_up_b, *down_b;  // float32 biases or NULL
     const float *cos, *signed_sin;                  // [max_len, D], rotate-half layout, sign folded in
+    // WINA sparsity, NULL qkv_wt when the layer has none: each projection's W^T [in, out] (dtype)
+    // and score factors [segments, in] float32; q/k/v are 3 segments, gate/up 2, o and down 1
+    const void *qkv_wt, *o_wt, *gate_up_wt, *down_wt;
+    const float *qkv_factors, *o_factors, *gate_up_factors, *down_factors;
+    int64_t qkv_segments[3];
 } DecodeLayer;
+
+enum { TABLE_COLUMNS = 7 };  // q, k, v, o, gate, up, down: the model's [rows, 7] threshold and kept tables
 
 // out = x * rsqrt(mean(x^2) + eps) * w, per row, as RMSNorm.forward computes it
 static void rms_norm_rows(const float *x, int64_t B, int64_t n, const float *w, double eps, float *out) {
@@ -274,7 +282,7 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, float *key
 
 // The attention half of the layer on h [B, hidden], in place: h += o_proj(attention(norm(h))).
 static int attention_block(const DecodeLayer *layer, float *keys, float *values, float *h, int64_t B,
-                           const int64_t *slots, const int64_t *positions) {
+                           const int64_t *slots, const int64_t *positions, const float *thresholds, int32_t *kept) {
     const int64_t hidden = layer->hidden, H = layer->heads, KVH = layer->kv_heads, D = layer->head_dim;
     const int64_t qkv_width = (H + 2 * KVH) * D;
     const int dtype = (int)layer->dtype;
@@ -285,10 +293,24 @@ static int attention_block(const DecodeLayer *layer, float *keys, float *values,
     int status = -1;
     if (x && qkv && attn && proj) {
         rms_norm_rows(h, B, hidden, layer->attn_norm, layer->eps, x);
-        dense_parallel(x, B, hidden, layer->qkv_w, qkv_width, dtype, layer->qkv_b, qkv, DTYPE_F32, 0);
-        status = attention_rows(layer, qkv, keys, values, B, slots, positions, attn);
-        if (status == 0) {
+        if (thresholds) {
+            status = wina_project(x, B, hidden, layer->qkv_wt, qkv_width, dtype, layer->qkv_factors, thresholds,
+                                  TABLE_COLUMNS, layer->qkv_segments, 3, layer->qkv_b, qkv, DTYPE_F32, kept,
+                                  TABLE_COLUMNS, 0);
+        } else {
+            dense_parallel(x, B, hidden, layer->qkv_w, qkv_width, dtype, layer->qkv_b, qkv, DTYPE_F32, 0);
+            status = 0;
+        }
+        if (status == 0) status = attention_rows(layer, qkv, keys, values, B, slots, positions, attn);
+        if (status == 0 && thresholds) {
+            const int64_t o_segments[1] = {hidden};
+            status = wina_project(attn, B, H * D, layer->o_wt, hidden, dtype, layer->o_factors, thresholds + 3,
+                                  TABLE_COLUMNS, o_segments, 1, layer->o_b, proj, DTYPE_F32, kept + 3,
+                                  TABLE_COLUMNS, 0);
+        } else if (status == 0) {
             dense_parallel(attn, B, H * D, layer->o_w, hidden, dtype, layer->o_b, proj, DTYPE_F32, 0);
+        }
+        if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
         }
     }
@@ -298,7 +320,8 @@ static int attention_block(const DecodeLayer *layer, float *keys, float *values,
 
 // The MLP half on h [B, hidden], in place: h += down(keep * silu(gate(norm(h))) * up(norm(h))), where
 // keep ([B, I] 0/1 float32, or NULL for all ones) zeroes the neurons a row prunes.
-static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep) {
+static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep, const float *thresholds,
+                     int32_t *kept) {
     const int64_t hidden = layer->hidden, I = layer->intermediate;
     const int dtype = (int)layer->dtype;
     float *x = malloc(sizeof(float) * B * hidden);
@@ -307,13 +330,30 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
     int status = -1;
     if (x && act && proj) {
         rms_norm_rows(h, B, hidden, layer->mlp_norm, layer->eps, x);
-        dense_parallel(x, B, hidden, layer->gate_up_w, 2 * I, dtype, layer->gate_up_b, act, DTYPE_F32, 1);
-        if (keep) {
-            for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
-        }
-        dense_parallel(act, B, I, layer->down_w, hidden, dtype, layer->down_b, proj, DTYPE_F32, 0);
-        for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
         status = 0;
+        if (thresholds) {
+            const int64_t gate_up_segments[2] = {I, I}, down_segments[1] = {hidden};
+            status = wina_project(x, B, hidden, layer->gate_up_wt, 2 * I, dtype, layer->gate_up_factors,
+                                  thresholds + 4, TABLE_COLUMNS, gate_up_segments, 2, layer->gate_up_b, act, DTYPE_F32,
+                                  kept + 4, TABLE_COLUMNS, 1);
+            if (status == 0 && keep) {
+                for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
+            }
+            if (status == 0) {
+                status = wina_project(act, B, I, layer->down_wt, hidden, dtype, layer->down_factors, thresholds + 6,
+                                      TABLE_COLUMNS, down_segments, 1, layer->down_b, proj, DTYPE_F32, kept + 6,
+                                      TABLE_COLUMNS, 0);
+            }
+        } else {
+            dense_parallel(x, B, hidden, layer->gate_up_w, 2 * I, dtype, layer->gate_up_b, act, DTYPE_F32, 1);
+            if (keep) {
+                for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
+            }
+            dense_parallel(act, B, I, layer->down_w, hidden, dtype, layer->down_b, proj, DTYPE_F32, 0);
+        }
+        if (status == 0) {
+            for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
+        }
     }
     free(x), free(act), free(proj);
     return status;
@@ -321,14 +361,18 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
 
 // keys, values: this layer's cache, [num_slots, KVH, max_len, D] float32; h_in -> h_out: [B, hidden]
 // float32 residual stream before and after the layer; slots, positions: [B], each row's cache slot
-// and the position of its new token; keep: [B, I] neuron keep mask or NULL (see mlp_block).
+// and the position of its new token; keep: [B, I] neuron keep mask or NULL (see mlp_block);
+// thresholds: NULL (dense), or every row's WINA thresholds [B, 7] float32 (q, k, v, o, gate, up,
+// down), which run each projection through wina_project (the same call, and so the same numbers,
+// as the separate sparse projections) and write the channels each row kept to kept [B, 7] int32.
 // Returns 0, or -1 on bad arguments or no memory.
 int decode_layer(const DecodeLayer *layer, float *keys, float *values, int64_t num_slots, const float *h_in,
-                 float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep) {
-    if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
+                 float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep,
+                 const float *thresholds, int32_t *kept) {
+    if (!valid_rows(layer, num_slots, B, slots, positions) || (thresholds && (!layer->qkv_wt || !kept))) return -1;
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
-    if (attention_block(layer, keys, values, h_out, B, slots, positions)) return -1;
-    return mlp_block(layer, h_out, B, keep);
+    if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept)) return -1;
+    return mlp_block(layer, h_out, B, keep, thresholds, kept);
 }
 
 // The layer in parts, for a step where some row is sparse or edits neurons: the model then runs

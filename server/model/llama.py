@@ -13,7 +13,8 @@ from server.model.edits import ForwardEdits
 from server.model.kv_cache import KVCache
 from server.model.layers import Attention, DecoderLayer, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from server.model.sparsity import (
-    DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, SparseProjection, SparsityPlan, WinaTable,
+    CPU_KERNEL_MAX_ROWS, DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, SparseProjection, SparsityPlan,
+    WinaTable,
 )
 from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
 from kernels.wina_cpu import CpuWinaKernel
@@ -107,6 +108,14 @@ class LlamaDecoder(nn.Module):
                                                   cpu_kernel, gate_up=True)
             mlp.sparse_down = SparseProjection(mlp.down, (c.hidden_size,), DOWN_COLUMNS, table.criterion, cpu_kernel)
         self.wina = WinaTable(table.criterion, table.levels.to(self.device), table.thresholds.to(self.device))
+        if self.decode_layers is not None and cpu_kernel is not None:
+            for fused, layer in zip(self.decode_layers, self.layers):
+                attn, mlp = layer.attn, layer.mlp
+                parts = [attn.sparse_qkv.prepared, attn.sparse_o.prepared, mlp.sparse_gate_up.prepared,
+                         mlp.sparse_down.prepared]
+                if all(p is not None for p in parts):
+                    qkv, o, gate_up, down = ((p.weight_t, p.col_norms) for p in parts)
+                    fused.attach_sparsity((*qkv, (q, kv, kv)), o, gate_up, down)
 
     def sparsity_plan(self, targets: list[float], tokens_per_row: int) -> SparsityPlan | None:
         """None when no row asks for sparsity: such a batch does no extra work."""
@@ -170,8 +179,9 @@ class LlamaDecoder(nn.Module):
             raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         # On CPU, a decode step (one new token per row) runs each layer as one kernel call (neuron
-        # keep masks included); a layer where some row is sparse or edits neurons otherwise runs
-        # the kernel's parts around torch projections, which give the other rows the same numbers.
+        # keep masks included, and WINA sparsity when every row of up to 8 is sparse); a layer
+        # where some rows are sparse and others not, or that edits neurons otherwise, runs the
+        # kernel's parts around torch projections, which give the other rows the same numbers.
         # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
         # of one slot (each attends to the keys up to its own position), unless it is sparse or
         # edits neurons beyond keep masks. Both match DecoderLayer.forward up to float32
@@ -208,6 +218,12 @@ class LlamaDecoder(nn.Module):
             elif layer_sparsity is None and (neurons is None or keep is not None):
                 rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]: a view when T == 1
                 h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep).view(B, T, -1)
+            elif (fused[i].sparse and sparsity.dense_rows is None and B <= CPU_KERNEL_MAX_ROWS
+                  and (neurons is None or keep is not None)):
+                # every row sparse (T == 1 here): the sparse projections inside the one call, with
+                # the numbers forward_decode's separate kernel calls would give
+                h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
+                             layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr)
             else:  # T == 1 here
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)

@@ -154,14 +154,16 @@ class SparsityPlan:
 
 class LayerSparsity:
     """One layer's view of the plan. Decode at batch 1 calls `apply` 4 times a layer, 120 times a
-    token, so the kernel path works on raw addresses into the plan's tables instead of views."""
+    token, so the kernel path works on raw addresses into the plan's tables instead of views
+    (`thresholds_ptr`, `kept_ptr`: this layer's [R*T, 7] float32 / int32 rows, which the fused
+    decode layer also takes)."""
 
     def __init__(self, plan: SparsityPlan, index: int) -> None:
         self.plan = plan
         self.index = index
         offset = index * plan.kept.shape[1] * 7 * 4  # both tables are [L, R*T, 7] of 4-byte elements
-        self._thresholds_ptr = plan.thresholds.data_ptr() + offset
-        self._kept_ptr = plan.kept.data_ptr() + offset
+        self.thresholds_ptr = plan.thresholds.data_ptr() + offset
+        self.kept_ptr = plan.kept.data_ptr() + offset
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -183,7 +185,7 @@ class LayerSparsity:
         if projection.prepared is not None and rows.shape[0] <= CPU_KERNEL_MAX_ROWS:
             if rows.dtype != torch.float32 or not rows.is_contiguous():
                 rows = rows.float().contiguous()
-            y = projection.prepared(rows, self._thresholds_ptr + 4 * start, 7, self._kept_ptr + 4 * start, 7)
+            y = projection.prepared(rows, self.thresholds_ptr + 4 * start, 7, self.kept_ptr + 4 * start, 7)
         elif projection.weight_t is not None:
             from kernels.wina_triton import wina_gate_up_triton, wina_linear_triton
 

@@ -1,0 +1,232 @@
+// WINA sparse linear layer for x86-64 CPUs with AVX2, FMA and F16C: reads only the rows of the
+// transposed weight W^T [K, N] whose input channel some batch row keeps, and accumulates in
+// float32. Semantics: kernels/wina_reference.py (wina_linear_reference and
+// wina_gate_up_reference), the oracle the tests compare this against.
+//
+// Batch invariance: every output's sum starts at 0 and visits the kept channels in ascending
+// order, one fused multiply-add each; a channel that only a neighbour keeps contributes
+// fma(0, w, acc) == acc, which leaves the sum bit-for-bit unchanged. So a row's output never
+// depends on its neighbours, nor on the thread count (threads split the outputs, never a sum).
+//
+// Layout of the work: threads split the output columns; each streams the kept rows' pieces of its
+// columns eight rows side by side into float32 sums, so no sum is ever split between threads:
+// no barrier, no partial sums to add, the same result at any thread count. The kept-channel sets
+// are built eight channels per vector compare, and float32 outputs are rounded eight at a time.
+// (The first version split the channels between threads, which cost a barrier and a reduction
+// per call.) On the development CPU the limit is reading kept rows from DRAM, not this code:
+// benchmarks/row_skip_bandwidth.py measures what skipping rows can save there.
+//
+// A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
+// and dense_cpu.c (whose fused decode layer runs sparse rows through it).
+
+#ifndef NEURONSERVE_WINA_CORE_H
+#define NEURONSERVE_WINA_CORE_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd_cpu.h"
+
+enum { MAX_SEGMENTS = 4 };
+
+// One segment's kept channels: the ascending union over rows, and each row's coefficient per
+// union entry (its input where it keeps the channel, 0 where only a neighbour does).
+typedef struct {
+    int32_t count;
+    int32_t *channels;  // [count]
+    float *coefficients;  // [count, B]
+} ActiveSet;
+
+// BYTES_PER_THREAD: weight bytes below which another thread costs more to start than it saves
+enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
+
+// acc[b, 0:width] (row stride acc_stride) continues, over all active entries in order, the sum of
+// coef[a, b] * W^T[channel_a, col0 : col0 + width]: one fused multiply-add per channel, in channel
+// order, so the result is the same float32 chain whatever the pass grouping below.
+// Eight channels per pass: eight weight row pieces are read side by side (each a contiguous run,
+// which the memory system streams) and each accumulator is loaded and stored once per eight
+// multiply-adds. The kept channels are scattered, which defeats the hardware prefetcher across
+// rows, so rows a few passes ahead are prefetched in software.
+static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype, int64_t col0,
+                       int64_t width, float *acc, int64_t acc_stride) {
+    const int64_t vec_end = width & ~(int64_t)7;
+    const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
+    const int64_t row_bytes = width * elem;
+    int32_t ahead = (int32_t)(16384 / (row_bytes + 1));  // about 16 KiB in flight
+    ahead = ahead < 8 ? 8 : (ahead > 64 ? 64 : ahead);
+    const char *base = (const char *)weight_t;
+    const int32_t count = set->count;
+    for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {
+        const char *row = base + ((int64_t)set->channels[a] * ldw + col0) * elem;
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    }
+    int32_t a = 0;
+    for (; a + PASS_CHANNELS <= count; a += PASS_CHANNELS) {
+        for (int32_t p = a + ahead; p < a + ahead + PASS_CHANNELS && p < count; ++p) {
+            const char *row = base + ((int64_t)set->channels[p] * ldw + col0) * elem;
+            for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        }
+        int64_t r[PASS_CHANNELS];
+        for (int i = 0; i < PASS_CHANNELS; ++i) r[i] = (int64_t)set->channels[a + i] * ldw + col0;
+        const float *coef = set->coefficients + (int64_t)a * B;
+        for (int64_t b = 0; b < B; ++b) {
+            __m256 c[PASS_CHANNELS];
+            for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i * B + b]);
+            float *dst = acc + b * acc_stride;
+            for (int64_t j = 0; j < vec_end; j += 8) {
+                __m256 v = _mm256_loadu_ps(dst + j);
+                for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
+                _mm256_storeu_ps(dst + j, v);
+            }
+            for (int64_t j = vec_end; j < width; ++j) {
+                float v = dst[j];
+                for (int i = 0; i < PASS_CHANNELS; ++i) v = fmaf(coef[i * B + b], load1(weight_t, r[i] + j, dtype), v);
+                dst[j] = v;
+            }
+        }
+    }
+    for (; a < count; ++a) {
+        const int64_t r0 = (int64_t)set->channels[a] * ldw + col0;
+        const float *coef = set->coefficients + (int64_t)a * B;
+        for (int64_t b = 0; b < B; ++b) {
+            const __m256 c0 = _mm256_set1_ps(coef[b]);
+            float *dst = acc + b * acc_stride;
+            for (int64_t j = 0; j < vec_end; j += 8) {
+                _mm256_storeu_ps(dst + j, _mm256_fmadd_ps(c0, load8(weight_t, r0 + j, dtype), _mm256_loadu_ps(dst + j)));
+            }
+            for (int64_t j = vec_end; j < width; ++j) dst[j] = fmaf(coef[b], load1(weight_t, r0 + j, dtype), dst[j]);
+        }
+    }
+}
+
+// The sparse projection; arguments and result as wina_linear's (wina_cpu.c).
+static int wina_project(const float *x, int64_t B, int64_t K, const void *weight_t, int64_t N, int dtype,
+                        const float *col_norms, const float *thresholds, int64_t threshold_stride,
+                        const int64_t *segment_sizes, int64_t G, const float *bias, void *out, int out_dtype,
+                        int32_t *kept, int64_t kept_stride, int gate_up) {
+    if (G < 1 || G > MAX_SEGMENTS || B < 1 || K < 1) return -1;
+    if (gate_up && (G != 2 || segment_sizes[0] != segment_sizes[1])) return -1;
+    int64_t segment_start[MAX_SEGMENTS + 1];
+    segment_start[0] = 0;
+    for (int64_t g = 0; g < G; ++g) segment_start[g + 1] = segment_start[g] + segment_sizes[g];
+    if (segment_start[G] != N) return -1;
+
+    ActiveSet sets[MAX_SEGMENTS];
+    int32_t *channel_buffer = malloc(sizeof(int32_t) * G * K);
+    float *coef_buffer = malloc(sizeof(float) * G * K * B);
+    float *row_thresholds = malloc(sizeof(float) * B);
+    unsigned *row_bits = malloc(sizeof(unsigned) * B);
+    if (!channel_buffer || !coef_buffer || !row_thresholds || !row_bits) {
+        free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
+        return -1;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        ActiveSet *set = &sets[g];
+        set->count = 0;
+        set->channels = channel_buffer + g * K;
+        set->coefficients = coef_buffer + g * K * B;
+        const float *norms = col_norms + g * K;
+        for (int64_t b = 0; b < B; ++b) {
+            kept[b * kept_stride + g] = 0;
+            row_thresholds[b] = thresholds[b * threshold_stride + g];
+        }
+        // Eight channels at a time: each row's keep bits from one vector compare (the same
+        // |x| * norm > threshold as the scalar tail), then the union's channels in order.
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        int64_t i = 0;
+        for (; i + 8 <= K; i += 8) {
+            const __m256 n = _mm256_loadu_ps(norms + i);
+            unsigned any = 0;
+            for (int64_t b = 0; b < B; ++b) {
+                const __m256 score = _mm256_mul_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + b * K + i)), n);
+                row_bits[b] = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(score, _mm256_set1_ps(row_thresholds[b]),
+                                                                          _CMP_GT_OQ));
+                kept[b * kept_stride + g] += __builtin_popcount(row_bits[b]);
+                any |= row_bits[b];
+            }
+            for (; any; any &= any - 1) {
+                const int bit = __builtin_ctz(any);
+                float *coef = set->coefficients + (int64_t)set->count * B;
+                for (int64_t b = 0; b < B; ++b) coef[b] = (row_bits[b] >> bit) & 1u ? x[b * K + i + bit] : 0.0f;
+                set->channels[set->count++] = (int32_t)(i + bit);
+            }
+        }
+        for (; i < K; ++i) {
+            int any = 0;
+            float *coef = set->coefficients + (int64_t)set->count * B;
+            for (int64_t b = 0; b < B; ++b) {
+                const float xi = x[b * K + i];
+                const int keep = fabsf(xi) * norms[i] > row_thresholds[b];
+                coef[b] = keep ? xi : 0.0f;
+                kept[b * kept_stride + g] += keep;
+                any |= keep;
+            }
+            if (any) set->channels[set->count++] = (int32_t)i;
+        }
+    }
+
+    // Threads split each segment's output columns at fixed, 8-aligned boundaries (with gate_up the
+    // same gate and up columns, which the epilogue pairs); every output's sum runs whole in one
+    // thread, so the thread count changes no result and no partial sums need adding. Small calls
+    // stay on one thread.
+    const int64_t out_width = gate_up ? N / 2 : N;
+    const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
+    float *acc = malloc(sizeof(float) * B * N);  // [B, N]
+    if (!acc) {
+        free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
+        return -1;
+    }
+    int64_t bytes = 0;
+    for (int64_t g = 0; g < G; ++g) bytes += (int64_t)sets[g].count * segment_sizes[g] * elem;
+    int64_t threads = omp_get_max_threads();
+    if (bytes / BYTES_PER_THREAD + 1 < threads) threads = bytes / BYTES_PER_THREAD + 1;
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t vectors = (segment_sizes[g] + 7) / 8;
+            const int64_t c0 = 8 * (vectors * t / nt);
+            const int64_t c1 = 8 * (vectors * (t + 1) / nt) < segment_sizes[g] ? 8 * (vectors * (t + 1) / nt) : segment_sizes[g];
+            if (c0 >= c1) continue;
+            for (int64_t b = 0; b < B; ++b) memset(acc + b * N + segment_start[g] + c0, 0, sizeof(float) * (c1 - c0));
+            accumulate(&sets[g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0, acc + segment_start[g] + c0, N);
+        }
+        // Epilogue for the owned columns: bias, rounding to the weight dtype, SwiGLU for gate_up.
+        for (int64_t g = 0; g < (gate_up ? 1 : G); ++g) {
+            const int64_t vectors = (segment_sizes[g] + 7) / 8;
+            const int64_t c0 = 8 * (vectors * t / nt);
+            const int64_t c1 = 8 * (vectors * (t + 1) / nt) < segment_sizes[g] ? 8 * (vectors * (t + 1) / nt) : segment_sizes[g];
+            for (int64_t b = 0; b < B; ++b) {
+                const float *row = acc + b * N;
+                int64_t c = c0;
+                if (!gate_up && out_dtype == DTYPE_F32) {  // the model's case: 8 outputs at a time
+                    for (; c + 8 <= c1; c += 8) {
+                        const int64_t j = segment_start[g] + c;
+                        __m256 v = _mm256_loadu_ps(row + j);
+                        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+                        _mm256_storeu_ps((float *)out + b * out_width + j, round8_to(dtype, v));
+                    }
+                }
+                for (; c < c1; ++c) {
+                    const int64_t j = segment_start[g] + c;  // output column (gate column with gate_up)
+                    float v = row[j] + (bias ? bias[j] : 0.0f);
+                    if (gate_up) {
+                        // gate and up rounded first, as the reference does
+                        const float u = round_to(dtype, row[out_width + j] + (bias ? bias[out_width + j] : 0.0f));
+                        v = silu(round_to(dtype, v)) * u;
+                    }
+                    store1(out, b * out_width + j, out_dtype, round_to(dtype, v));
+                }
+            }
+        }
+    }
+    free(acc);
+    free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
+    return 0;
+}
+
+#endif
