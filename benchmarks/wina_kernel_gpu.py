@@ -98,18 +98,19 @@ def cycling(calls: list):
     return call
 
 
-def _csv(kind):
+def comma_list(kind):
+    """An argparse type: "1,2,4" -> [kind("1"), kind("2"), kind("4")]."""
     return lambda text: [kind(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=_csv(str), default=list(LAYERS),
+    parser.add_argument("--layers", type=comma_list(str), default=list(LAYERS),
                         help=f"comma-separated subset of {','.join(LAYERS)} (default: all)")
-    parser.add_argument("--batches", type=_csv(int), default=[1, 2, 4, 8],
+    parser.add_argument("--batches", type=comma_list(int), default=[1, 2, 4, 8],
                         help="comma-separated batch sizes, each <= 32 (default: 1,2,4,8)")
-    parser.add_argument("--sparsities", type=_csv(float), default=[0.0, 0.5, 0.9],
+    parser.add_argument("--sparsities", type=comma_list(float), default=[0.0, 0.5, 0.9],
                         help="comma-separated fractions of input channels skipped (default: 0,0.5,0.9)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float16", help="weight and input dtype")
     parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_common import describe_machine, fmt, format_table, write_report
-from wina_kernel_gpu import LAYERS, Layer, cycling, rotating
+from wina_kernel_gpu import LAYERS, Layer, comma_list, cycling, rotating
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -51,16 +51,12 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "wina_tune_gpu.json"
 
 
-def _csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=_csv(str), default=list(LAYERS),
+    parser.add_argument("--layers", type=comma_list(str), default=list(LAYERS),
                         help=f"comma-separated subset of {','.join(LAYERS)} (default: all)")
-    parser.add_argument("--batches", type=_csv(int), default=[1, 8],
+    parser.add_argument("--batches", type=comma_list(int), default=[1, 8],
                         help="comma-separated batch sizes, each <= 16 (default: 1,8)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of input channels skipped")
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
