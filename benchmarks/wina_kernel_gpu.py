@@ -205,11 +205,13 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
 
     triton_ms, dense_ms = events_ms(sparse), events_ms(dense)
     triton_graph_ms, dense_graph_ms = graph_ms(from_memory(sparse_with, 1)), graph_ms(from_memory(dense_with, 0))
-    config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device)
+    config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device,
+                                     weight_bytes=weight_t.element_size())
     broadcast = {}
     if args.broadcast_configs is not None and batch == 1:  # the same case on the broadcast path, tuned
         tuned = wina_triton.load_tuned_configs(args.broadcast_configs)
-        broadcast_config = tuned.get(wina_triton.tuning_key(layer.gate_up, 1, layer.k, layer.segments))
+        broadcast_config = tuned.get(wina_triton.tuning_key(layer.gate_up, 1, layer.k, layer.segments,
+                                                            weight_t.element_size()))
         if broadcast_config is not None:
             def broadcast_with(w_t):
                 if layer.gate_up:

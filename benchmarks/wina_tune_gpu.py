@@ -238,7 +238,8 @@ def tune_case(layer: Layer, batches: list[int], args: argparse.Namespace, wt, po
     return {
         "layer": layer.name, "k": layer.k, "segments": list(layer.segments), "gate_up": layer.gate_up,
         "batches": batches, "sparsity": args.sparsity, "weight_copies": len(weights),
-        "key": wt.tuning_key(layer.gate_up, wt._tile(batches[0], use_dot)[0], layer.k, layer.segments),
+        "key": wt.tuning_key(layer.gate_up, wt._tile(batches[0], use_dot)[0], layer.k, layer.segments,
+                             weight.element_size()),
         "best": asdict(best), "best_us": timings[best],
         "heuristic": asdict(heuristic), "heuristic_us": timings.get(heuristic),
         "dense_us": dense_us, "x_dense": {b: dense_us[b] / timings[best][b] for b in batches},

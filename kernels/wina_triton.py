@@ -313,10 +313,12 @@ class WinaKernelConfig:
     num_stages: int | None = None  # software-pipelining depth of the K loop; None: Triton's default
 
 
-def tuning_key(gate_up: bool, block_b: int, k: int, widths: Sequence[int]) -> str:
+def tuning_key(gate_up: bool, block_b: int, k: int, widths: Sequence[int], weight_bytes: int) -> str:
     """The key of one tuned configuration: kernel, batch tile (every batch that pads to the same
-    BLOCK_B runs the same compiled kernel), input channels and segment widths."""
-    return f"{'gate_up' if gate_up else 'linear'} B{block_b} K{k} N{'+'.join(str(w) for w in widths)}"
+    BLOCK_B runs the same compiled kernel), input channels, segment widths and bytes per weight
+    (float16 and bfloat16 share entries; float32 tiles need twice the shared memory)."""
+    return (f"{'gate_up' if gate_up else 'linear'} B{block_b} K{k} N{'+'.join(str(w) for w in widths)} "
+            f"W{weight_bytes}")
 
 
 def tuned_configs_path(device_name: str) -> Path:
@@ -346,7 +348,7 @@ def _tile(batch: int, use_dot: bool | None = None) -> tuple[int, bool]:
 
 @functools.lru_cache(maxsize=512)
 def pick_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
-                device: torch.device, use_dot: bool | None = None) -> WinaKernelConfig:
+                device: torch.device, use_dot: bool | None = None, *, weight_bytes: int) -> WinaKernelConfig:
     """Launch parameters for a batch and shapes (cached: decode calls it every step): on CUDA, the
     measured best for this GPU and shape where benchmarks/wina_tune_gpu.py tuned it
     (`tuned_configs_path`), else a heuristic. They only change speed, never results beyond fp32
@@ -355,7 +357,7 @@ def pick_config(batch: int, k: int, widths: tuple[int, ...], gate_up: bool,
     (None: from DOT_MIN_BATCH; a forced path never takes a tuned config)."""
     if device.type == "cuda" and use_dot is None:
         tuned = load_tuned_configs(tuned_configs_path(torch.cuda.get_device_name(device)))
-        config = tuned.get(tuning_key(gate_up, _tile(batch)[0], k, widths))
+        config = tuned.get(tuning_key(gate_up, _tile(batch)[0], k, widths, weight_bytes))
         if config is not None:
             return config
     return heuristic_config(batch, k, widths, gate_up, device, use_dot)
@@ -512,7 +514,7 @@ def wina_linear_sparse(
     batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, segments, bias)
     if batch == 0:  # nothing to launch
         return wina_linear_dense(x, weight_t, col_norms, thresholds, segments, bias)
-    config = config or pick_config(batch, k, tuple(widths), False, x.device)
+    config = config or pick_config(batch, k, tuple(widths), False, x.device, weight_bytes=weight_t.element_size())
     tile = _tile(batch, config.use_dot)
     _check_sparse_launch(x, weight_t, batch, config, tile[1])
     n = sum(widths)
@@ -549,7 +551,7 @@ def wina_gate_up_sparse(
     batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, (half, half), bias)
     if batch == 0:  # nothing to launch
         return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
-    config = config or pick_config(batch, k, tuple(widths), True, x.device)
+    config = config or pick_config(batch, k, tuple(widths), True, x.device, weight_bytes=weight_t.element_size())
     tile = _tile(batch, config.use_dot)
     _check_sparse_launch(x, weight_t, batch, config, tile[1])
     k_per_split, split_k = _split(k, config)

@@ -334,9 +334,9 @@ def test_compiled_kernel_on_cuda():
 def test_tuned_config_table_round_trip(tmp_path):
     """A tuning file as benchmarks/wina_tune_gpu.py writes it loads back into the same configs."""
     config = wt.WinaKernelConfig(block_k=64, block_n=128, split_k=7, num_warps=8, use_dot=False, num_stages=2)
-    key = wt.tuning_key(False, 1, 14336, (4096,))
-    assert key == "linear B1 K14336 N4096"
-    assert wt.tuning_key(True, 16, 576, (1536, 1536)) == "gate_up B16 K576 N1536+1536"
+    key = wt.tuning_key(False, 1, 14336, (4096,), 2)
+    assert key == "linear B1 K14336 N4096 W2"
+    assert wt.tuning_key(True, 16, 576, (1536, 1536), 4) == "gate_up B16 K576 N1536+1536 W4"
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"configs": {key: {k: v for k, v in asdict(config).items() if v is not None}}}))
     assert wt.load_tuned_configs(path) == {key: config}
@@ -349,8 +349,9 @@ def test_committed_tuned_configs_are_launchable(path):
     """Every committed tuning entry names a kernel, a batch tile and shapes, and a config that the
     launcher accepts (powers of two, the tile's path)."""
     for key, config in wt.load_tuned_configs(path).items():
-        kernel, tile, k, widths = key.split(" ")
+        kernel, tile, k, widths, weight_bytes = key.split(" ")
         assert kernel in ("linear", "gate_up") and tile[0] == "B" and k[0] == "K" and widths[0] == "N"
+        assert weight_bytes in ("W2", "W4")
         block_b = int(tile[1:])
         assert config.use_dot in (None, block_b >= 16)
         for value in (config.block_k, config.block_n):
