@@ -197,6 +197,14 @@ class PreparedDecodeLayer:
         self._sparse_tensors = (*qkv[:2], *o, *gate_up, *down)
         self.sparse = True
 
+    def clear_sparsity(self) -> None:
+        """Forget attach_sparsity's tensors (another profile, or none, is being attached)."""
+        a = self._args
+        a.qkv_wt = a.o_wt = a.gate_up_wt = a.down_wt = None
+        a.qkv_factors = a.o_factors = a.gate_up_factors = a.down_factors = None
+        self._sparse_tensors = ()
+        self.sparse = False
+
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                  positions: torch.Tensor, keep: torch.Tensor | None = None, thresholds_ptr: int | None = None,
                  kept_ptr: int | None = None) -> torch.Tensor:

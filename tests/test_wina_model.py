@@ -192,3 +192,17 @@ def test_fused_sparse_decode_step_equals_separate_calls(loaded, profiles):
         assert torch.equal(view.kept, fused_kept) and bool((fused_kept > 0).all()), i
         assert torch.equal(keys, cache.keys[i]) and torch.equal(values, cache.values[i]), i
         h = fused
+
+
+def test_attaching_another_profile_replaces_the_fused_sparsity(loaded, profiles):
+    """The fused layer never keeps a previous profile's score factors: attaching one without the
+    CPU kernel (masked path) leaves no layer fused-sparse, and the next attach fuses again."""
+    model = loaded.model
+    if model.decode_layers is None:
+        pytest.skip("no CPU decode kernel here")
+    model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
+    assert all(layer.sparse for layer in model.decode_layers)
+    model.attach_sparsity(profiles["teal-uniform"]["table"], None)
+    assert not any(layer.sparse for layer in model.decode_layers)
+    model.attach_sparsity(profiles["teal-uniform"]["table"], CpuWinaKernel.load())
+    assert all(layer.sparse for layer in model.decode_layers)

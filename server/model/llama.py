@@ -108,8 +108,9 @@ class LlamaDecoder(nn.Module):
                                                   cpu_kernel, gate_up=True)
             mlp.sparse_down = SparseProjection(mlp.down, (c.hidden_size,), DOWN_COLUMNS, table.criterion, cpu_kernel)
         self.wina = WinaTable(table.criterion, table.levels.to(self.device), table.thresholds.to(self.device))
-        if self.decode_layers is not None and cpu_kernel is not None:
-            for fused, layer in zip(self.decode_layers, self.layers):
+        for fused, layer in zip(self.decode_layers or [], self.layers):
+            fused.clear_sparsity()  # a previous profile's factors must not outlive it
+            if cpu_kernel is not None:
                 attn, mlp = layer.attn, layer.mlp
                 parts = [attn.sparse_qkv.prepared, attn.sparse_o.prepared, mlp.sparse_gate_up.prepared,
                          mlp.sparse_down.prepared]
