@@ -65,7 +65,7 @@ class CpuDenseKernel:
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
-        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p, p, p]
+        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p, p, p, p, i64]
         lib.decode_layer.restype = ctypes.c_int
         lib.decode_attention.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
         lib.decode_attention.restype = ctypes.c_int
@@ -166,12 +166,12 @@ class PreparedDecodeLayer:
         self.attention_width = args.heads * args.head_dim
         self.qkv_width = (args.heads + 2 * args.kv_heads) * args.head_dim
         self.intermediate = args.intermediate
-        self.sparse = False  # whether attach_sparsity ran: steps whose rows are all sparse fuse too
+        self.sparse = False  # whether attach_sparsity ran: steps with sparse rows fuse too
 
     def attach_sparsity(self, qkv: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]],
                         o: tuple[torch.Tensor, torch.Tensor], gate_up: tuple[torch.Tensor, torch.Tensor],
                         down: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """WINA sparsity for steps whose rows are all sparse: each projection as (W^T [in, out]
+        """WINA sparsity for steps with sparse rows: each projection as (W^T [in, out]
         contiguous in the layer's weight dtype, score factors [segments, in] contiguous float32),
         qkv with its (q, k, v) widths. The layer then computes each projection as the separate
         sparse kernel (kernels/wina_cpu.py) does, with the same numbers. The tensors must outlive
@@ -207,24 +207,29 @@ class PreparedDecodeLayer:
 
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                  positions: torch.Tensor, keep: torch.Tensor | None = None, thresholds_ptr: int | None = None,
-                 kept_ptr: int | None = None) -> torch.Tensor:
+                 kept_ptr: int | None = None, sparse_rows: torch.Tensor | None = None) -> torch.Tensor:
         """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] float32
         contiguous (written at each row's slot and position); slots, positions: [B] int64
         contiguous; keep: [B, intermediate] float32 0/1 contiguous, the MLP neurons each row keeps
-        (None: all); thresholds_ptr / kept_ptr: with attach_sparsity, the addresses of every row's
-        [B, 7] float32 WINA thresholds and int32 kept counts (q, k, v, o, gate, up, down; the
-        counts are written), or None for a dense step -> the residual stream after the layer,
+        (None: all); thresholds_ptr / kept_ptr: with attach_sparsity, the addresses of the sparse
+        rows' [R, 7] float32 WINA thresholds and int32 kept counts (q, k, v, o, gate, up, down; the
+        counts are written), or None for a dense step; sparse_rows: [R] int64 ascending batch indices
+        of those rows (None: every row is sparse) -> the residual stream after the layer,
         [B, 1, hidden]. Callers check shapes once per step (LlamaDecoder.forward); the kernel
-        re-checks slots and positions."""
+        re-checks slots, positions and sparse_rows."""
         if keep is not None and (keep.shape != (h.shape[0], self.intermediate) or keep.dtype != torch.float32
                                  or not keep.is_contiguous()):
             raise ValueError(f"decode_layer: keep must be contiguous float32 [{h.shape[0]}, {self.intermediate}]")
         if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not self.sparse):
             raise ValueError("decode_layer: thresholds and kept go together, after attach_sparsity")
+        if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):
+            raise ValueError("decode_layer: sparse_rows must be contiguous int64")
         out = torch.empty_like(h)
         self._check(self._layer_fn(self._args_ref, keys.data_ptr(), values.data_ptr(), keys.shape[0], h.data_ptr(),
                                    out.data_ptr(), h.shape[0], slots.data_ptr(), positions.data_ptr(),
-                                   None if keep is None else keep.data_ptr(), thresholds_ptr, kept_ptr),
+                                   None if keep is None else keep.data_ptr(), thresholds_ptr, kept_ptr,
+                                   None if sparse_rows is None else sparse_rows.data_ptr(),
+                                   h.shape[0] if sparse_rows is None else sparse_rows.numel()),
                     slots, positions)
         return out
 

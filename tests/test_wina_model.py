@@ -164,10 +164,12 @@ def test_official_wina_criterion_uses_norms_on_k_and_gate_only(loaded, profiles)
         criterion_factors(torch.ones(4, 3), (4,), O_COLUMNS, "bogus")
 
 
-def test_fused_sparse_decode_step_equals_separate_calls(loaded, profiles):
-    """A decode step whose rows are all sparse runs each layer as one kernel call; it gives the
-    same numbers and kept counts, bit for bit, as the layer's separate sparse projection calls
-    (DecoderLayer.forward_decode, which mixed batches take)."""
+@pytest.mark.parametrize("targets", [[0.5, 0.3, 0.7], [0.5, 0.0, 0.7], [0.0, 0.6, 0.0]],
+                         ids=["all-sparse", "mixed", "one-sparse"])
+def test_fused_sparse_decode_step_equals_separate_calls(loaded, profiles, targets):
+    """A decode step with sparse rows runs each layer as one kernel call (the dense rows' projections
+    dense); it gives the same numbers and kept counts, bit for bit, as the layer's separate
+    projection calls (DecoderLayer.forward_decode, which steps with more than 8 sparse rows take)."""
     model = loaded.model
     if model.decode_layers is None:
         pytest.skip("no CPU decode kernel here")
@@ -178,13 +180,14 @@ def test_fused_sparse_decode_step_equals_separate_calls(loaded, profiles):
     cache = model.new_cache(B)
     for row in range(B):  # dense prompts, then one sparse step at three targets
         model(tokens[row:row + 1, :-1], torch.tensor([row]), torch.tensor([0]), cache)
-    plan = model.sparsity_plan([0.5, 0.3, 0.7], 1)
+    plan = model.sparsity_plan(targets, 1)
     slots, positions = torch.arange(B), torch.full((B,), T - 1)
     h = F.embedding(tokens[:, -1:], model.embed).float()  # [B, 1, hidden]
     for i, layer in enumerate(model.layers):
         view = plan.layer(i)
         keys, values = cache.keys[i].clone(), cache.values[i].clone()
-        fused = model.decode_layers[i](h, keys, values, slots, positions, None, view.thresholds_ptr, view.kept_ptr)
+        fused = model.decode_layers[i](h, keys, values, slots, positions, None, view.thresholds_ptr, view.kept_ptr,
+                                       plan.sparse_rows)
         fused_kept = view.kept.clone()
         separate = layer.forward_decode(model.decode_layers[i], h, cache.keys[i], cache.values[i], slots,
                                         positions, view, None)

@@ -280,9 +280,48 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, float *key
     return 0;
 }
 
+// One projection of a step's rows into out [B, out] float32: all dense (thresholds NULL), all
+// sparse (R == B), or mixed: the R sparse rows (sparse_rows, ascending) through wina_project with
+// their thresholds' and kept counts' column `column` ([R, 7] tables), the others through
+// dense_parallel; each row gets what a call on its group alone gives it (both kernels compute a row
+// independently of the others), which is what the model's separate calls give it.
+static int project_rows(const float *x, int64_t B, int64_t K, const void *weight, const void *weight_t, int64_t N,
+                        int dtype, const float *factors, const int64_t *segments, int64_t G, const float *bias,
+                        float *out, int gate_up, const float *thresholds, int32_t *kept, int column,
+                        const int64_t *sparse_rows, int64_t R) {
+    if (!thresholds) {
+        dense_parallel(x, B, K, weight, N, dtype, bias, out, DTYPE_F32, gate_up);
+        return 0;
+    }
+    if (R == B) {
+        return wina_project(x, B, K, weight_t, N, dtype, factors, thresholds + column, TABLE_COLUMNS, segments, G,
+                            bias, out, DTYPE_F32, kept + column, TABLE_COLUMNS, gate_up);
+    }
+    const int64_t width = gate_up ? N / 2 : N;
+    float *xs = malloc(sizeof(float) * (R * K + R * width + (B - R) * K + (B - R) * width));
+    if (!xs) return -1;
+    float *ys = xs + R * K, *xd = ys + R * width, *yd = xd + (B - R) * K;
+    for (int64_t b = 0, s = 0, d = 0; b < B; ++b) {
+        if (s < R && sparse_rows[s] == b) memcpy(xs + (s++) * K, x + b * K, sizeof(float) * K);
+        else memcpy(xd + (d++) * K, x + b * K, sizeof(float) * K);
+    }
+    int status = wina_project(xs, R, K, weight_t, N, dtype, factors, thresholds + column, TABLE_COLUMNS, segments, G,
+                              bias, ys, DTYPE_F32, kept + column, TABLE_COLUMNS, gate_up);
+    if (status == 0) {
+        dense_parallel(xd, B - R, K, weight, N, dtype, bias, yd, DTYPE_F32, gate_up);
+        for (int64_t b = 0, s = 0, d = 0; b < B; ++b) {
+            if (s < R && sparse_rows[s] == b) memcpy(out + b * width, ys + (s++) * width, sizeof(float) * width);
+            else memcpy(out + b * width, yd + (d++) * width, sizeof(float) * width);
+        }
+    }
+    free(xs);
+    return status;
+}
+
 // The attention half of the layer on h [B, hidden], in place: h += o_proj(attention(norm(h))).
 static int attention_block(const DecodeLayer *layer, float *keys, float *values, float *h, int64_t B,
-                           const int64_t *slots, const int64_t *positions, const float *thresholds, int32_t *kept) {
+                           const int64_t *slots, const int64_t *positions, const float *thresholds, int32_t *kept,
+                           const int64_t *sparse_rows, int64_t R) {
     const int64_t hidden = layer->hidden, H = layer->heads, KVH = layer->kv_heads, D = layer->head_dim;
     const int64_t qkv_width = (H + 2 * KVH) * D;
     const int dtype = (int)layer->dtype;
@@ -293,22 +332,13 @@ static int attention_block(const DecodeLayer *layer, float *keys, float *values,
     int status = -1;
     if (x && qkv && attn && proj) {
         rms_norm_rows(h, B, hidden, layer->attn_norm, layer->eps, x);
-        if (thresholds) {
-            status = wina_project(x, B, hidden, layer->qkv_wt, qkv_width, dtype, layer->qkv_factors, thresholds,
-                                  TABLE_COLUMNS, layer->qkv_segments, 3, layer->qkv_b, qkv, DTYPE_F32, kept,
-                                  TABLE_COLUMNS, 0);
-        } else {
-            dense_parallel(x, B, hidden, layer->qkv_w, qkv_width, dtype, layer->qkv_b, qkv, DTYPE_F32, 0);
-            status = 0;
-        }
+        const int64_t o_segments[1] = {hidden};
+        status = project_rows(x, B, hidden, layer->qkv_w, layer->qkv_wt, qkv_width, dtype, layer->qkv_factors,
+                              layer->qkv_segments, 3, layer->qkv_b, qkv, 0, thresholds, kept, 0, sparse_rows, R);
         if (status == 0) status = attention_rows(layer, qkv, keys, values, B, slots, positions, attn);
-        if (status == 0 && thresholds) {
-            const int64_t o_segments[1] = {hidden};
-            status = wina_project(attn, B, H * D, layer->o_wt, hidden, dtype, layer->o_factors, thresholds + 3,
-                                  TABLE_COLUMNS, o_segments, 1, layer->o_b, proj, DTYPE_F32, kept + 3,
-                                  TABLE_COLUMNS, 0);
-        } else if (status == 0) {
-            dense_parallel(attn, B, H * D, layer->o_w, hidden, dtype, layer->o_b, proj, DTYPE_F32, 0);
+        if (status == 0) {
+            status = project_rows(attn, B, H * D, layer->o_w, layer->o_wt, hidden, dtype, layer->o_factors, o_segments,
+                                  1, layer->o_b, proj, 0, thresholds, kept, 3, sparse_rows, R);
         }
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
@@ -321,7 +351,7 @@ static int attention_block(const DecodeLayer *layer, float *keys, float *values,
 // The MLP half on h [B, hidden], in place: h += down(keep * silu(gate(norm(h))) * up(norm(h))), where
 // keep ([B, I] 0/1 float32, or NULL for all ones) zeroes the neurons a row prunes.
 static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep, const float *thresholds,
-                     int32_t *kept) {
+                     int32_t *kept, const int64_t *sparse_rows, int64_t R) {
     const int64_t hidden = layer->hidden, I = layer->intermediate;
     const int dtype = (int)layer->dtype;
     float *x = malloc(sizeof(float) * B * hidden);
@@ -330,26 +360,15 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
     int status = -1;
     if (x && act && proj) {
         rms_norm_rows(h, B, hidden, layer->mlp_norm, layer->eps, x);
-        status = 0;
-        if (thresholds) {
-            const int64_t gate_up_segments[2] = {I, I}, down_segments[1] = {hidden};
-            status = wina_project(x, B, hidden, layer->gate_up_wt, 2 * I, dtype, layer->gate_up_factors,
-                                  thresholds + 4, TABLE_COLUMNS, gate_up_segments, 2, layer->gate_up_b, act, DTYPE_F32,
-                                  kept + 4, TABLE_COLUMNS, 1);
-            if (status == 0 && keep) {
-                for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
-            }
-            if (status == 0) {
-                status = wina_project(act, B, I, layer->down_wt, hidden, dtype, layer->down_factors, thresholds + 6,
-                                      TABLE_COLUMNS, down_segments, 1, layer->down_b, proj, DTYPE_F32, kept + 6,
-                                      TABLE_COLUMNS, 0);
-            }
-        } else {
-            dense_parallel(x, B, hidden, layer->gate_up_w, 2 * I, dtype, layer->gate_up_b, act, DTYPE_F32, 1);
-            if (keep) {
-                for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
-            }
-            dense_parallel(act, B, I, layer->down_w, hidden, dtype, layer->down_b, proj, DTYPE_F32, 0);
+        const int64_t gate_up_segments[2] = {I, I}, down_segments[1] = {hidden};
+        status = project_rows(x, B, hidden, layer->gate_up_w, layer->gate_up_wt, 2 * I, dtype, layer->gate_up_factors,
+                              gate_up_segments, 2, layer->gate_up_b, act, 1, thresholds, kept, 4, sparse_rows, R);
+        if (status == 0 && keep) {
+            for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
+        }
+        if (status == 0) {
+            status = project_rows(act, B, I, layer->down_w, layer->down_wt, hidden, dtype, layer->down_factors,
+                                  down_segments, 1, layer->down_b, proj, 0, thresholds, kept, 6, sparse_rows, R);
         }
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
@@ -362,17 +381,22 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
 // keys, values: this layer's cache, [num_slots, KVH, max_len, D] float32; h_in -> h_out: [B, hidden]
 // float32 residual stream before and after the layer; slots, positions: [B], each row's cache slot
 // and the position of its new token; keep: [B, I] neuron keep mask or NULL (see mlp_block);
-// thresholds: NULL (dense), or every row's WINA thresholds [B, 7] float32 (q, k, v, o, gate, up,
-// down), which run each projection through wina_project (the same call, and so the same numbers,
-// as the separate sparse projections) and write the channels each row kept to kept [B, 7] int32.
-// Returns 0, or -1 on bad arguments or no memory.
+// thresholds: NULL (dense), or the WINA thresholds [R, 7] float32 (q, k, v, o, gate, up, down) of
+// the R sparse rows, sparse_rows [R] (ascending batch indices; NULL when every row is sparse, R == B):
+// their projections run through wina_project (the same call, and so the same numbers, as the
+// separate sparse projections), writing the channels each kept to kept [R, 7] int32; the other
+// rows' run dense, as in a dense step. Returns 0, or -1 on bad arguments or no memory.
 int decode_layer(const DecodeLayer *layer, float *keys, float *values, int64_t num_slots, const float *h_in,
                  float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep,
-                 const float *thresholds, int32_t *kept) {
-    if (!valid_rows(layer, num_slots, B, slots, positions) || (thresholds && (!layer->qkv_wt || !kept))) return -1;
+                 const float *thresholds, int32_t *kept, const int64_t *sparse_rows, int64_t R) {
+    if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
+    if (thresholds && (!layer->qkv_wt || !kept || R < 1 || R > B || (R < B && !sparse_rows))) return -1;
+    for (int64_t s = 0; thresholds && R < B && s < R; ++s) {
+        if (sparse_rows[s] < (s ? sparse_rows[s - 1] + 1 : 0) || sparse_rows[s] >= B) return -1;  // ascending, in range
+    }
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
-    if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept)) return -1;
-    return mlp_block(layer, h_out, B, keep, thresholds, kept);
+    if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R)) return -1;
+    return mlp_block(layer, h_out, B, keep, thresholds, kept, sparse_rows, R);
 }
 
 // The layer in parts, for a step where some row is sparse or edits neurons: the model then runs

@@ -180,9 +180,9 @@ class LlamaDecoder(nn.Module):
             raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         # On CPU, a decode step (one new token per row) runs each layer as one kernel call (neuron
-        # keep masks included, and WINA sparsity when every row of up to 8 is sparse); a layer
-        # where some rows are sparse and others not, or that edits neurons otherwise, runs the
-        # kernel's parts around torch projections, which give the other rows the same numbers.
+        # keep masks included, and WINA sparsity for up to 8 sparse rows); a layer with more sparse
+        # rows, or that edits neurons otherwise, runs the kernel's parts around torch projections,
+        # which give the other rows the same numbers.
         # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
         # of one slot (each attends to the keys up to its own position), unless it is sparse or
         # edits neurons beyond keep masks. Both match DecoderLayer.forward up to float32
@@ -192,6 +192,7 @@ class LlamaDecoder(nn.Module):
                 T == 1 or (B == 1 and sparsity is None and self._keep_masks_only(edits))):
             fused = self.decode_layers
         if fused is not None:
+            sparse_count = 0 if sparsity is None else (B if sparsity.sparse_rows is None else sparsity.sparse_rows.numel())
             fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
             fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
         else:
@@ -219,12 +220,11 @@ class LlamaDecoder(nn.Module):
             elif layer_sparsity is None and (neurons is None or keep is not None):
                 rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]: a view when T == 1
                 h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep).view(B, T, -1)
-            elif (fused[i].sparse and sparsity.dense_rows is None and B <= CPU_KERNEL_MAX_ROWS
-                  and (neurons is None or keep is not None)):
-                # every row sparse (T == 1 here): the sparse projections inside the one call, with
-                # the numbers forward_decode's separate kernel calls would give
+            elif fused[i].sparse and sparse_count <= CPU_KERNEL_MAX_ROWS and (neurons is None or keep is not None):
+                # T == 1 here: the sparse rows' projections inside the one call (the others' dense),
+                # with the numbers forward_decode's separate kernel calls would give
                 h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
-                             layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr)
+                             layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr, sparsity.sparse_rows)
             else:  # T == 1 here
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)
