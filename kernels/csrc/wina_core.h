@@ -73,15 +73,28 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
         int64_t r[PASS_CHANNELS];
         for (int i = 0; i < PASS_CHANNELS; ++i) r[i] = (int64_t)set->channels[a + i] * ldw + col0;
         const float *coef = set->coefficients + (int64_t)a * B;
-        for (int64_t b = 0; b < B; ++b) {
+        if (B == 1) {  // the eight coefficients stay in registers across the row pieces
             __m256 c[PASS_CHANNELS];
-            for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i * B + b]);
-            float *dst = acc + b * acc_stride;
+            for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i]);
             for (int64_t j = 0; j < vec_end; j += 8) {
-                __m256 v = _mm256_loadu_ps(dst + j);
+                __m256 v = _mm256_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
-                _mm256_storeu_ps(dst + j, v);
+                _mm256_storeu_ps(acc + j, v);
             }
+        } else {  // each weight vector loaded and converted once for every row
+            for (int64_t j = 0; j < vec_end; j += 8) {
+                __m256 w[PASS_CHANNELS];
+                for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load8(weight_t, r[i] + j, dtype);
+                for (int64_t b = 0; b < B; ++b) {
+                    float *dst = acc + b * acc_stride + j;
+                    __m256 v = _mm256_loadu_ps(dst);
+                    for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(_mm256_set1_ps(coef[i * B + b]), w[i], v);
+                    _mm256_storeu_ps(dst, v);
+                }
+            }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+            float *dst = acc + b * acc_stride;
             for (int64_t j = vec_end; j < width; ++j) {
                 float v = dst[j];
                 for (int i = 0; i < PASS_CHANNELS; ++i) v = fmaf(coef[i * B + b], load1(weight_t, r[i] + j, dtype), v);
