@@ -148,10 +148,11 @@ class CpuDenseKernel:
 
 class PreparedDecodeLayer:
     """One decoder layer for decode steps (one new token per row) in one kernel call: the model's
-    DecoderLayer.forward without sparsity or neuron edits, on a float32 KV cache. `norm` and
-    `attend` are its parts between the projections, for steps where some row is sparse or edits
-    neurons: the model then runs the projections in torch (Linear's dense-kernel path for the
-    other rows), so every other row gets the same numbers as the whole-layer call gives it."""
+    DecoderLayer.forward without neuron edits beyond keep masks (and, after attach_sparsity, with
+    WINA sparsity for up to 8 sparse rows), on a float32 KV cache. `norm` and `attend` are its
+    parts between the projections, for the other steps: the model then runs the projections in
+    torch (Linear's dense-kernel path for the dense rows), so every such row gets the same numbers
+    as the whole-layer call gives it."""
 
     ATTENTION_NORM, MLP_NORM = 0, 1
 

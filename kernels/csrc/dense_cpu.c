@@ -158,11 +158,12 @@ int dense_linear(const float *x, int64_t B, int64_t K, const void *weight, int64
 
 // ---------------------------------------------------------------------------------------------
 // One decoder layer for a decode step (one new token per row) or a short prompt chunk of one
-// sequence (its tokens as rows of one slot), fused: the model's DecoderLayer.forward without
-// sparsity, and without neuron edits other than keep masks, in one call instead of about
-// 25 torch ops, each of which costs more to dispatch than to compute at this size. Same math as the
-// torch path: float32 norms, RoPE, attention and residual stream; every projection rounded to the
-// weight dtype (dense_columns); keys and values in a float32 cache.
+// sequence (its tokens as rows of one slot), fused: the model's DecoderLayer.forward, with WINA
+// sparsity for up to 8 sparse rows of a decode step (wina_core.h) and no neuron edits other than
+// keep masks, in one call instead of about 25 torch ops, each of which costs more to dispatch
+// than to compute at this size. Same math as the torch path: float32 norms, RoPE, attention and
+// residual stream; every projection rounded to the weight dtype; keys and values in a float32
+// cache.
 
 // One layer's weights and shapes, filled once at load (PreparedDecodeLayer in kernels/dense_cpu.py).
 typedef struct {
@@ -399,7 +400,8 @@ int decode_layer(const DecodeLayer *layer, float *keys, float *values, int64_t n
     return mlp_block(layer, h_out, B, keep, thresholds, kept, sparse_rows, R);
 }
 
-// The layer in parts, for a step where some row is sparse or edits neurons: the model then runs
+// The layer in parts, for a step with more sparse rows than the fused call takes, or that edits
+// neurons beyond keep masks: the model then runs
 // the projections in torch (Linear's dense-kernel path for the other rows, so they get the same
 // numbers as decode_layer gives them) and these in between.
 
