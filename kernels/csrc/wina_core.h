@@ -116,6 +116,14 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
     }
 }
 
+// Columns [*c0, *c1) of a segment of `size` that thread t of nt owns: fixed, 8-aligned shares, the
+// same for the accumulation and the epilogue (and for gate and up, which have equal sizes).
+static inline void owned_columns(int64_t size, int t, int nt, int64_t *c0, int64_t *c1) {
+    const int64_t vectors = (size + 7) / 8, end = 8 * (vectors * (t + 1) / nt);
+    *c0 = 8 * (vectors * t / nt);
+    *c1 = end < size ? end : size;
+}
+
 // The sparse projection; arguments and result as wina_linear's (wina_cpu.c).
 static int wina_project(const float *x, int64_t B, int64_t K, const void *weight_t, int64_t N, int dtype,
                         const float *col_norms, const float *thresholds, int64_t threshold_stride,
@@ -201,18 +209,16 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t g = 0; g < G; ++g) {
-            const int64_t vectors = (segment_sizes[g] + 7) / 8;
-            const int64_t c0 = 8 * (vectors * t / nt);
-            const int64_t c1 = 8 * (vectors * (t + 1) / nt) < segment_sizes[g] ? 8 * (vectors * (t + 1) / nt) : segment_sizes[g];
+            int64_t c0, c1;
+            owned_columns(segment_sizes[g], t, nt, &c0, &c1);
             if (c0 >= c1) continue;
             for (int64_t b = 0; b < B; ++b) memset(acc + b * N + segment_start[g] + c0, 0, sizeof(float) * (c1 - c0));
             accumulate(&sets[g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0, acc + segment_start[g] + c0, N);
         }
         // Epilogue for the owned columns: bias, rounding to the weight dtype, SwiGLU for gate_up.
         for (int64_t g = 0; g < (gate_up ? 1 : G); ++g) {
-            const int64_t vectors = (segment_sizes[g] + 7) / 8;
-            const int64_t c0 = 8 * (vectors * t / nt);
-            const int64_t c1 = 8 * (vectors * (t + 1) / nt) < segment_sizes[g] ? 8 * (vectors * (t + 1) / nt) : segment_sizes[g];
+            int64_t c0, c1;
+            owned_columns(segment_sizes[g], t, nt, &c0, &c1);
             for (int64_t b = 0; b < B; ++b) {
                 const float *row = acc + b * N;
                 int64_t c = c0;
