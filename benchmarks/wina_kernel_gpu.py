@@ -62,6 +62,32 @@ class Layer:
     segments: tuple[int, ...]  # output widths; gate_up layers are (I, I)
     gate_up: bool = False  # fused SwiGLU: output silu(gate) * up [B, I]
 
+    def sparse(self, x, weight_t, col_norms, thresholds, config=None):
+        """The sparse kernel on this layer -> (y, kept): wina_gate_up_sparse or wina_linear_sparse."""
+        from kernels import wina_triton
+
+        if self.gate_up:
+            return wina_triton.wina_gate_up_sparse(x, weight_t, col_norms, thresholds, config=config)
+        return wina_triton.wina_linear_sparse(x, weight_t, col_norms, thresholds, self.segments, config=config)
+
+    def dense(self, x, weight):
+        """cuBLAS through F.linear(x, weight [N, K]), then silu(gate) * up for gate_up."""
+        import torch.nn.functional as F
+
+        out = F.linear(x, weight)
+        if not self.gate_up:
+            return out
+        half = self.segments[0]
+        return F.silu(out[:, :half]) * out[:, half:]
+
+    def reference(self, x, weight_t, col_norms, thresholds):
+        """kernels/wina_reference.py on this layer -> (y, kept)."""
+        from kernels.wina_reference import wina_gate_up_reference, wina_linear_reference
+
+        if self.gate_up:
+            return wina_gate_up_reference(x, weight_t, col_norms, thresholds)
+        return wina_linear_reference(x, weight_t, col_norms, thresholds, self.segments)
+
 
 LAYERS = {
     layer.name: layer
@@ -103,10 +129,19 @@ def comma_list(kind):
     return lambda text: [kind(v) for v in text.split(",") if v.strip()]
 
 
+def layer_names(text: str) -> list[str]:
+    """An argparse type: comma-separated names of LAYERS."""
+    names = comma_list(str)(text)
+    unknown = [name for name in names if name not in LAYERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown layers {unknown}; choose from {list(LAYERS)}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=comma_list(str), default=list(LAYERS),
+    parser.add_argument("--layers", type=layer_names, default=list(LAYERS),
                         help=f"comma-separated subset of {','.join(LAYERS)} (default: all)")
     parser.add_argument("--batches", type=comma_list(int), default=[1, 2, 4, 8],
                         help="comma-separated batch sizes, each <= 32 (default: 1,2,4,8)")
@@ -124,9 +159,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "thresholds (the file benchmarks/wina_real_inputs.py saves)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.layers if name not in LAYERS]
-    if unknown:
-        parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
     if any(not 1 <= b <= 32 for b in args.batches):
         parser.error("batch sizes must be in 1..32 (the sparse kernel's limit)")
     if any(not 0.0 <= s <= 1.0 for s in args.sparsities):
@@ -139,15 +171,10 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
     """One timed case. `inputs`: (x [batch, K], thresholds [batch, G]) to use instead of random
     inputs at top-k thresholds (the --real-inputs cases; `sparsity` None: the achieved one)."""
     import torch
-    import torch.nn.functional as F
     import triton.testing
 
     from kernels import wina_triton
-    from kernels.wina_reference import (
-        thresholds_for_topk,
-        wina_gate_up_reference,
-        wina_linear_reference,
-    )
+    from kernels.wina_reference import thresholds_for_topk
 
     copies, col_norms = weights  # [(weight [N, K], weight_t [K, N])], [G, K]
     weight, weight_t = copies[0]
@@ -157,25 +184,13 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
         thresholds = thresholds_for_topk(x, col_norms, round((1.0 - sparsity) * layer.k)).to("cuda")
     else:
         x, thresholds = inputs
-    half = layer.segments[0]
+    ref, ref_kept = layer.reference(x, weight_t, col_norms, thresholds)
 
-    if layer.gate_up:
-        def sparse_with(w_t):
-            return wina_triton.wina_gate_up_sparse(x, w_t, col_norms, thresholds)
+    def sparse_with(w_t):
+        return layer.sparse(x, w_t, col_norms, thresholds)
 
-        def dense_with(w):
-            gate_up = F.linear(x, w)
-            return F.silu(gate_up[:, :half]) * gate_up[:, half:]
-
-        ref, ref_kept = wina_gate_up_reference(x, weight_t, col_norms, thresholds)
-    else:
-        def sparse_with(w_t):
-            return wina_triton.wina_linear_sparse(x, w_t, col_norms, thresholds, layer.segments)
-
-        def dense_with(w):
-            return F.linear(x, w)
-
-        ref, ref_kept = wina_linear_reference(x, weight_t, col_norms, thresholds, layer.segments)
+    def dense_with(w):
+        return layer.dense(x, w)
 
     def sparse():
         return sparse_with(weight_t)
@@ -214,10 +229,7 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
                                                             weight_t.element_size()))
         if broadcast_config is not None:
             def broadcast_with(w_t):
-                if layer.gate_up:
-                    return wina_triton.wina_gate_up_sparse(x, w_t, col_norms, thresholds, config=broadcast_config)
-                return wina_triton.wina_linear_sparse(x, w_t, col_norms, thresholds, layer.segments,
-                                                      config=broadcast_config)
+                return layer.sparse(x, w_t, col_norms, thresholds, broadcast_config)
             broadcast = {"broadcast_graph_us": graph_ms(from_memory(broadcast_with, 1)) * 1e3,
                          "broadcast_max_abs_err": (broadcast_with(weight_t)[0].float() - ref.float()).abs().max().item(),
                          "broadcast_config": asdict(broadcast_config)}

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_common import describe_machine, fmt, format_table, write_report
-from wina_kernel_gpu import LAYERS, Layer, comma_list, cycling, rotating
+from wina_kernel_gpu import LAYERS, Layer, comma_list, cycling, layer_names, rotating
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -54,7 +54,7 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "wina_tune_gpu.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=comma_list(str), default=list(LAYERS),
+    parser.add_argument("--layers", type=layer_names, default=list(LAYERS),
                         help=f"comma-separated subset of {','.join(LAYERS)} (default: all)")
     parser.add_argument("--batches", type=comma_list(int), default=[1, 8],
                         help="comma-separated batch sizes, each <= 16 (default: 1,8)")
@@ -71,9 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tuning file to update (default: kernels/configs/<GPU name>.json)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.layers if name not in LAYERS]
-    if unknown:
-        parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
     if any(not 1 <= b <= 16 for b in args.batches):
         parser.error("batch sizes must be in 1..16 (larger batches take the dense path)")
     return args
@@ -126,12 +123,8 @@ def compile_configs(layer_name: str, batch: int, dtype_name: str, configs: list[
     weight_t = weight.t().contiguous()
     ran = 0
     for entry in configs:
-        config = wt.WinaKernelConfig(**entry)
         try:
-            if layer.gate_up:
-                wt.wina_gate_up_sparse(x, weight_t, col_norms, thresholds, config=config)
-            else:
-                wt.wina_linear_sparse(x, weight_t, col_norms, thresholds, layer.segments, config=config)
+            layer.sparse(x, weight_t, col_norms, thresholds, wt.WinaKernelConfig(**entry))
             ran += 1
         except Exception:  # noqa: BLE001, S112 - the timing process records why a config fails
             continue
@@ -153,15 +146,9 @@ def tune_case(layer: Layer, batches: list[int], args: argparse.Namespace, wt, po
     """One configuration for `batches`, which share a batch tile (so one compiled kernel and one
     tuning entry): the candidate with the least summed time over them."""
     import torch
-    import torch.nn.functional as F
     import triton.testing
 
-    from kernels.wina_reference import (
-        column_norms,
-        thresholds_for_topk,
-        wina_gate_up_reference,
-        wina_linear_reference,
-    )
+    from kernels.wina_reference import column_norms, thresholds_for_topk
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
@@ -169,28 +156,16 @@ def tune_case(layer: Layer, batches: list[int], args: argparse.Namespace, wt, po
     weight = (torch.randn(n, layer.k, device="cuda") / layer.k**0.5).to(dtype)  # [N, K]
     col_norms = column_norms(weight, layer.segments)
     weights = rotating(weight)  # [(weight [N, K], weight_t [K, N])], enough copies to overflow the L2
-    half = layer.segments[0]
     problems = {}  # batch -> (x [B, K], thresholds [B, G], reference output)
     for batch in batches:
         x = torch.randn(batch, layer.k, device="cuda").to(dtype)
         thresholds = thresholds_for_topk(x, col_norms, round((1.0 - args.sparsity) * layer.k)).to("cuda")
-        if layer.gate_up:
-            ref, _ = wina_gate_up_reference(x, weights[0][1], col_norms, thresholds)
-        else:
-            ref, _ = wina_linear_reference(x, weights[0][1], col_norms, thresholds, layer.segments)
+        ref, _ = layer.reference(x, weights[0][1], col_norms, thresholds)
         problems[batch] = (x, thresholds, ref.float())
 
     def sparse_fn(config, batch):  # each call of a captured graph reads the next weight copy
         x, thresholds, _ = problems[batch]
-        if layer.gate_up:
-            return cycling([functools.partial(wt.wina_gate_up_sparse, x, w_t, col_norms, thresholds, config=config)
-                            for _, w_t in weights])
-        return cycling([functools.partial(wt.wina_linear_sparse, x, w_t, col_norms, thresholds, layer.segments,
-                                          config=config) for _, w_t in weights])
-
-    def dense_call(x, w):
-        out = F.linear(x, w)
-        return F.silu(out[:, :half]) * out[:, half:] if layer.gate_up else out
+        return cycling([functools.partial(layer.sparse, x, w_t, col_norms, thresholds, config) for _, w_t in weights])
 
     def graph_us(fn) -> float:
         return triton.testing.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
@@ -233,7 +208,7 @@ def tune_case(layer: Layer, batches: list[int], args: argparse.Namespace, wt, po
     precompile(pool, layer, batches[0], args.dtype, refined)
     measure(refined)
     best = min(timings, key=total)
-    dense_us = {b: graph_us(cycling([functools.partial(dense_call, problems[b][0], w) for w, _ in weights]))
+    dense_us = {b: graph_us(cycling([functools.partial(layer.dense, problems[b][0], w) for w, _ in weights]))
                 for b in batches}
     return {
         "layer": layer.name, "k": layer.k, "segments": list(layer.segments), "gate_up": layer.gate_up,
