@@ -39,9 +39,14 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "wina_real_inputs.json"
 DEFAULT_SAVE = PROJECT_ROOT / "benchmarks" / "out" / "wina_real_inputs.safetensors"
-# (name, module path inside a decoder layer, column range in the [*, 7] threshold table)
-PROJECTIONS = (("qkv", ("attn", "qkv"), (0, 3)), ("o", ("attn", "o_proj"), (3, 4)),
-               ("gate_up", ("mlp", "gate_up"), (4, 6)), ("down", ("mlp", "down"), (6, 7)))
+# (name, block of a decoder layer, its Linear attribute); the block's SparseProjection is
+# `sparse_<name>`, which knows its columns of the [*, 7] threshold table
+PROJECTIONS = (("qkv", "attn", "qkv"), ("o", "attn", "o_proj"), ("gate_up", "mlp", "gate_up"), ("down", "mlp", "down"))
+
+
+def sparse_projection(layer, block: str, name: str):
+    """The decoder layer's SparseProjection for projection `name` (set by attach_sparsity)."""
+    return getattr(getattr(layer, block), f"sparse_{name}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     # Record through our own module objects for this run only (no third-party code is touched).
     recorders = {}
     for i, layer in enumerate(model.layers):
-        for name, (block, attr), _ in PROJECTIONS:
+        for name, block, attr in PROJECTIONS:
             owner = getattr(layer, block)
             recorders[i, name] = recorder(getattr(owner, attr))
             setattr(owner, attr, recorders[i, name])
@@ -108,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = table.thresholds_for(torch.tensor([args.sparsity]))[:, 0]  # [L, 7]
     batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= args.sequences]
     rows = []
-    for name, (block, attr), (lo, hi) in PROJECTIONS:
+    for name, block, _ in PROJECTIONS:
         union: dict[int, list[float]] = {b: [] for b in batches}  # per batch size, per layer
         for i, layer in enumerate(model.layers):
             x = recorders[i, name].inputs[0]  # [R, T, K]
-            factors = getattr(getattr(layer, block), "sparse_" + attr.replace("_proj", "")).col_norms  # [G, K]
-            keep = x.abs().unsqueeze(2) * factors > thresholds[i, lo:hi].view(1, 1, -1, 1)  # [R, T, G, K]
+            projection = sparse_projection(layer, block, name)
+            lo, hi = projection.columns
+            keep = x.abs().unsqueeze(2) * projection.col_norms > thresholds[i, lo:hi].view(1, 1, -1, 1)  # [R, T, G, K]
             for b in batches:  # the first b windows as one step's rows
                 union[b].append(keep[:b].any(dim=0).float().mean().item())
         rows.append({"projection": name, "rows_read": {b: sum(u) / len(u) for b, u in union.items()},
@@ -122,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     layer_index = len(model.layers) // 2 if args.layer is None else args.layer
     layer = model.layers[layer_index]
     tensors = {}
-    for name, (block, attr), (lo, hi) in PROJECTIONS:
-        projection = getattr(getattr(layer, block), "sparse_" + attr.replace("_proj", ""))
+    for name, block, _ in PROJECTIONS:
+        projection = sparse_projection(layer, block, name)
+        lo, hi = projection.columns
         tensors[f"{name}.weight"] = projection.linear.weight.contiguous()  # [N, K] in the served dtype
         tensors[f"{name}.col_norms"] = projection.col_norms.float().contiguous()  # [G, K]
         tensors[f"{name}.thresholds"] = thresholds[layer_index, lo:hi].float().contiguous()  # [G]
