@@ -1,5 +1,5 @@
-"""The CPU WINA sparse linear layer: a small C kernel (kernels/csrc/wina_cpu.c, over wina_core.h), compiled on first
-use and called through ctypes (kernels/cpu_build.py). Stock torch sparse paths all lose to the
+"""The CPU WINA sparse linear layer: a small C kernel (kernels/csrc/wina_cpu.c, whose code is in
+wina_core.h), compiled on first use and called through ctypes (kernels/cpu_build.py). Stock torch sparse paths all lose to the
 dense half GEMV on this kind of CPU (measured in issue 3), which is why a kernel of our own reads
 the kept rows of W^T directly.
 
