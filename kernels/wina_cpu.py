@@ -1,7 +1,7 @@
 """The CPU WINA sparse linear layer: a small C kernel (kernels/csrc/wina_cpu.c, whose code is in
-wina_core.h), compiled on first use and called through ctypes (kernels/cpu_build.py). Stock torch sparse paths all lose to the
-dense half GEMV on this kind of CPU (measured in issue 3), which is why a kernel of our own reads
-the kept rows of W^T directly.
+wina_core.h), compiled on first use and called through ctypes (kernels/cpu_build.py). Stock torch
+sparse paths all lose to the dense half GEMV on this kind of CPU (measured in issue 3), which is
+why a kernel of our own reads the kept rows of W^T directly.
 
 `CpuWinaKernel.load()` returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
 callers then use the masked dense path, which gives the same numbers without the speed.
