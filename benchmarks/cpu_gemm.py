@@ -12,8 +12,9 @@ Variants:
   f32 mkl W@x^T    torch.mm(W, x^T) on a float32 copy (MKL, weight-major)
   f32 onednn       torch.ops.mkldnn._linear_pointwise on a oneDNN-packed float32 copy (the
                    path for more than 16 rows: prefills)
-  f16 ours         our CPU dense kernel (kernels/csrc/dense_cpu.c) on the float16 weight, float32
-                   input (the path for up to 16 rows since 2026-11-26)
+  f16 ours         our CPU dense kernel (kernels/csrc/dense_cpu.c) on the float16 weight in its
+                   panel layout, float32 input (the path for up to 16 rows since 2026-11-26), at
+                   every row count
 
     python benchmarks/cpu_gemm.py [--rows 1,3,8,16,64,512] [--rounds 5] [--out FILE]
 
@@ -56,6 +57,7 @@ def measure_shape(name: str, out_features: int, in_features: int, rows: list[int
     f16 = [w.half() for w in f32]
     packed = ([torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in f32]
               if torch.backends.mkldnn.is_available() else None)
+    panels = [kernel.pack(w) for w in f16] if kernel is not None else None
     results = []
     for m in rows:
         x32 = torch.randn(m, in_features, generator=generator)
@@ -65,8 +67,8 @@ def measure_shape(name: str, out_features: int, in_features: int, rows: list[int
             variants["f16 linear"] = lambda i: F.linear(x16, f16[i])
         if packed is not None:
             variants["f32 onednn"] = lambda i: torch.ops.mkldnn._linear_pointwise(x32, packed[i], None, "none", [], "")
-        if kernel is not None and m <= max_f16_rows:
-            variants["f16 ours"] = lambda i: kernel.linear(x32, f16[i])
+        if panels is not None:
+            variants["f16 ours"] = lambda i: kernel.linear(x32, panels[i])
         reference = F.linear(x32, f32[0])
         errors = {v: float((fn(0).float().reshape(m, -1) - reference).abs().max()) for v, fn in variants.items()
                   if v != "f32 mkl W@x^T"}
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (median)")
     parser.add_argument("--weights", type=int, default=16, help="distinct weights cycled through per shape")
     parser.add_argument("--max-f16-rows", type=int, default=16,
-                        help="time the float16 variants up to this many rows")
+                        help="time torch's float16 GEMM up to this many rows (its cost grows per row)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)

@@ -176,13 +176,14 @@ def _micro_shape(kernel: Any, dense_kernel: Any, name: str, K: int, segments: tu
     norms = column_norms(weight, segments)
     prepared = kernel.prepare(weight.t().contiguous(), norms, segments, gate_up=gate_up, out_dtype=torch.float32)
     weight_f32 = weight.float()
+    panels = dense_kernel.pack(weight, 2 if gate_up else 1) if dense_kernel else None
     rows = []
     for B in batch_sizes:
         x = torch.randn(B, K, generator=g)
         x_half = x.half()
         dense_half = _time(lambda: F.linear(x_half, weight))
         dense_f32 = _time(lambda: torch.mm(weight_f32, x.t())) if B > 1 else None
-        dense_ours = _time(lambda: dense_kernel.linear(x, weight, None, gate_up=gate_up)) if dense_kernel else None
+        dense_ours = _time(lambda: dense_kernel.linear(x, panels, None, gate_up=gate_up)) if dense_kernel else None
         dense = min(t for t in (dense_half, dense_f32, dense_ours) if t is not None)
         for s in MICRO_SPARSITIES:
             thresholds = thresholds_for_topk(x, norms, K - round(s * K))

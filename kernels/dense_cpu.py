@@ -6,8 +6,9 @@ the model's own DecoderLayer.forward, which tests/test_model.py compares it with
 Why a kernel of our own: on this kind of CPU (AVX2, no AVX-512), torch's half GEMM costs 8x one
 row for 8 rows, and the float32 GEMM used for batched rows instead reads twice the bytes; and a
 decode step in torch is ~25 ops per layer whose dispatch costs more than their arithmetic. This
-kernel reads the half weight once per call for up to MAX_ROWS rows (benchmarks/cpu_gemm.py
-measures it beside torch's paths) and runs a whole decoder layer of a decode step in one call.
+kernel reads the half weight once per call for all rows, from a copy laid out in panels of 24
+output columns (`pack_panels`: register-blocked FMAs, see the C file), and runs a whole decoder
+layer of a decode step in one call (benchmarks/cpu_gemm.py measures it beside torch's paths).
 
 `CpuDenseKernel.load()` returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
 `server.model.layers.Linear` then uses torch's paths, which give the same numbers up to float32
@@ -17,6 +18,7 @@ summation order.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +27,35 @@ import torch.nn.functional as F
 from kernels.cpu_build import CSRC, DTYPE_CODES, load_library
 
 SOURCE = CSRC / "dense_cpu.c"
+PANEL = 24  # output columns per weight panel: PANEL in kernels/csrc/dense_cpu.c (checked at load)
+
+
+def pack_panels(weight: torch.Tensor, parts: int = 1) -> torch.Tensor:
+    """The kernel's weight layout: weight [N, K] -> [parts * ceil(N / parts / PANEL), K, PANEL], the
+    rows of each of `parts` equal parts padded with zeros to whole panels (gate_up: 2 parts, so that
+    gate panel i and up panel i hold the same neurons), each panel's [K, PANEL] contiguous."""
+    N, K = weight.shape
+    if parts < 1 or N % parts:
+        raise ValueError(f"cannot split {N} output rows into {parts} equal parts")
+    width = N // parts
+    count = -(-width // PANEL)
+    padded = weight.new_zeros(parts, count * PANEL, K)
+    padded[:, :width] = weight.view(parts, width, K)
+    return padded.view(parts * count, PANEL, K).transpose(1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class PanelWeight:
+    """A weight [out_features, in_features] re-laid by pack_panels for the kernel."""
+
+    panels: torch.Tensor  # [parts * ceil(out_features / parts / PANEL), in_features, PANEL]
+    out_features: int
+    in_features: int
+    parts: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.panels.dtype
 
 
 def dense_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -62,8 +93,10 @@ class CpuDenseKernel:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        if lib.dense_panel_width() != PANEL:
+            raise RuntimeError(f"dense_cpu.c packs {lib.dense_panel_width()} columns per panel, dense_cpu.py {PANEL}")
         fn = lib.dense_linear
-        fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i32, i32]
+        fn.argtypes = [p, i64, i64, p, i64, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
         lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p, p, p, p, i64]
         lib.decode_layer.restype = ctypes.c_int
@@ -79,50 +112,68 @@ class CpuDenseKernel:
         lib = load_library(SOURCE, cache_dir, "decode steps and projections run through torch")
         return None if lib is None else cls(lib)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias_f32: torch.Tensor | None = None,
+    @classmethod
+    def pack(cls, weight: torch.Tensor, parts: int = 1) -> PanelWeight:
+        """weight [N, K] contiguous CPU float32/16/bf16 in the kernel's layout (one more copy of
+        it); parts: 2 for a fused [gate; up] weight, whose gate_up call pairs the halves."""
+        if not cls.supports(weight, None):
+            raise ValueError(f"dense_linear: weight {tuple(weight.shape)} {weight.dtype} is not a contiguous CPU "
+                             "float32/16/bf16 matrix")
+        return PanelWeight(pack_panels(weight, parts), weight.shape[0], weight.shape[1], parts)
+
+    def linear(self, x: torch.Tensor, weight: PanelWeight, bias_f32: torch.Tensor | None = None,
                gate_up: bool = False) -> torch.Tensor:
-        """x: [..., K] (any float dtype); weight: [N, K] contiguous CPU float32/16/bf16; bias_f32:
-        [N] float32 contiguous or None -> [..., N] (or [..., N / 2] with gate_up) in weight dtype,
-        as dense_linear_reference computes it. The model checks weight and bias once, at load."""
-        N, K = weight.shape
+        """x: [..., K] (any float dtype); weight: `pack`'s (parts 2 with gate_up); bias_f32: [N]
+        float32 contiguous or None -> [..., N] (or [..., N / 2] with gate_up) in weight dtype, as
+        dense_linear_reference computes it. The model checks weight and bias once, at load."""
+        N, K = weight.out_features, weight.in_features
         if x.shape[-1] != K:
-            raise ValueError(f"dense_linear: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+            raise ValueError(f"dense_linear: x {tuple(x.shape)} does not fit weight {(N, K)}")
+        if gate_up and weight.parts != 2:
+            raise ValueError("dense_linear: gate_up needs a weight packed in 2 parts")
         rows = x.reshape(-1, K).float().contiguous()  # [B, K]
         width = N // 2 if gate_up else N
         out = torch.empty(rows.shape[0], width, dtype=weight.dtype)
         code = DTYPE_CODES[weight.dtype]  # weight and output share the dtype
-        status = self._fn(rows.data_ptr(), rows.shape[0], K, weight.data_ptr(), N, code,
+        status = self._fn(rows.data_ptr(), rows.shape[0], K, weight.panels.data_ptr(), N, weight.parts, code,
                           None if bias_f32 is None else bias_f32.data_ptr(), out.data_ptr(), code, int(gate_up))
         if status != 0:
-            raise RuntimeError(f"dense_linear rejected x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+            raise RuntimeError(f"dense_linear rejected x {tuple(x.shape)}, weight {(N, K)}")
         return out.view(*x.shape[:-1], width)
 
     @staticmethod
     def supports(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Whether `linear` can take this weight (and bias) as they are."""
+        """Whether `pack` can take this weight (and `linear` this bias) as they are."""
         return (weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()
                 and weight.dtype in DTYPE_CODES and (bias is None or bias.shape == weight.shape[:1]))
 
     def prepare_decode_layer(self, *, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, eps: float,
-                             qkv: tuple[torch.Tensor, torch.Tensor | None], o: tuple[torch.Tensor, torch.Tensor | None],
-                             gate_up: tuple[torch.Tensor, torch.Tensor | None],
-                             down: tuple[torch.Tensor, torch.Tensor | None], heads: int, kv_heads: int,
+                             qkv: tuple[PanelWeight, torch.Tensor | None], o: tuple[PanelWeight, torch.Tensor | None],
+                             gate_up: tuple[PanelWeight, torch.Tensor | None],
+                             down: tuple[PanelWeight, torch.Tensor | None], heads: int, kv_heads: int,
                              head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> PreparedDecodeLayer:
         """One decoder layer for fused decode steps: norms [hidden] float32; each projection as
-        (weight [out, in], float32 bias [out] or None) in one dtype; cos / signed_sin: the RoPE
-        tables [max_len, head_dim] float32. The tensors must outlive the result and not move."""
+        (`pack`ed weight [out, in], gate_up in 2 parts, float32 bias [out] or None) in one dtype;
+        cos / signed_sin: the RoPE tables [max_len, head_dim] float32. The tensors must outlive the
+        result and not move."""
         hidden = attn_norm.shape[0]
-        intermediate = gate_up[0].shape[0] // 2
-        expected = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
-                    "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
+        intermediate = 0 if gate_up[0] is None else gate_up[0].out_features // 2
+        expected = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden, 1), "o": (hidden, heads * head_dim, 1),
+                    "gate_up": (2 * intermediate, hidden, 2), "down": (hidden, intermediate, 1)}
         problems = []
         for name, (weight, bias) in {"qkv": qkv, "o": o, "gate_up": gate_up, "down": down}.items():
-            if tuple(weight.shape) != expected[name] or not self.supports(weight, bias):
-                problems.append(f"{name} weight {tuple(weight.shape)} {weight.dtype} (want {expected[name]}, contiguous)")
-            if weight.dtype != qkv[0].dtype:
-                problems.append(f"{name} weight is {weight.dtype}, qkv's {qkv[0].dtype}")
-            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-                problems.append(f"{name} bias must be contiguous float32")
+            if weight is None:
+                problems.append(f"{name} weight is not in the kernel's layout (its Linear does not use the kernel)")
+                continue
+            if (weight.out_features, weight.in_features, weight.parts) != expected[name]:
+                problems.append(f"{name} weight {(weight.out_features, weight.in_features)} in {weight.parts} parts "
+                                f"(want {expected[name][:2]} in {expected[name][2]})")
+            if bias is not None and (bias.shape != (weight.out_features,) or bias.dtype != torch.float32
+                                     or not bias.is_contiguous()):
+                problems.append(f"{name} bias must be contiguous float32 [{weight.out_features}]")
+        dtypes = {w.dtype for w, _ in (qkv, o, gate_up, down) if w is not None}
+        if len(dtypes) > 1:
+            problems.append(f"the projections' weights differ in dtype: {sorted(map(str, dtypes))}")
         for name, table in (("attn_norm", attn_norm), ("mlp_norm", mlp_norm)):
             if table.shape != (hidden,) or table.dtype != torch.float32 or not table.is_contiguous():
                 problems.append(f"{name} must be contiguous float32 [{hidden}]")
@@ -139,11 +190,11 @@ class CpuDenseKernel:
 
         args = DecodeLayerArgs(
             hidden, heads, kv_heads, head_dim, intermediate, cos.shape[0], DTYPE_CODES[qkv[0].dtype], eps,
-            attn_norm.data_ptr(), mlp_norm.data_ptr(), qkv[0].data_ptr(), o[0].data_ptr(), gate_up[0].data_ptr(),
-            down[0].data_ptr(), address(qkv[1]), address(o[1]), address(gate_up[1]), address(down[1]),
+            attn_norm.data_ptr(), mlp_norm.data_ptr(), *(w.panels.data_ptr() for w, _ in (qkv, o, gate_up, down)),
+            address(qkv[1]), address(o[1]), address(gate_up[1]), address(down[1]),
             cos.data_ptr(), signed_sin.data_ptr())
-        return PreparedDecodeLayer(self._library, args,
-                                   (attn_norm, mlp_norm, *qkv, *o, *gate_up, *down, cos, signed_sin))
+        return PreparedDecodeLayer(self._library, args, (attn_norm, mlp_norm, *(t for pair in (qkv, o, gate_up, down)
+                                                                               for t in pair), cos, signed_sin))
 
 
 class PreparedDecodeLayer:

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels.dense_cpu import CpuDenseKernel, dense_linear_reference
 
@@ -33,28 +34,59 @@ def test_linear_matches_reference(K, N, B, dtype, with_bias):
     weight, x, bias = _case(K, N, B, dtype)
     bias = bias if with_bias else None
     expected = dense_linear_reference(x, weight, bias)
-    got = KERNEL.linear(x, weight, None if bias is None else bias.float().contiguous())
+    got = KERNEL.linear(x, KERNEL.pack(weight), None if bias is None else bias.float().contiguous())
     assert got.dtype == dtype and got.shape == (B, N)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(got.float(), expected.float(), atol=atol * K ** 0.5, rtol=rtol)
 
 
+@pytest.mark.parametrize("K,I", [(576, 1536), (53, 37)])  # 37: each half padded to whole panels
 @pytest.mark.parametrize("B", [1, 4, 8, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gate_up_matches_reference(B, dtype):
-    weight, x, bias = _case(576, 2 * 1536, B, dtype, seed=1)
+def test_gate_up_matches_reference(K, I, B, dtype):
+    weight, x, bias = _case(K, 2 * I, B, dtype, seed=1)
     expected = dense_linear_reference(x, weight, bias, gate_up=True)
-    got = KERNEL.linear(x, weight, bias.float().contiguous(), gate_up=True)
-    assert got.shape == (B, 1536)
+    got = KERNEL.linear(x, KERNEL.pack(weight, 2), bias.float().contiguous(), gate_up=True)
+    assert got.shape == (B, I)
     atol, rtol = TOLERANCES[dtype]
     # silu(g) * u multiplies two rounded values, so a half ulp in either shows up scaled by the other
-    torch.testing.assert_close(got.float(), expected.float(), atol=4 * atol * 576 ** 0.5, rtol=4 * rtol)
+    torch.testing.assert_close(got.float(), expected.float(), atol=4 * atol * K ** 0.5, rtol=4 * rtol)
+
+
+def test_silu_over_the_float_range():
+    # The kernel's SiLU runs on 8 lanes with its own exp (kernels/csrc/simd_cpu.h): within 2 ulp of
+    # torch's (float32 weights, so no rounding hides it) from -100 to 100 (outputs under 1e-36,
+    # near v = -88 where e^-v nears the float maximum, within that), and exactly -0 and v where
+    # e^-v leaves the float range; a NaN input stays NaN.
+    gates = torch.cat([torch.linspace(-100, 100, 2001), torch.tensor([-1e30, 1e30, 0.0])])
+    weight = torch.cat([gates, torch.ones_like(gates)]).unsqueeze(1).contiguous()  # [2I, 1]: gate_i, up = 1
+    packed = KERNEL.pack(weight, 2)
+    got = KERNEL.linear(torch.ones(1, 1), packed, gate_up=True)[0]
+    expected = F.silu(gates)
+    torch.testing.assert_close(got, expected, atol=1e-36, rtol=2.4e-7)
+    assert KERNEL.linear(torch.full((1, 1), float("nan")), packed, gate_up=True).isnan().all()
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_plain_call_on_a_two_part_weight(B):
+    # the fused gate/up Linear's plain projection (no SwiGLU) reads the same two-part layout
+    weight, x, bias = _case(53, 2 * 37, B, torch.float16, seed=3)
+    got = KERNEL.linear(x, KERNEL.pack(weight, 2), bias.float().contiguous())
+    atol, rtol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(got.float(), dense_linear_reference(x, weight, bias).float(),
+                               atol=atol * 53 ** 0.5, rtol=rtol)
+
+
+def test_gate_up_needs_two_parts():
+    weight, x, _ = _case(64, 80, 2, torch.float16)
+    with pytest.raises(ValueError, match="2 parts"):
+        KERNEL.linear(x, KERNEL.pack(weight), gate_up=True)
 
 
 def test_keeps_leading_dims_and_accepts_half_inputs():
     weight, x, _ = _case(64, 40, 6, torch.float16)
     x = x.view(2, 3, 64).half()
-    got = KERNEL.linear(x, weight)
+    got = KERNEL.linear(x, KERNEL.pack(weight))
     assert got.shape == (2, 3, 40)
     torch.testing.assert_close(got.float(), dense_linear_reference(x.view(6, 64), weight).float().view(2, 3, 40),
                                atol=2e-3 * 8, rtol=2e-3)
@@ -67,19 +99,37 @@ def test_row_independent_of_its_batch_neighbours(dtype):
     # 15 others (the model's no-cross-talk guarantee between requests rests on it).
     weight, x, bias = _case(1536, 576, 17, dtype, seed=2)
     bias = bias.float().contiguous()
-    alone = KERNEL.linear(x[3:4], weight, bias)[0]
+    packed = KERNEL.pack(weight)
+    alone = KERNEL.linear(x[3:4], packed, bias)[0]
     for n in (4, 5, 8, 9, 16, 17):
-        assert torch.equal(KERNEL.linear(x[:n], weight, bias)[3], alone), n
-    gate_up = torch.cat([weight, weight.flip(0)])
+        assert torch.equal(KERNEL.linear(x[:n], packed, bias)[3], alone), n
+    gate_up = KERNEL.pack(torch.cat([weight, weight.flip(0)]), 2)
     alone = KERNEL.linear(x[4:5], gate_up, None, gate_up=True)[0]
     for n in (5, 6, 8, 16):
         assert torch.equal(KERNEL.linear(x[:n], gate_up, None, gate_up=True)[4], alone), n
 
 
+def test_row_does_not_depend_on_thread_count():
+    """Threads split the panels (across the two parts of a gate/up weight too), never a sum: any
+    thread count gives the same bits."""
+    weight, x, bias = _case(100, 2 * 61, 5, torch.float16, seed=5)  # 3 panels per part
+    packed, bias = KERNEL.pack(weight, 2), bias.float().contiguous()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            results.append((KERNEL.linear(x, packed, bias), KERNEL.linear(x, packed, bias, gate_up=True)))
+    finally:
+        torch.set_num_threads(threads)
+    for plain, gated in results[1:]:
+        assert torch.equal(plain, results[0][0]) and torch.equal(gated, results[0][1])
+
+
 def test_rejects_a_mismatched_input():
     weight, x, _ = _case(64, 40, 2, torch.float16)
     with pytest.raises(ValueError, match="does not fit"):
-        KERNEL.linear(x[:, :63], weight)
+        KERNEL.linear(x[:, :63], KERNEL.pack(weight))
 
 
 def test_load_falls_back_without_a_compiler(tmp_path, monkeypatch, caplog):

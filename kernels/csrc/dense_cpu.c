@@ -1,17 +1,26 @@
-// Dense linear layer for few rows (decode steps, short prompt chunks) on x86-64 CPUs with AVX2, FMA
-// and F16C: y = x W^T (+ b), with W [N, K] in float16, bfloat16 or float32 read once per call
-// whatever the row count B, and (below) a whole decoder layer of a decode step in one call. torch's
-// half GEMM has no batched kernel on this kind of CPU (8 rows cost 8x one row) and the float32
-// GEMM that batched steps used instead reads twice the bytes (benchmarks/cpu_gemm.py measures
-// them side by side).
+// Dense linear layer on x86-64 CPUs with AVX2, FMA and F16C: y = x W^T (+ b) for any number of rows
+// B, with W in float16, bfloat16 or float32 read once per call whatever B is, and (below) a whole
+// decoder layer of a decode step in one call. torch's half GEMM has no batched kernel on this
+// kind of CPU (8 rows cost 8x one row) and the float32 GEMM that batched steps used instead reads
+// twice the bytes (benchmarks/cpu_gemm.py measures them side by side).
 //
 // Semantics: F.linear with float32 inputs, accumulated in float32 and rounded to the weight dtype
 // (the reference is dense_linear_reference in kernels/dense_cpu.py). With gate_up, W holds
 // [gate; up] and the output is silu(gate) * up, each rounded to the weight dtype first, as
 // the model's SwiGLU computes it.
 //
-// Each thread streams a contiguous block of W's rows (whole rows: the hardware prefetcher sees one
-// long run), prefetching a few KiB ahead in software, and keeps every batch row's input in L1.
+// Layout: W is re-laid once, at load (pack_panels in kernels/dense_cpu.py), as panels of PANEL
+// output columns, each panel [K, PANEL] contiguous: a panel's weights for one input channel are
+// three vectors, which the kernel multiplies by each row's input channel (a broadcast). A block of
+// 4 rows x 24 outputs keeps its 12 sums in registers and feeds 12 FMAs from 3 weight loads and 4
+// broadcasts, where dot products along W's rows need about one load per FMA; measured 1.6x the
+// row-dot layout at 8 rows and 2x at 16 (from DRAM), and no slower at one row. A weight in `parts`
+// equal parts (gate_up: 2) pads each part to whole panels, so gate panel i and up panel i hold the
+// same neurons.
+//
+// Each output is one float32 sum over k in order, whatever B is and whichever thread computes it:
+// a row's result never depends on its batch neighbours or the thread count (the model relies on
+// this to give a request the same numbers whoever it is batched with).
 // Built on first use by kernels/cpu_build.py and called through ctypes (see kernels/dense_cpu.py).
 
 #include <immintrin.h>
@@ -22,7 +31,7 @@
 #include "simd_cpu.h"
 #include "wina_core.h"
 
-enum { ROW_BLOCK = 8, PREFETCH_BYTES = 4096 };
+enum { PANEL = 24, PANEL_VECTORS = PANEL / 8, BLOCK_ROWS = 4 };
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -31,130 +40,177 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline void prefetch_ahead(const void *row, int64_t row_bytes) {
-    const char *ahead = (const char *)row + PREFETCH_BYTES;
-    for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(ahead + offset, _MM_HINT_T0);
-}
-
-// x . row for one batch row: four accumulators over k (latency hiding), combined in one fixed order,
-// then the scalar tail. row_dots computes every row's sum exactly this way.
-static inline __attribute__((always_inline)) float dot_one(const float *x, int64_t K, const void *row,
-                                                           int dtype) {
-    const int64_t vec_end = K & ~(int64_t)7, block_end = K & ~(int64_t)31;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k < block_end; k += 32) {
-        a0 = _mm256_fmadd_ps(load8(row, k, dtype), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(load8(row, k + 8, dtype), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(load8(row, k + 16, dtype), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(load8(row, k + 24, dtype), _mm256_loadu_ps(x + k + 24), a3);
+// sums[q][r][c] = x[r, :] . (column c of panel q) for r < R (x row stride K) and q < Q (1 or 2)
+// panels: R and Q constants after inlining, so the R x Q x PANEL_VECTORS accumulators stay in
+// registers. Each sum runs over k in order, whatever R and Q are. Few rows take two panels at once
+// so that six sums (not three) are in flight per row: one row's FMAs otherwise wait on each other.
+static inline __attribute__((always_inline)) void panel_block(const float *x, int64_t R, int64_t K, int64_t Q,
+                                                               const void *panel0, const void *panel1, int dtype,
+                                                               float sums[2][BLOCK_ROWS][PANEL]) {
+    __m256 acc[2][BLOCK_ROWS][PANEL_VECTORS];
+    for (int64_t q = 0; q < Q; ++q) {
+        for (int64_t r = 0; r < R; ++r) {
+            for (int64_t v = 0; v < PANEL_VECTORS; ++v) acc[q][r][v] = _mm256_setzero_ps();
+        }
     }
-    for (; k < vec_end; k += 8) a0 = _mm256_fmadd_ps(load8(row, k, dtype), _mm256_loadu_ps(x + k), a0);
-    float dot = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) dot = fmaf(load1(row, k, dtype), x[k], dot);
-    return dot;
-}
-
-// dots[b] = x[b, :] . row for b < bn (x row stride K). Each batch row's sum is dot_one's whatever bn
-// is, so a row's result never depends on how many rows share the call: the model relies on this
-// to give a request the same numbers whoever its batch neighbours are. Rows go two at a time,
-// sharing each loaded weight vector (the weight row stays in L1 for the next pair).
-static inline __attribute__((always_inline)) void row_dots(const float *x, int64_t bn, int64_t K,
-                                                            const void *row, int dtype, float *dots) {
-    const int64_t vec_end = K & ~(int64_t)7, block_end = K & ~(int64_t)31;
-    int64_t b = 0;
-    for (; b + 2 <= bn; b += 2) {
-        const float *x0 = x + b * K, *x1 = x0 + K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-        int64_t k = 0;
-        for (; k < block_end; k += 32) {
-            const __m256 w0 = load8(row, k, dtype), w1 = load8(row, k + 8, dtype);
-            const __m256 w2 = load8(row, k + 16, dtype), w3 = load8(row, k + 24, dtype);
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + k + 8), a1);
-            a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + k + 16), a2);
-            a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + k + 24), a3);
-            c0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), c0);
-            c1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + k + 8), c1);
-            c2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + k + 16), c2);
-            c3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + k + 24), c3);
-        }
-        for (; k < vec_end; k += 8) {
-            const __m256 w0 = load8(row, k, dtype);
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0);
-            c0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), c0);
-        }
-        float d0 = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        float d1 = hsum8(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
-        for (; k < K; ++k) {
-            const float w = load1(row, k, dtype);
-            d0 = fmaf(w, x0[k], d0);
-            d1 = fmaf(w, x1[k], d1);
-        }
-        dots[b] = d0;
-        dots[b + 1] = d1;
-    }
-    if (b < bn) dots[b] = dot_one(x + b * K, K, row, dtype);
-}
-
-// Output columns [u0, u1) for one weight dtype: inlined per dtype below, so load8's branch on the
-// dtype is resolved at compile time instead of once per vector.
-static inline __attribute__((always_inline)) void dense_columns(const float *x, int64_t B, int64_t K,
-                                                                 const void *weight, int64_t units, int dtype,
-                                                                 const float *bias, void *out, int out_dtype,
-                                                                 int gate_up, int64_t u0, int64_t u1) {
-    const int64_t row_bytes = K * (dtype == DTYPE_F32 ? 4 : 2);
-    float dots[ROW_BLOCK], up_dots[ROW_BLOCK];
-    for (int64_t u = u0; u < u1; ++u) {
-        const char *row = (const char *)weight + u * row_bytes;
-        const char *up_row = row + units * row_bytes;
-        prefetch_ahead(row, row_bytes);
-        if (gate_up) prefetch_ahead(up_row, row_bytes);
-        for (int64_t b0 = 0; b0 < B; b0 += ROW_BLOCK) {
-            const int64_t bn = B - b0 < ROW_BLOCK ? B - b0 : ROW_BLOCK;
-            row_dots(x + b0 * K, bn, K, row, dtype, dots);
-            if (gate_up) row_dots(x + b0 * K, bn, K, up_row, dtype, up_dots);
-            for (int64_t b = 0; b < bn; ++b) {
-                float v = round_to(dtype, dots[b] + (bias ? bias[u] : 0.0f));
-                if (gate_up) {
-                    const float up = round_to(dtype, up_dots[b] + (bias ? bias[units + u] : 0.0f));
-                    v = round_to(dtype, silu(v) * up);
+    for (int64_t k = 0; k < K; ++k) {
+        if (Q == 1) {  // 3 weight vectors and one broadcast at a time: 16 registers at 4 rows
+            __m256 w[PANEL_VECTORS];
+            for (int64_t v = 0; v < PANEL_VECTORS; ++v) w[v] = load8(panel0, k * PANEL + v * 8, dtype);
+            for (int64_t r = 0; r < R; ++r) {
+                const __m256 xr = _mm256_broadcast_ss(x + r * K + k);
+                for (int64_t v = 0; v < PANEL_VECTORS; ++v) acc[0][r][v] = _mm256_fmadd_ps(xr, w[v], acc[0][r][v]);
+            }
+        } else {  // the (at most 2) broadcasts held, one weight vector at a time
+            __m256 xr[2];
+            for (int64_t r = 0; r < R; ++r) xr[r] = _mm256_broadcast_ss(x + r * K + k);
+            for (int64_t q = 0; q < Q; ++q) {
+                for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
+                    const __m256 w = load8(q ? panel1 : panel0, k * PANEL + v * 8, dtype);
+                    for (int64_t r = 0; r < R; ++r) acc[q][r][v] = _mm256_fmadd_ps(xr[r], w, acc[q][r][v]);
                 }
-                store1(out, (b0 + b) * units + u, out_dtype, v);
+            }
+        }
+    }
+    for (int64_t q = 0; q < Q; ++q) {
+        for (int64_t r = 0; r < R; ++r) {
+            for (int64_t v = 0; v < PANEL_VECTORS; ++v) _mm256_storeu_ps(sums[q][r] + v * 8, acc[q][r][v]);
+        }
+    }
+}
+
+// panel_block for R rows of two panels (panel1 NULL: one), in one pass where R is at most 2 and
+// one pass per panel otherwise.
+static inline __attribute__((always_inline)) void panel_pair(const float *x, int64_t R, int64_t K,
+                                                              const void *panel0, const void *panel1, int dtype,
+                                                              float sums[2][BLOCK_ROWS][PANEL]) {
+    switch (R) {  // one specialised copy per row count
+        case 1:
+            if (panel1) panel_block(x, 1, K, 2, panel0, panel1, dtype, sums);
+            else panel_block(x, 1, K, 1, panel0, panel0, dtype, sums);
+            break;
+        case 2:
+            if (panel1) panel_block(x, 2, K, 2, panel0, panel1, dtype, sums);
+            else panel_block(x, 2, K, 1, panel0, panel0, dtype, sums);
+            break;
+        case 3:
+            panel_block(x, 3, K, 1, panel0, panel0, dtype, sums);
+            if (panel1) panel_block(x, 3, K, 1, panel1, panel1, dtype, sums + 1);
+            break;
+        default:
+            panel_block(x, BLOCK_ROWS, K, 1, panel0, panel0, dtype, sums);
+            if (panel1) panel_block(x, BLOCK_ROWS, K, 1, panel1, panel1, dtype, sums + 1);
+            break;
+    }
+}
+
+// The epilogue of one panel's outputs for one row, 8 at a time: bias, rounding to the weight dtype
+// and (gate_up) the SwiGLU product of gate sums `sum` and up sums `up_sum`, written to
+// out[0:columns]; bias and up_bias point at the panel's first column (NULL: none).
+static inline __attribute__((always_inline)) void finish_panel(const float *sum, const float *up_sum,
+                                                                const float *bias, const float *up_bias,
+                                                                int64_t columns, int dtype, int gate_up, void *out,
+                                                                int64_t out_offset, int out_dtype) {
+    float padded_bias[2][PANEL], tail[PANEL];
+    if (columns < PANEL) {  // the part's last panel: bias read only within the part
+        for (int64_t c = 0; c < PANEL; ++c) {
+            padded_bias[0][c] = bias && c < columns ? bias[c] : 0.0f;
+            padded_bias[1][c] = up_bias && c < columns ? up_bias[c] : 0.0f;
+        }
+        bias = bias ? padded_bias[0] : NULL;
+        up_bias = up_bias ? padded_bias[1] : NULL;
+    }
+    for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
+        __m256 y = _mm256_loadu_ps(sum + v * 8);
+        if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + v * 8));
+        y = round8_to(dtype, y);
+        if (gate_up) {
+            __m256 up = _mm256_loadu_ps(up_sum + v * 8);
+            if (up_bias) up = _mm256_add_ps(up, _mm256_loadu_ps(up_bias + v * 8));
+            y = round8_to(dtype, _mm256_mul_ps(silu8(y), round8_to(dtype, up)));
+        }
+        if (columns == PANEL) store8(out, out_offset + v * 8, out_dtype, y);
+        else _mm256_storeu_ps(tail + v * 8, y);
+    }
+    for (int64_t c = 0; columns < PANEL && c < columns; ++c) store1(out, out_offset + c, out_dtype, tail[c]);
+}
+
+// Panels [p0, p1) of one part for one weight dtype (inlined per dtype below, so load8's branch on
+// the dtype is resolved at compile time): output columns part * width_part + [p0 * PANEL, p1 * PANEL),
+// the last panel cut at width_part. With gate_up, panel p is gate's and panel p + panels_part is
+// up's, and the output is their SwiGLU product (then part is 0 and there is one part of outputs);
+// otherwise panels go two at a time (p and p + 1) where the range has two left.
+static inline __attribute__((always_inline)) void dense_panels(const float *x, int64_t B, int64_t K, const void *panels,
+                                                                int64_t width_part, int64_t panels_part, int64_t part,
+                                                                int dtype, const float *bias, void *out,
+                                                                int64_t out_width, int out_dtype, int gate_up,
+                                                                int64_t p0, int64_t p1) {
+    const int64_t panel_bytes = K * PANEL * (dtype == DTYPE_F32 ? 4 : 2);
+    float sums[2][BLOCK_ROWS][PANEL];
+    for (int64_t p = p0; p < p1; p += gate_up || p + 1 == p1 ? 1 : 2) {
+        const char *panel = (const char *)panels + (part * panels_part + p) * panel_bytes;
+        const char *second = gate_up ? panel + panels_part * panel_bytes : p + 1 < p1 ? panel + panel_bytes : NULL;
+        for (int64_t b0 = 0; b0 < B; b0 += BLOCK_ROWS) {
+            const int64_t R = B - b0 < BLOCK_ROWS ? B - b0 : BLOCK_ROWS;
+            panel_pair(x + b0 * K, R, K, panel, second, dtype, sums);
+            for (int64_t q = 0; q < (gate_up || !second ? 1 : 2); ++q) {
+                const int64_t first = (p + q) * PANEL;
+                const int64_t columns = width_part - first < PANEL ? width_part - first : PANEL;
+                const int64_t u = part * width_part + first;  // first output (and bias) column
+                for (int64_t r = 0; r < R; ++r) {
+                    finish_panel(sums[q][r], sums[1][r], bias ? bias + u : NULL,
+                                 bias && gate_up ? bias + width_part + u : NULL, columns, dtype, gate_up, out,
+                                 (b0 + r) * out_width + u, out_dtype);
+                }
             }
         }
     }
 }
 
-// The whole projection, threads splitting the output columns (with gate_up: gate row j and up row
-// j + N/2 together). Arguments as dense_linear's, already checked.
-static void dense_parallel(const float *x, int64_t B, int64_t K, const void *weight, int64_t N, int dtype,
-                           const float *bias, void *out, int out_dtype, int gate_up) {
-    const int64_t units = gate_up ? N / 2 : N;
+// The whole projection, threads splitting the panels (with gate_up: gate panel i and up panel i
+// together). W [N, K] packed in `parts` parts; arguments as dense_linear's, already checked.
+static void dense_parallel(const float *x, int64_t B, int64_t K, const void *panels, int64_t N, int64_t parts,
+                           int dtype, const float *bias, void *out, int out_dtype, int gate_up) {
+    const int64_t width_part = N / parts, panels_part = (width_part + PANEL - 1) / PANEL;
+    const int64_t out_width = gate_up ? width_part : N;
+    const int64_t units = gate_up ? panels_part : parts * panels_part;  // gate_up: one part of outputs
 #pragma omp parallel
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
-        if (dtype == DTYPE_F16) {
-            dense_columns(x, B, K, weight, units, DTYPE_F16, bias, out, out_dtype, gate_up, u0, u1);
-        } else if (dtype == DTYPE_BF16) {
-            dense_columns(x, B, K, weight, units, DTYPE_BF16, bias, out, out_dtype, gate_up, u0, u1);
-        } else {
-            dense_columns(x, B, K, weight, units, DTYPE_F32, bias, out, out_dtype, gate_up, u0, u1);
+        for (int64_t part = u0 / panels_part; part * panels_part < u1; ++part) {
+            const int64_t p0 = u0 > part * panels_part ? u0 - part * panels_part : 0;
+            const int64_t p1 = u1 < (part + 1) * panels_part ? u1 - part * panels_part : panels_part;
+            if (dtype == DTYPE_F16) {
+                dense_panels(x, B, K, panels, width_part, panels_part, part, DTYPE_F16, bias, out, out_width, out_dtype,
+                             gate_up, p0, p1);
+            } else if (dtype == DTYPE_BF16) {
+                dense_panels(x, B, K, panels, width_part, panels_part, part, DTYPE_BF16, bias, out, out_width,
+                             out_dtype, gate_up, p0, p1);
+            } else {
+                dense_panels(x, B, K, panels, width_part, panels_part, part, DTYPE_F32, bias, out, out_width, out_dtype,
+                             gate_up, p0, p1);
+            }
         }
     }
 }
 
 static int valid_dtype(int dtype) { return dtype == DTYPE_F16 || dtype == DTYPE_BF16 || dtype == DTYPE_F32; }
 
-// x: [B, K] float32, contiguous; weight: [N, K] (dtype), contiguous; bias: [N] float32 or NULL;
-// out: [B, N] (out_dtype), or [B, N / 2] with gate_up (N even). Returns 0, or -1 on bad arguments.
-int dense_linear(const float *x, int64_t B, int64_t K, const void *weight, int64_t N, int dtype,
+// x: [B, K] float32, contiguous; panels: W [N, K] (dtype) packed in `parts` equal parts (1 or 2; 2
+// with gate_up), [parts * ceil(N / parts / PANEL), K, PANEL]; bias: [N] float32 or NULL; out:
+// [B, N] (out_dtype), or [B, N / 2] with gate_up. Returns 0, or -1 on bad arguments.
+int dense_linear(const float *x, int64_t B, int64_t K, const void *panels, int64_t N, int64_t parts, int dtype,
                  const float *bias, void *out, int out_dtype, int gate_up) {
-    if (B < 1 || K < 1 || N < 1 || (gate_up && N % 2) || !valid_dtype(dtype) || !valid_dtype(out_dtype)) return -1;
-    dense_parallel(x, B, K, weight, N, dtype, bias, out, out_dtype, gate_up);
+    if (B < 1 || K < 1 || N < 1 || parts < 1 || parts > 2 || N % parts || (gate_up && parts != 2) ||
+        !valid_dtype(dtype) || !valid_dtype(out_dtype)) {
+        return -1;
+    }
+    dense_parallel(x, B, K, panels, N, parts, dtype, bias, out, out_dtype, gate_up);
     return 0;
 }
+
+int dense_panel_width(void) { return PANEL; }
 
 // ---------------------------------------------------------------------------------------------
 // One decoder layer for a decode step (one new token per row) or a short prompt chunk of one
@@ -170,7 +226,8 @@ typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, intermediate, max_len, dtype;
     double eps;
     const float *attn_norm, *mlp_norm;              // [hidden]
-    const void *qkv_w, *o_w, *gate_up_w, *down_w;   // [(H + 2 KVH) D, hidden], [hidden, H D], [2I, hidden], [hidden, I]
+    // W [(H + 2 KVH) D, hidden], [hidden, H D], [2I, hidden] (in 2 parts), [hidden, I], in panels
+    const void *qkv_w, *o_w, *gate_up_w, *down_w;
     const float *qkv_b, *o_b, *gate_up_b, *down_b;  // float32 biases or NULL
     const float *cos, *signed_sin;                  // [max_len, D], rotate-half layout, sign folded in
     // WINA sparsity, NULL qkv_wt when the layer has none: each projection's W^T [in, out] (dtype)
@@ -291,7 +348,7 @@ static int project_rows(const float *x, int64_t B, int64_t K, const void *weight
                         float *out, int gate_up, const float *thresholds, int32_t *kept, int column,
                         const int64_t *sparse_rows, int64_t R) {
     if (!thresholds) {
-        dense_parallel(x, B, K, weight, N, dtype, bias, out, DTYPE_F32, gate_up);
+        dense_parallel(x, B, K, weight, N, gate_up ? 2 : 1, dtype, bias, out, DTYPE_F32, gate_up);
         return 0;
     }
     if (R == B) {
@@ -309,7 +366,7 @@ static int project_rows(const float *x, int64_t B, int64_t K, const void *weight
     int status = wina_project(xs, R, K, weight_t, N, dtype, factors, thresholds + column, TABLE_COLUMNS, segments, G,
                               bias, ys, DTYPE_F32, kept + column, TABLE_COLUMNS, gate_up);
     if (status == 0) {
-        dense_parallel(xd, B - R, K, weight, N, dtype, bias, yd, DTYPE_F32, gate_up);
+        dense_parallel(xd, B - R, K, weight, N, gate_up ? 2 : 1, dtype, bias, yd, DTYPE_F32, gate_up);
         for (int64_t b = 0, s = 0, d = 0; b < B; ++b) {
             if (s < R && sparse_rows[s] == b) memcpy(out + b * width, ys + (s++) * width, sizeof(float) * width);
             else memcpy(out + b * width, yd + (d++) * width, sizeof(float) * width);

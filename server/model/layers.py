@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
+from kernels.dense_cpu import CpuDenseKernel, PanelWeight, PreparedDecodeLayer
 from server.model.edits import NeuronEdit
 from server.model.kv_cache import LayerCache
 from server.model.sparsity import LayerSparsity, SparseProjection
@@ -33,10 +33,11 @@ class Linear(nn.Module):
     """y = x W^T (+ b) in the weight's dtype. The one place every projection goes through.
 
     On CPU, inputs of up to CpuDenseKernel.MAX_ROWS rows (short prompts, and the projections of a
-    decode step that runs in parts) go to our dense kernel (kernels/dense_cpu.py) where it loaded:
-    it reads the half weight once for all rows (1.4-1.7x torch's best at 2-8 rows, 1.1x torch's
-    half GEMV at one row; benchmarks/cpu_gemm.py), with the same sums as the fused
-    decode layer, so a row gets the same numbers on either path.
+    decode step that runs in parts) go to our dense kernel (kernels/dense_cpu.py) where it loaded,
+    on a copy of the weight in the kernel's panel layout (`parts`: 2 for a fused [gate; up]): it
+    reads the half weight once for all rows (benchmarks/cpu_gemm.py times it beside torch's
+    paths), with the same sums as the fused decode layer, so a row gets the same numbers on either
+    path.
 
     With `batched_float32`, larger inputs (prefills) use a float32 copy of the weight: on CPU,
     half-precision GEMM has no batched kernel (its time grows linearly with the rows) while
@@ -50,19 +51,32 @@ class Linear(nn.Module):
     PACKED_ROWS_HINT = 8  # the batch size oneDNN lays the packed weight out for; any size runs
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batched_float32: bool = False,
-                 dense_kernel: CpuDenseKernel | None = None) -> None:
+                 dense_kernel: CpuDenseKernel | None = None, parts: int = 1) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.batched_float32 = batched_float32
         self.bias_f32 = bias.float().contiguous() if bias is not None else None
         self.dense_kernel = dense_kernel if dense_kernel is not None and dense_kernel.supports(weight, bias) else None
+        self.panels: PanelWeight | None = None if self.dense_kernel is None else self.dense_kernel.pack(weight, parts)
+        self._parts = parts
         self.weight_f32: torch.Tensor | None = None  # [out, in] float32, or oneDNN's packed layout
         self.weight_f32_packed = batched_float32 and torch.backends.mkldnn.is_available()
+        self._derive_float32()
+
+    def _derive_float32(self) -> None:
         if self.weight_f32_packed:
-            self.weight_f32 = torch.ops.mkldnn._reorder_linear_weight(weight.float(), self.PACKED_ROWS_HINT)
-        elif batched_float32:
-            self.weight_f32 = weight.float()
+            self.weight_f32 = torch.ops.mkldnn._reorder_linear_weight(self.weight.float(), self.PACKED_ROWS_HINT)
+        elif self.batched_float32:
+            self.weight_f32 = self.weight.float()
+
+    def refresh(self) -> None:
+        """Re-derive the copies of `weight` (the kernel's panels, the float32 copy) after an
+        in-place edit of it. The panels are rewritten in place, so the fused decode layers that
+        read them follow."""
+        if self.panels is not None:
+            self.panels.panels.copy_(self.dense_kernel.pack(self.weight, self._parts).panels)
+        self._derive_float32()
 
     def _kernel_rows(self, x: torch.Tensor) -> bool:
         return self.dense_kernel is not None and x.numel() <= CpuDenseKernel.MAX_ROWS * x.shape[-1]
@@ -72,7 +86,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_rows(x):
-            return self.dense_kernel.linear(x, self.weight, self.bias_f32)
+            return self.dense_kernel.linear(x, self.panels, self.bias_f32)
         if not self._batched(x):
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
@@ -87,7 +101,7 @@ class Linear(nn.Module):
         """silu(gate) * up of a fused [gate; up] projection: [..., in] -> [..., out / 2]. The dense
         kernel computes it in its epilogue; elsewhere it is three torch ops on the projection."""
         if self._kernel_rows(x):
-            return self.dense_kernel.linear(x, self.weight, self.bias_f32, gate_up=True)
+            return self.dense_kernel.linear(x, self.panels, self.bias_f32, gate_up=True)
         gate, up = self.forward(x).chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -45,8 +45,9 @@ class LlamaDecoder(nn.Module):
         # Half weights on CPU also keep a float32 copy for batched rows (see Linear).
         batched = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
 
-        def linear(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
-            return Linear(w, b, batched_float32=batched, dense_kernel=dense_kernel if device.type == "cpu" else None)
+        def linear(w: torch.Tensor, b: torch.Tensor | None, parts: int = 1) -> Linear:
+            return Linear(w, b, batched_float32=batched, dense_kernel=dense_kernel if device.type == "cpu" else None,
+                          parts=parts)
 
         layers = []
         for i in range(c.num_layers):
@@ -66,7 +67,7 @@ class LlamaDecoder(nn.Module):
             if c.mlp_bias:
                 gate_up_b = torch.cat([weight(p + "mlp.gate_proj.bias"), weight(p + "mlp.up_proj.bias")])
             mlp = SwiGLU(
-                linear(gate_up_w, gate_up_b),
+                linear(gate_up_w, gate_up_b, parts=2),
                 linear(weight(p + "mlp.down_proj.weight"), optional(p + "mlp.down_proj.bias")),
             )
             layers.append(DecoderLayer(self._norm(state_dict, p + "input_layernorm.weight"), attn,
@@ -135,8 +136,8 @@ class LlamaDecoder(nn.Module):
         attn, mlp = layer.attn, layer.mlp
         return kernel.prepare_decode_layer(
             attn_norm=layer.attn_norm.weight, mlp_norm=layer.mlp_norm.weight, eps=layer.attn_norm.eps,
-            qkv=(attn.qkv.weight, attn.qkv.bias_f32), o=(attn.o_proj.weight, attn.o_proj.bias_f32),
-            gate_up=(mlp.gate_up.weight, mlp.gate_up.bias_f32), down=(mlp.down.weight, mlp.down.bias_f32),
+            qkv=(attn.qkv.panels, attn.qkv.bias_f32), o=(attn.o_proj.panels, attn.o_proj.bias_f32),
+            gate_up=(mlp.gate_up.panels, mlp.gate_up.bias_f32), down=(mlp.down.panels, mlp.down.bias_f32),
             heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
             cos=self.rope.cos, signed_sin=self.rope.signed_sin)
 
