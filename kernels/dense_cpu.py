@@ -87,9 +87,10 @@ class CpuDenseKernel:
     """A loaded kernel library. One instance per model; stateless between calls."""
 
     # Up to this many rows a decode step or prompt chunk runs as one fused call per layer
-    # (LlamaDecoder.forward) and projections use this GEMV: 1.4-1.7x torch's best at 2-8 rows,
-    # even with oneDNN's float32 GEMM at 16 (benchmarks/RESULTS.md); longer prefills go to oneDNN.
-    MAX_ROWS = 16
+    # (LlamaDecoder.forward); longer chunks run the torch layer around this kernel's projections,
+    # whose SDPA beats the fused call's plain attention loop from about 128 tokens on
+    # (benchmarks/prefill_cpu.py; RESULTS.md).
+    MAX_ROWS = 64
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

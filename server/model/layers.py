@@ -32,17 +32,16 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x W^T (+ b) in the weight's dtype. The one place every projection goes through.
 
-    On CPU, inputs of up to CpuDenseKernel.MAX_ROWS rows (short prompts, and the projections of a
-    decode step that runs in parts) go to our dense kernel (kernels/dense_cpu.py) where it loaded,
-    on a copy of the weight in the kernel's panel layout (`parts`: 2 for a fused [gate; up]): it
-    reads the half weight once for all rows (benchmarks/cpu_gemm.py times it beside torch's
-    paths), with the same sums as the fused decode layer, so a row gets the same numbers on either
-    path.
+    On CPU, every input goes to our dense kernel (kernels/dense_cpu.py) where it loaded, on a copy
+    of the weight in the kernel's panel layout (`parts`: 2 for a fused [gate; up]): it reads the
+    half weight once for all rows and beats torch's best GEMM at every row count from 1 to 256
+    (benchmarks/cpu_gemm.py), with the same sums as the fused decode layer, so a row gets the same
+    numbers on either path.
 
-    With `batched_float32`, larger inputs (prefills) use a float32 copy of the weight: on CPU,
-    half-precision GEMM has no batched kernel (its time grows linearly with the rows) while
-    float32 GEMM amortises the weight read. The copy is prepacked for oneDNN's GEMM where torch has
-    oneDNN (1.2-1.5x MKL at 3-16 rows, as fast for a prefill).
+    Without the kernel (no AVX2/F16C or no compiler), `batched_float32` gives inputs of several
+    rows a float32 copy of the weight: on CPU, torch's half-precision GEMM has no batched kernel
+    (its time grows linearly with the rows) while float32 GEMM amortises the weight read. The copy
+    is prepacked for oneDNN's GEMM where torch has oneDNN (1.2-1.5x MKL at 3-16 rows).
     Every path rounds the result to the weight's dtype, as the half GEMV's own output is, so a row
     gets the same numbers whichever path its batch took, up to float32 summation order.
     """
@@ -78,14 +77,11 @@ class Linear(nn.Module):
             self.panels.panels.copy_(self.dense_kernel.pack(self.weight, self._parts).panels)
         self._derive_float32()
 
-    def _kernel_rows(self, x: torch.Tensor) -> bool:
-        return self.dense_kernel is not None and x.numel() <= CpuDenseKernel.MAX_ROWS * x.shape[-1]
-
     def _batched(self, x: torch.Tensor) -> bool:
         return self.batched_float32 and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel_rows(x):
+        if self.panels is not None:
             return self.dense_kernel.linear(x, self.panels, self.bias_f32)
         if not self._batched(x):
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
@@ -100,18 +96,19 @@ class Linear(nn.Module):
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of a fused [gate; up] projection: [..., in] -> [..., out / 2]. The dense
         kernel computes it in its epilogue; elsewhere it is three torch ops on the projection."""
-        if self._kernel_rows(x):
+        if self.panels is not None:
             return self.dense_kernel.linear(x, self.panels, self.bias_f32, gate_up=True)
         gate, up = self.forward(x).chunk(2, dim=-1)
         return F.silu(gate) * up
 
     def forward_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Outputs start:end only (one of a fused projection's parts), through the same path. For
-        WINA's masked prefill only, so the float32 part is made per call (a packed weight has no
-        row slices): that costs one read of the part against a GEMM of many rows."""
+        """Outputs start:end only (one of a fused projection's parts). For WINA's masked prefill
+        only: a half weight on CPU takes a float32 copy of the part per call for several rows (one
+        read of the part against a GEMM of many rows; the kernel's panels have no row slices)."""
         weight = self.weight[start:end]
         bias = None if self.bias is None else self.bias[start:end]
-        if not self._batched(x):
+        several_rows = x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
+        if not (several_rows and weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)):
             return F.linear(x.to(weight.dtype), weight, bias)
         rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
         y = self._float32_rows(rows, weight.float(), None if bias is None else bias.float())

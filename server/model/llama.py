@@ -42,8 +42,8 @@ class LlamaDecoder(nn.Module):
             return weight(name) if name in state_dict else None
 
         c = config
-        # Half weights on CPU also keep a float32 copy for batched rows (see Linear).
-        batched = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        # Without the CPU kernel, half weights on CPU keep a float32 copy for batched rows (see Linear).
+        batched = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and dense_kernel is None
 
         def linear(w: torch.Tensor, b: torch.Tensor | None, parts: int = 1) -> Linear:
             return Linear(w, b, batched_float32=batched, dense_kernel=dense_kernel if device.type == "cpu" else None,
