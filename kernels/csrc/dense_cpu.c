@@ -111,22 +111,16 @@ static inline __attribute__((always_inline)) void finish_panel(const float *sum,
                                                                 const float *bias, const float *up_bias,
                                                                 int64_t columns, int dtype, int gate_up, void *out,
                                                                 int64_t out_offset, int out_dtype) {
-    float padded_bias[2][PANEL], tail[PANEL];
-    if (columns < PANEL) {  // the part's last panel: bias read only within the part
-        for (int64_t c = 0; c < PANEL; ++c) {
-            padded_bias[0][c] = bias && c < columns ? bias[c] : 0.0f;
-            padded_bias[1][c] = up_bias && c < columns ? up_bias[c] : 0.0f;
-        }
-        bias = bias ? padded_bias[0] : NULL;
-        up_bias = up_bias ? padded_bias[1] : NULL;
-    }
+    float tail[PANEL];
     for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
+        // bias read only within the part: the part's last panel may be cut short
+        const int64_t n = columns - v * 8 < 0 ? 0 : (columns - v * 8 > 8 ? 8 : columns - v * 8);
         __m256 y = _mm256_loadu_ps(sum + v * 8);
-        if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + v * 8));
+        if (bias) y = _mm256_add_ps(y, load_padded8(bias + v * 8, n));
         y = round8_to(dtype, y);
         if (gate_up) {
             __m256 up = _mm256_loadu_ps(up_sum + v * 8);
-            if (up_bias) up = _mm256_add_ps(up, _mm256_loadu_ps(up_bias + v * 8));
+            if (up_bias) up = _mm256_add_ps(up, load_padded8(up_bias + v * 8, n));
             y = round8_to(dtype, _mm256_mul_ps(silu8(y), round8_to(dtype, up)));
         }
         if (columns == PANEL) store8(out, out_offset + v * 8, out_dtype, y);

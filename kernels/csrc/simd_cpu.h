@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels (wina_cpu.c, dense_cpu.c): loads and stores of float32,
-// float16 and bfloat16 with AVX2/F16C, rounding to a storage dtype, and SiLU.
+// float16 and bfloat16 with AVX2/F16C, rounding to a storage dtype, and SiLU, 8 lanes at a time.
 
 #ifndef NEURONSERVE_SIMD_CPU_H
 #define NEURONSERVE_SIMD_CPU_H
@@ -75,7 +75,13 @@ static inline __m256 round8_to(int dtype, __m256 v) {
     return v;
 }
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+// values[0:n] (n <= 8) in the low lanes, zeros above
+static inline __m256 load_padded8(const float *values, int64_t n) {
+    if (n == 8) return _mm256_loadu_ps(values);
+    float padded[8] = {0.0f};
+    memcpy(padded, values, sizeof(float) * n);
+    return _mm256_loadu_ps(padded);
+}
 
 // store1 on 8 values at once (the same bits)
 static inline void store8(void *base, int64_t offset, int dtype, __m256 v) {

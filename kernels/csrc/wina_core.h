@@ -221,24 +221,24 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
             owned_columns(segment_sizes[g], t, nt, &c0, &c1);
             for (int64_t b = 0; b < B; ++b) {
                 const float *row = acc + b * N;
-                int64_t c = c0;
-                if (!gate_up && out_dtype == DTYPE_F32) {  // the model's case: 8 outputs at a time
-                    for (; c + 8 <= c1; c += 8) {
-                        const int64_t j = segment_start[g] + c;
-                        __m256 v = _mm256_loadu_ps(row + j);
-                        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-                        _mm256_storeu_ps((float *)out + b * out_width + j, round8_to(dtype, v));
-                    }
-                }
-                for (; c < c1; ++c) {
+                for (int64_t c = c0; c < c1; c += 8) {  // 8 outputs at a time, the last group padded
                     const int64_t j = segment_start[g] + c;  // output column (gate column with gate_up)
-                    float v = row[j] + (bias ? bias[j] : 0.0f);
-                    if (gate_up) {
-                        // gate and up rounded first, as the reference does
-                        const float u = round_to(dtype, row[out_width + j] + (bias ? bias[out_width + j] : 0.0f));
-                        v = silu(round_to(dtype, v)) * u;
+                    const int64_t n = c1 - c < 8 ? c1 - c : 8;
+                    __m256 v = load_padded8(row + j, n), up = _mm256_setzero_ps();
+                    if (bias) v = _mm256_add_ps(v, load_padded8(bias + j, n));
+                    if (gate_up) {  // gate and up rounded first, as the reference does
+                        up = load_padded8(row + out_width + j, n);
+                        if (bias) up = _mm256_add_ps(up, load_padded8(bias + out_width + j, n));
+                        v = _mm256_mul_ps(silu8(round8_to(dtype, v)), round8_to(dtype, up));
                     }
-                    store1(out, b * out_width + j, out_dtype, round_to(dtype, v));
+                    v = round8_to(dtype, v);
+                    if (n == 8) {
+                        store8(out, b * out_width + j, out_dtype, v);
+                    } else {
+                        float tail[8];
+                        _mm256_storeu_ps(tail, v);
+                        for (int64_t i = 0; i < n; ++i) store1(out, b * out_width + j + i, out_dtype, tail[i]);
+                    }
                 }
             }
         }
