@@ -218,6 +218,18 @@ def test_eigenshift_equals_offline_head_edit(loaded, registry):
     assert not torch.allclose(corrected[1], edited[1], atol=1e-3)  # row 1 kept the shared head
 
 
+def test_sae_encoder_through_the_kernel_matches_torch(loaded, registry):
+    """On CPU the registry computes the SAE encoder's product (clamps) with the model's kernel; its
+    pre-activations equal torch's float32 matmul up to summation order."""
+    sae = registry.saes["test-sae"]
+    if loaded.model.dense_kernel is None:
+        pytest.skip("no CPU kernel here: the SAE keeps torch's matmul")
+    assert sae._encoder_product is not None
+    x = torch.randn(8, 1, sae.cfg.d_in, generator=torch.Generator().manual_seed(3))
+    expected = ((x - sae.b_dec) if sae.cfg.apply_b_dec_to_input else x) @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(sae.pre_activation(x), expected, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mem-neuron", "mem-weight"])
 def test_unmemorize_equals_offline_pruning(loaded, registry, name):
     """A masked row equals the model whose down_proj weights were pruned offline (float32; the

@@ -73,6 +73,9 @@ class InterventionRegistry:
     def add_sae(self, sae: SparseAutoencoder) -> None:
         check_sae(sae, self.model.config.hidden_size, self.fingerprint, self.model.config.num_layers)
         self.saes[sae.name] = sae.to(self.model.device)
+        product = self.model.kernel_product(sae.W_enc.t())  # x @ W_enc
+        if product is not None:
+            sae.use_encoder_product(product)
 
     def add_vector(self, vector: SteeringVector) -> None:
         vector.check_model(self.model.config.hidden_size, self.model.config.num_layers)

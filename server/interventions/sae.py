@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,12 +150,21 @@ class SparseAutoencoder:
         self.name = name
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = (t.float() for t in (W_enc, b_enc, W_dec, b_dec))
         self.threshold = None if threshold is None else threshold.float()
+        self._encoder_product: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def use_encoder_product(self, product: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Compute x @ W_enc with `product` (float32 [..., d_in] -> float32 [..., d_sae]) instead of
+        torch's matmul: the server passes its CPU kernel on a copy of W_enc, faster than torch's
+        float32 matmul for a few decode rows, the same sums up to their order. Moving the SAE to
+        another device drops it."""
+        self._encoder_product = product
 
     @property
     def layer(self) -> int:
         return self.cfg.layer
 
     def to(self, device: torch.device | str) -> SparseAutoencoder:
+        self._encoder_product = None
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = (
             t.to(device) for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec))
         if self.threshold is not None:
@@ -165,7 +175,8 @@ class SparseAutoencoder:
         """x: [..., d_in] -> [..., d_sae]"""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x.float() @ self.W_enc + self.b_enc
+        x = x.float()
+        return (x @ self.W_enc if self._encoder_product is None else self._encoder_product(x)) + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.cfg.architecture == "topk":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ class LlamaDecoder(nn.Module):
         self.dtype = dtype
         self.device = device
         self.max_model_len = max_model_len
+        self.dense_kernel = dense_kernel if device.type == "cpu" else None
 
         def weight(name: str) -> torch.Tensor:
             if name not in state_dict:
@@ -46,8 +49,7 @@ class LlamaDecoder(nn.Module):
         batched = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and dense_kernel is None
 
         def linear(w: torch.Tensor, b: torch.Tensor | None, parts: int = 1) -> Linear:
-            return Linear(w, b, batched_float32=batched, dense_kernel=dense_kernel if device.type == "cpu" else None,
-                          parts=parts)
+            return Linear(w, b, batched_float32=batched, dense_kernel=self.dense_kernel, parts=parts)
 
         layers = []
         for i in range(c.num_layers):
@@ -118,6 +120,14 @@ class LlamaDecoder(nn.Module):
                 if all(p is not None for p in parts):
                     qkv, o, gate_up, down = ((p.weight_t, p.col_norms) for p in parts)
                     fused.attach_sparsity((*qkv, (q, kv, kv)), o, gate_up, down)
+
+    def kernel_product(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """x -> x @ weight^T through the CPU kernel, on a packed copy of weight [out, in] (any
+        layout; float32 keeps float32 outputs), for an intervention's own products; None where
+        the kernel does not run here."""
+        if self.dense_kernel is None:
+            return None
+        return partial(self.dense_kernel.linear, weight=self.dense_kernel.pack(weight.contiguous()))
 
     def sparsity_plan(self, targets: list[float], tokens_per_row: int) -> SparsityPlan | None:
         """None when no row asks for sparsity: such a batch does no extra work."""
