@@ -55,10 +55,10 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="torch intra-op threads on CPU (default: torch's choice)."
     )
     cpu_dense_kernel: bool = Field(
-        True, description="On CPU, run decode steps through our C kernel (one call per decoder "
-        "layer) and projections of up to 16 rows through its dense GEMV (kernels/csrc/dense_cpu.c, "
-        "built with gcc on first use); off: torch ops, for comparison. Without AVX2/F16C or gcc, "
-        "torch's are used either way.",
+        True, description="On CPU, run decode steps and prompt chunks of up to 64 tokens through our "
+        "C kernel (one call per decoder layer) and every projection through its dense GEMM "
+        "(kernels/csrc/dense_cpu.c, built with gcc on first use); off: torch ops, for comparison. "
+        "Without AVX2/F16C or gcc, torch's are used either way.",
     )
     max_model_len: int = Field(
         2048, ge=16, le=1 << 20, description="Longest prompt plus completion, in tokens."
