@@ -135,6 +135,8 @@ class CpuDenseKernel:
         rows = x.reshape(-1, K).float().contiguous()  # [B, K]
         width = N // 2 if gate_up else N
         out = torch.empty(rows.shape[0], width, dtype=weight.dtype)
+        if rows.shape[0] == 0:  # e.g. no row of a batch takes this path
+            return out.view(*x.shape[:-1], width)
         code = DTYPE_CODES[weight.dtype]  # weight and output share the dtype
         status = self._fn(rows.data_ptr(), rows.shape[0], K, weight.panels.data_ptr(), N, weight.parts, code,
                           None if bias_f32 is None else bias_f32.data_ptr(), out.data_ptr(), code, int(gate_up))

@@ -126,6 +126,12 @@ def test_row_does_not_depend_on_thread_count():
         assert torch.equal(plain, results[0][0]) and torch.equal(gated, results[0][1])
 
 
+def test_no_rows_gives_an_empty_result():
+    weight, _, _ = _case(64, 40, 1, torch.float16)
+    assert KERNEL.linear(torch.empty(0, 64), KERNEL.pack(weight)).shape == (0, 40)
+    assert KERNEL.linear(torch.empty(2, 0, 64), KERNEL.pack(weight, 2), gate_up=True).shape == (2, 0, 20)
+
+
 def test_rejects_a_mismatched_input():
     weight, x, _ = _case(64, 40, 2, torch.float16)
     with pytest.raises(ValueError, match="does not fit"):
