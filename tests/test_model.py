@@ -124,17 +124,18 @@ def test_dense_kernel_decodes_as_torch_does(default_ckpt):
 
 
 @pytest.mark.parametrize(
-    "tied,bias,rope",
-    [(True, False, None),
+    "tied,bias,rope,head_dim",
+    [(True, False, None, 16),
      (False, True, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
-     (False, False, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})],
-    ids=["tied", "untied-bias-llama3", "linear-rope"],
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0}, 16),
+     (False, False, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, 16),
+     (True, False, None, 12)],  # not a multiple of 8: the kernel's attention takes its scalar tail
+    ids=["tied", "untied-bias-llama3", "linear-rope", "head-dim-12"],
 )
-def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, tied, bias, rope):
+def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, tied, bias, rope, head_dim):
     """A small random-weight Llama saved to disk loads through the checkpoint-directory path."""
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=default_ckpt.hf_config.vocab_size, hidden_size=64, intermediate_size=96,
+    kwargs = dict(vocab_size=default_ckpt.hf_config.vocab_size, hidden_size=4 * head_dim, intermediate_size=96,
                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=bias,
                   rms_norm_eps=1e-6)
@@ -160,7 +161,7 @@ def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, ti
     # Random small weights give logits of order 1: 1e-4 is float32 rounding over three layers.
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the last three tokens again as decode steps (the CPU decode kernel's path), in slot 2 of 3,
-    # after a prefill in chunks of up to 16 tokens (the kernel's path for short prompt chunks)
+    # after a prefill in chunks (each one fused kernel call per layer, as short prompt chunks run)
     cache = ours.new_cache(3)
     chunks = [ours(ids[:, a:b], torch.tensor([2]), torch.tensor([a]), cache, all_logits=True)
               for a, b in ((0, 12), (12, 28), (28, 37))]

@@ -252,34 +252,107 @@ static void rope_head(float *x, int64_t D, const float *cos, const float *signed
     memcpy(x, rotated, sizeof(float) * D);
 }
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float sum = hsum8(acc);
-    for (; i < n; ++i) sum += a[i] * b[i];
-    return sum;
+// lane j of the result = the sum of v[j]'s 8 lanes
+static inline __m256 hsum8x8(const __m256 v[8]) {
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
 }
 
-// softmax(q K^T / sqrt(D)) V over keys 0..len-1 of one KV head: q [D] -> out [D]
-static void attend(const float *q, const float *keys, const float *values, int64_t len, int64_t D, float *scores,
-                   float *out) {
-    const float scale = 1.0f / sqrtf((float)D);
+enum { VALUE_KEYS = 64 };  // keys per block of the value sums: 64 rows of values stay in L1
+
+// scores[h][s] = q[h] . keys[s] * scale for the G query heads h of one KV head and s < len: eight
+// keys at a time, so that eight independent sums are in flight (one key's dot product alone is a
+// chain of dependent FMAs), and each block of keys read from memory once for all G heads.
+static void attention_scores(const float *q, int64_t G, const float *keys, int64_t len, int64_t D, float scale,
+                             float *scores) {
+    const int64_t vec_end = D & ~(int64_t)7;
+    int64_t s = 0;
+    for (; s + 8 <= len; s += 8) {
+        for (int64_t h = 0; h < G; ++h) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < vec_end; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + h * D + i);
+                for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (s + j) * D + i), acc[j]);
+            }
+            _mm256_storeu_ps(scores + h * len + s, hsum8x8(acc));
+        }
+    }
+    for (; s < len; ++s) {
+        for (int64_t h = 0; h < G; ++h) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t i = 0; i < vec_end; i += 8) {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + i), _mm256_loadu_ps(keys + s * D + i), acc);
+            }
+            scores[h * len + s] = hsum8(acc);
+        }
+    }
+    for (int64_t h = 0; h < G; ++h) {
+        for (s = 0; s < len; ++s) {
+            float dot = scores[h * len + s];
+            for (int64_t i = vec_end; i < D; ++i) dot = fmaf(q[h * D + i], keys[s * D + i], dot);
+            scores[h * len + s] = dot * scale;
+        }
+    }
+}
+
+// p = softmax(p) in place over n scores
+static void softmax_in_place(float *p, int64_t n) {
     float top = -INFINITY;
-    for (int64_t s = 0; s < len; ++s) {
-        scores[s] = dot_f32(q, keys + s * D, D) * scale;
-        if (scores[s] > top) top = scores[s];
+    for (int64_t s = 0; s < n; ++s) top = p[s] > top ? p[s] : top;
+    const __m256 top8 = _mm256_set1_ps(top);
+    for (int64_t s = 0; s < n; s += 8) {  // e^(score - top), 8 at a time
+        const int64_t m = n - s < 8 ? n - s : 8;
+        const __m256 e = exp8(_mm256_sub_ps(load_padded8(p + s, m), top8));
+        if (m == 8) {
+            _mm256_storeu_ps(p + s, e);
+        } else {
+            float tail[8];
+            _mm256_storeu_ps(tail, e);
+            memcpy(p + s, tail, sizeof(float) * m);
+        }
     }
     float total = 0.0f;
-    for (int64_t s = 0; s < len; ++s) {
-        scores[s] = expf(scores[s] - top);
-        total += scores[s];
-    }
-    for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
-    for (int64_t s = 0; s < len; ++s) {
-        const float p = scores[s] / total;
-        const float *v = values + s * D;
-        for (int64_t i = 0; i < D; ++i) out[i] += p * v[i];
+    for (int64_t s = 0; s < n; ++s) total += p[s];
+    for (int64_t s = 0; s < n; ++s) p[s] /= total;
+}
+
+// softmax(q K^T / sqrt(D)) V over keys 0..len-1 of one KV head, for its G query heads: q [G, D]
+// -> out [G, D]; scores: scratch of G * len. Keys and values are read once for all G heads.
+static void attend(const float *q, int64_t G, const float *keys, const float *values, int64_t len, int64_t D,
+                   float *scores, float *out) {
+    attention_scores(q, G, keys, len, D, 1.0f / sqrtf((float)D), scores);
+    for (int64_t h = 0; h < G; ++h) softmax_in_place(scores + h * len, len);
+    // out[h] = sum_s p[h][s] v[s]: 64 lanes of one head's sums in registers over a block of keys
+    const int64_t vec_end = D & ~(int64_t)7;
+    for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
+    for (int64_t s0 = 0; s0 < len; s0 += VALUE_KEYS) {
+        const int64_t s1 = len - s0 < VALUE_KEYS ? len : s0 + VALUE_KEYS;
+        for (int64_t h = 0; h < G; ++h) {
+            const float *p = scores + h * len;
+            for (int64_t i0 = 0; i0 < vec_end; i0 += 64) {
+                const int64_t vectors = (vec_end - i0) / 8 < 8 ? (vec_end - i0) / 8 : 8;
+                float *o = out + h * D + i0;
+                __m256 acc[8];
+                for (int64_t j = 0; j < vectors; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
+                for (int64_t s = s0; s < s1; ++s) {
+                    const __m256 ps = _mm256_set1_ps(p[s]);
+                    const float *v = values + s * D + i0;
+                    if (vectors == 8) {
+                        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                    } else {
+                        for (int64_t j = 0; j < vectors; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                    }
+                }
+                for (int64_t j = 0; j < vectors; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+            }
+            for (int64_t i = vec_end; i < D; ++i) {
+                float sum = out[h * D + i];
+                for (int64_t s = s0; s < s1; ++s) sum = fmaf(p[s], values[s * D + i], sum);
+                out[h * D + i] = sum;
+            }
+        }
     }
 }
 
@@ -304,7 +377,8 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, float *key
     const int64_t qkv_width = (H + 2 * KVH) * D;
     const int threads = omp_get_max_threads();
     float *rotated = malloc(sizeof(float) * B * (H + KVH) * D);  // q and k heads after RoPE
-    float *scores = malloc(sizeof(float) * threads * max_len);
+    const int64_t G = H / KVH;  // query heads per KV head
+    float *scores = malloc(sizeof(float) * threads * G * max_len);
     if (!rotated || !scores) {
         free(rotated), free(scores);
         return -1;
@@ -322,11 +396,11 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, float *key
         }
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < B * H; ++item) {
-        const int64_t b = item / H, head = item % H, g = head / (H / KVH);
+    for (int64_t item = 0; item < B * KVH; ++item) {  // one KV head of one row: its G query heads
+        const int64_t b = item / KVH, g = item % KVH;
         const int64_t base = (slots[b] * KVH + g) * max_len * D;
-        attend(rotated + (b * (H + KVH) + head) * D, keys + base, values + base, positions[b] + 1, D,
-               scores + (int64_t)omp_get_thread_num() * max_len, out + (b * H + head) * D);
+        attend(rotated + (b * (H + KVH) + g * G) * D, G, keys + base, values + base, positions[b] + 1, D,
+               scores + (int64_t)omp_get_thread_num() * G * max_len, out + (b * H + g * G) * D);
     }
     free(rotated), free(scores);
     return 0;

@@ -1,0 +1,101 @@
+"""Decode step time against context length on the CPU: one forward step of B rows (one new token
+each) at a given position, so that attention reads that many cached keys and values per row, with
+the model's own path (on CPU: one fused kernel call per decoder layer). Timing only: the cache
+holds zeros, which costs what real keys cost. With --baseline-tree (another checkout, e.g. a
+`git worktree` of an earlier commit), a second copy of the model runs that tree's build of
+kernels/csrc/dense_cpu.c, its steps interleaved with ours in this one process.
+
+    python benchmarks/decode_context.py [--positions 100,500,1500] [--batch-sizes 1,8]
+                                        [--baseline-tree DIR] [--out FILE]
+
+Prints a table, writes JSON (default benchmarks/out/decode_context.json). Nothing runs on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_common import describe_machine, format_table, write_report
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "decode_context.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--positions", default="100,500,1500", help="context lengths (comma-separated)")
+    parser.add_argument("--batch-sizes", default="1,8", help="rows per step (comma-separated)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per point (median)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="also time the kernel built from DIR/kernels/csrc/dense_cpu.c, interleaved")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    import ctypes
+    import tempfile
+
+    import torch
+
+    from kernels.cpu_build import build_library
+    from kernels.dense_cpu import CpuDenseKernel
+    from server.model.config import ModelConfig
+    from server.model.llama import LlamaDecoder
+    from server.model.loader import load_checkpoint
+    from server.runtime import load_model
+    from server.settings import ServerSettings
+
+    positions = [int(p) for p in args.positions.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    settings = ServerSettings(max_model_len=max(positions) + 1, wina_profile="none", dtype=args.dtype,
+                              load_interventions=False, log_level="warning")
+    loaded = load_model(settings)
+    models = {"ours": loaded.model}
+    if args.baseline_tree is not None:
+        library = build_library(args.baseline_tree / "kernels" / "csrc" / "dense_cpu.c", Path(tempfile.mkdtemp()))
+        ours, ckpt = loaded.model, load_checkpoint(settings.model, settings.cache_dir)
+        models["baseline"] = LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, ours.dtype, ours.device,
+                                          ours.max_model_len, CpuDenseKernel(ctypes.CDLL(str(library))))
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    caches = {name: model.new_cache(max(batch_sizes)) for name, model in models.items()}
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for B in batch_sizes:
+        for position in positions:
+            tokens = torch.randint(0, loaded.model.config.vocab_size, (B, 1), generator=generator)
+            slots, starts = torch.arange(B), torch.full((B,), position)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for step in range(args.steps + 1):  # the first, a warm-up, is not counted
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(tokens, slots, starts, caches[name])
+                    if step:
+                        times[name].append(time.perf_counter() - start)
+            row = {"batch": B, "position": position}
+            for name, taken in times.items():
+                ms = statistics.median(taken) * 1e3
+                row[f"{name}_step_ms"] = ms
+                row[f"{name}_tokens_per_s"] = B / ms * 1e3
+            rows.append(row)
+    baseline = "baseline" in models
+    model = loaded.model
+    text = "\n".join([
+        (f"decode_context  {started}  {loaded.name}  {args.dtype}  torch {torch.__version__}  threads "
+         f"{torch.get_num_threads()}  fused kernel: {model.decode_layers is not None}  (median of {args.steps} steps)"),
+        format_table(["batch", "position", "step ms", "tok/s"] + (["baseline step ms", "baseline / ours"] if baseline else []),
+                     [[str(r["batch"]), str(r["position"]), f"{r['ours_step_ms']:.1f}", f"{r['ours_tokens_per_s']:.1f}"]
+                      + ([f"{r['baseline_step_ms']:.1f}", f"{r['baseline_step_ms'] / r['ours_step_ms']:.2f}"]
+                         if baseline else []) for r in rows]),
+    ])
+    report = {"benchmark": "decode_context", "started_utc": started, "command": " ".join(["python", *sys.argv]),
+              "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
+              "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree), "results": rows}
+    write_report(report, text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
