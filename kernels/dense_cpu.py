@@ -88,7 +88,7 @@ class CpuDenseKernel:
 
     # Up to this many rows a decode step or prompt chunk runs as one fused call per layer
     # (LlamaDecoder.forward); longer chunks run the torch layer around this kernel's projections,
-    # whose SDPA beats the fused call's plain attention loop from about 128 tokens on
+    # which measured as fast from 128 tokens on, where the projections dominate both
     # (benchmarks/prefill_cpu.py; RESULTS.md).
     MAX_ROWS = 64
 

@@ -13,8 +13,9 @@
 // output columns, each panel [K, PANEL] contiguous: a panel's weights for one input channel are
 // three vectors, which the kernel multiplies by each row's input channel (a broadcast). A block of
 // 4 rows x 24 outputs keeps its 12 sums in registers and feeds 12 FMAs from 3 weight loads and 4
-// broadcasts, where dot products along W's rows need about one load per FMA; measured 1.6x the
-// row-dot layout at 8 rows and 2x at 16 (from DRAM), and no slower at one row. A weight in `parts`
+// broadcasts, where dot products along W's rows need about one load per FMA (against torch's best
+// GEMM, benchmarks/cpu_gemm.py: 1.80x instead of 1.44x at 8 rows, 1.50x instead of 1.00x at 16,
+// 1.38x instead of 1.14x at one row; benchmarks/RESULTS.md). A weight in `parts`
 // equal parts (gate_up: 2) pads each part to whole panels, so gate panel i and up panel i hold the
 // same neurons.
 //
