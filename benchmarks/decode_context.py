@@ -1,12 +1,14 @@
 """Decode step time against context length on the CPU: one forward step of B rows (one new token
 each) at a given position, so that attention reads that many cached keys and values per row, with
 the model's own path (on CPU: one fused kernel call per decoder layer). Timing only: the cache
-holds zeros, which costs what real keys cost. With --baseline-tree (another checkout, e.g. a
-`git worktree` of an earlier commit), a second copy of the model runs that tree's build of
-kernels/csrc/dense_cpu.c, its steps interleaved with ours in this one process.
+holds zeros, which costs what real keys cost. A second copy of the model, its steps interleaved
+with ours in this one process, can be the baseline: --baseline-kv-float32 (this code with a
+float32 KV cache), or --baseline-tree DIR (another checkout's build of kernels/csrc/dense_cpu.c,
+e.g. a `git worktree` of an earlier commit; its kernel must take this tree's arguments: the same
+DecodeLayer fields and KV cache dtype).
 
     python benchmarks/decode_context.py [--positions 100,500,1500] [--batch-sizes 1,8]
-                                        [--baseline-tree DIR] [--out FILE]
+                                        [--baseline-kv-float32 | --baseline-tree DIR] [--out FILE]
 
 Prints a table, writes JSON (default benchmarks/out/decode_context.json). Nothing runs on import.
 """
@@ -31,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,8", help="rows per step (comma-separated)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per point (median)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--baseline-tree", type=Path, default=None,
-                        help="also time the kernel built from DIR/kernels/csrc/dense_cpu.c, interleaved")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline-tree", type=Path, default=None,
+                          help="also time the kernel built from DIR/kernels/csrc/dense_cpu.c, interleaved")
+    baseline.add_argument("--baseline-kv-float32", action="store_true",
+                          help="also time this code with a float32 KV cache, interleaved")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     import ctypes
@@ -54,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
                               load_interventions=False, log_level="warning")
     loaded = load_model(settings)
     models = {"ours": loaded.model}
-    if args.baseline_tree is not None:
-        library = build_library(args.baseline_tree / "kernels" / "csrc" / "dense_cpu.c", Path(tempfile.mkdtemp()))
+    if args.baseline_tree is not None or args.baseline_kv_float32:
         ours, ckpt = loaded.model, load_checkpoint(settings.model, settings.cache_dir)
+        kernel, kv_dtype = ours.dense_kernel, torch.float32
+        if args.baseline_tree is not None:
+            library = build_library(args.baseline_tree / "kernels" / "csrc" / "dense_cpu.c", Path(tempfile.mkdtemp()))
+            kernel, kv_dtype = CpuDenseKernel(ctypes.CDLL(str(library))), None
         models["baseline"] = LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, ours.dtype, ours.device,
-                                          ours.max_model_len, CpuDenseKernel(ctypes.CDLL(str(library))))
+                                          ours.max_model_len, kernel, kv_dtype=kv_dtype)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     caches = {name: model.new_cache(max(batch_sizes)) for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
     report = {"benchmark": "decode_context", "started_utc": started, "command": " ".join(["python", *sys.argv]),
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
-              "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree), "results": rows}
+              "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree),
+              "baseline_kv_float32": args.baseline_kv_float32, "results": rows}
     write_report(report, text, args.out)
     return 0
 

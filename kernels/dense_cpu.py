@@ -80,7 +80,7 @@ class DecodeLayerArgs(ctypes.Structure):
                                        "qkv_b", "o_b", "gate_up_b", "down_b", "cos", "signed_sin",
                                        "qkv_wt", "o_wt", "gate_up_wt", "down_wt",
                                        "qkv_factors", "o_factors", "gate_up_factors", "down_factors")] + [
-        ("qkv_segments", ctypes.c_int64 * 3)]
+        ("qkv_segments", ctypes.c_int64 * 3), ("kv_dtype", ctypes.c_int64)]
 
 
 class CpuDenseKernel:
@@ -154,11 +154,12 @@ class CpuDenseKernel:
                              qkv: tuple[PanelWeight, torch.Tensor | None], o: tuple[PanelWeight, torch.Tensor | None],
                              gate_up: tuple[PanelWeight, torch.Tensor | None],
                              down: tuple[PanelWeight, torch.Tensor | None], heads: int, kv_heads: int,
-                             head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> PreparedDecodeLayer:
+                             head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+                             kv_dtype: torch.dtype) -> PreparedDecodeLayer:
         """One decoder layer for fused decode steps: norms [hidden] float32; each projection as
         (`pack`ed weight [out, in], gate_up in 2 parts, float32 bias [out] or None) in one dtype;
-        cos / signed_sin: the RoPE tables [max_len, head_dim] float32. The tensors must outlive the
-        result and not move."""
+        cos / signed_sin: the RoPE tables [max_len, head_dim] float32; kv_dtype: the KV cache's
+        dtype (float32, float16 or bfloat16). The tensors must outlive the result and not move."""
         hidden = attn_norm.shape[0]
         intermediate = 0 if gate_up[0] is None else gate_up[0].out_features // 2
         expected = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden, 1), "o": (hidden, heads * head_dim, 1),
@@ -183,6 +184,8 @@ class CpuDenseKernel:
         for name, table in (("cos", cos), ("signed_sin", signed_sin)):
             if table.dim() != 2 or table.shape[1] != head_dim or table.dtype != torch.float32 or not table.is_contiguous():
                 problems.append(f"{name} must be contiguous float32 [max_len, {head_dim}]")
+        if kv_dtype not in DTYPE_CODES:
+            problems.append(f"KV cache dtype {kv_dtype} unsupported")
         if heads % kv_heads or head_dim % 2 or head_dim > 512:
             problems.append(f"heads {heads} / kv_heads {kv_heads} / head_dim {head_dim} unsupported")
         if problems:
@@ -196,6 +199,7 @@ class CpuDenseKernel:
             attn_norm.data_ptr(), mlp_norm.data_ptr(), *(w.panels.data_ptr() for w, _ in (qkv, o, gate_up, down)),
             address(qkv[1]), address(o[1]), address(gate_up[1]), address(down[1]),
             cos.data_ptr(), signed_sin.data_ptr())
+        args.kv_dtype = DTYPE_CODES[kv_dtype]
         return PreparedDecodeLayer(self._library, args, (attn_norm, mlp_norm, *(t for pair in (qkv, o, gate_up, down)
                                                                                for t in pair), cos, signed_sin))
 
@@ -263,7 +267,7 @@ class PreparedDecodeLayer:
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                  positions: torch.Tensor, keep: torch.Tensor | None = None, thresholds_ptr: int | None = None,
                  kept_ptr: int | None = None, sparse_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] float32
+        """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] in the KV dtype
         contiguous (written at each row's slot and position); slots, positions: [B] int64
         contiguous; keep: [B, intermediate] float32 0/1 contiguous, the MLP neurons each row keeps
         (None: all); thresholds_ptr / kept_ptr: with attach_sparsity, the addresses of the sparse

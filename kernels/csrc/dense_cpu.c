@@ -213,8 +213,8 @@ int dense_panel_width(void) { return PANEL; }
 // sparsity for up to 8 sparse rows of a decode step (wina_core.h) and no neuron edits other than
 // keep masks, in one call instead of about 25 torch ops, each of which costs more to dispatch
 // than to compute at this size. Same math as the torch path: float32 norms, RoPE, attention and
-// residual stream; every projection rounded to the weight dtype; keys and values in a float32
-// cache.
+// residual stream; every projection rounded to the weight dtype; keys and values stored in the
+// cache's dtype (the weight dtype on CPU, float32 for a float32 model).
 
 // One layer's weights and shapes, filled once at load (PreparedDecodeLayer in kernels/dense_cpu.py).
 typedef struct {
@@ -230,6 +230,7 @@ typedef struct {
     const void *qkv_wt, *o_wt, *gate_up_wt, *down_wt;
     const float *qkv_factors, *o_factors, *gate_up_factors, *down_factors;
     int64_t qkv_segments[3];
+    int64_t kv_dtype;  // the KV cache's dtype (DTYPE_*): the model's weight dtype on CPU
 } DecodeLayer;
 
 enum { TABLE_COLUMNS = 7 };  // q, k, v, o, gate, up, down: the model's [rows, 7] threshold and kept tables
@@ -265,8 +266,9 @@ enum { VALUE_KEYS = 64 };  // keys per block of the value sums: 64 rows of value
 // scores[h][s] = q[h] . keys[s] * scale for the G query heads h of one KV head and s < len: eight
 // keys at a time, so that eight independent sums are in flight (one key's dot product alone is a
 // chain of dependent FMAs), and each block of keys read from memory once for all G heads.
-static void attention_scores(const float *q, int64_t G, const float *keys, int64_t len, int64_t D, float scale,
-                             float *scores) {
+static inline __attribute__((always_inline)) void attention_scores(const float *q, int64_t G, const void *keys,
+                                                                   int64_t len, int64_t D, int kv_dtype, float scale,
+                                                                   float *scores) {
     const int64_t vec_end = D & ~(int64_t)7;
     int64_t s = 0;
     for (; s + 8 <= len; s += 8) {
@@ -275,7 +277,7 @@ static void attention_scores(const float *q, int64_t G, const float *keys, int64
             for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
             for (int64_t i = 0; i < vec_end; i += 8) {
                 const __m256 qv = _mm256_loadu_ps(q + h * D + i);
-                for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (s + j) * D + i), acc[j]);
+                for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(keys, (s + j) * D + i, kv_dtype), acc[j]);
             }
             _mm256_storeu_ps(scores + h * len + s, hsum8x8(acc));
         }
@@ -284,7 +286,7 @@ static void attention_scores(const float *q, int64_t G, const float *keys, int64
         for (int64_t h = 0; h < G; ++h) {
             __m256 acc = _mm256_setzero_ps();
             for (int64_t i = 0; i < vec_end; i += 8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + i), _mm256_loadu_ps(keys + s * D + i), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + i), load8(keys, s * D + i, kv_dtype), acc);
             }
             scores[h * len + s] = hsum8(acc);
         }
@@ -292,7 +294,7 @@ static void attention_scores(const float *q, int64_t G, const float *keys, int64
     for (int64_t h = 0; h < G; ++h) {
         for (s = 0; s < len; ++s) {
             float dot = scores[h * len + s];
-            for (int64_t i = vec_end; i < D; ++i) dot = fmaf(q[h * D + i], keys[s * D + i], dot);
+            for (int64_t i = vec_end; i < D; ++i) dot = fmaf(q[h * D + i], load1(keys, s * D + i, kv_dtype), dot);
             scores[h * len + s] = dot * scale;
         }
     }
@@ -321,9 +323,10 @@ static void softmax_in_place(float *p, int64_t n) {
 
 // softmax(q K^T / sqrt(D)) V over keys 0..len-1 of one KV head, for its G query heads: q [G, D]
 // -> out [G, D]; scores: scratch of G * len. Keys and values are read once for all G heads.
-static void attend(const float *q, int64_t G, const float *keys, const float *values, int64_t len, int64_t D,
-                   float *scores, float *out) {
-    attention_scores(q, G, keys, len, D, 1.0f / sqrtf((float)D), scores);
+static inline __attribute__((always_inline)) void attend(const float *q, int64_t G, const void *keys,
+                                                          const void *values, int64_t len, int64_t D, int kv_dtype,
+                                                          float *scores, float *out) {
+    attention_scores(q, G, keys, len, D, kv_dtype, 1.0f / sqrtf((float)D), scores);
     for (int64_t h = 0; h < G; ++h) softmax_in_place(scores + h * len, len);
     // out[h] = sum_s p[h][s] v[s]: 64 lanes of one head's sums in registers over a block of keys
     const int64_t vec_end = D & ~(int64_t)7;
@@ -339,28 +342,45 @@ static void attend(const float *q, int64_t G, const float *keys, const float *va
                 for (int64_t j = 0; j < vectors; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
                 for (int64_t s = s0; s < s1; ++s) {
                     const __m256 ps = _mm256_set1_ps(p[s]);
-                    const float *v = values + s * D + i0;
+                    const int64_t v = s * D + i0;
                     if (vectors == 8) {
-                        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);
                     } else {
-                        for (int64_t j = 0; j < vectors; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                        for (int64_t j = 0; j < vectors; ++j) {
+                            acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);
+                        }
                     }
                 }
                 for (int64_t j = 0; j < vectors; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
             }
             for (int64_t i = vec_end; i < D; ++i) {
                 float sum = out[h * D + i];
-                for (int64_t s = s0; s < s1; ++s) sum = fmaf(p[s], values[s * D + i], sum);
+                for (int64_t s = s0; s < s1; ++s) sum = fmaf(p[s], load1(values, s * D + i, kv_dtype), sum);
                 out[h * D + i] = sum;
             }
         }
     }
 }
 
+// attend with the cache dtype a constant, so that its loads need no branch
+static void attend_any(const float *q, int64_t G, const void *keys, const void *values, int64_t len, int64_t D,
+                       int kv_dtype, float *scores, float *out) {
+    if (kv_dtype == DTYPE_F16) attend(q, G, keys, values, len, D, DTYPE_F16, scores, out);
+    else if (kv_dtype == DTYPE_BF16) attend(q, G, keys, values, len, D, DTYPE_BF16, scores, out);
+    else attend(q, G, keys, values, len, D, DTYPE_F32, scores, out);
+}
+
+// dst[offset : offset + n] = src[0:n] in dtype (rounded to nearest)
+static void store_row(void *dst, int64_t offset, int dtype, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(dst, offset + i, dtype, _mm256_loadu_ps(src + i));
+    for (; i < n; ++i) store1(dst, offset + i, dtype, src[i]);
+}
+
 static int valid_rows(const DecodeLayer *layer, int64_t num_slots, int64_t B, const int64_t *slots,
                       const int64_t *positions) {
     if (B < 1 || layer->head_dim > 512 || layer->head_dim % 2 || layer->heads % layer->kv_heads ||
-        !valid_dtype((int)layer->dtype)) {
+        !valid_dtype((int)layer->dtype) || !valid_dtype((int)layer->kv_dtype)) {
         return 0;
     }
     for (int64_t b = 0; b < B; ++b) {
@@ -372,7 +392,7 @@ static int valid_rows(const DecodeLayer *layer, int64_t num_slots, int64_t B, co
 // Attention of one new token per row, from its projected q, k, v: qkv [B, (H + 2 KVH) D] float32
 // (unchanged) -> out [B, H D]. Rotates q and k, writes k and v into the cache at each row's slot
 // and position, and attends over the row's keys 0..position. Arguments checked by the caller.
-static int attention_rows(const DecodeLayer *layer, const float *qkv, float *keys, float *values, int64_t B,
+static int attention_rows(const DecodeLayer *layer, const float *qkv, void *keys, void *values, int64_t B,
                           const int64_t *slots, const int64_t *positions, float *out) {
     const int64_t H = layer->heads, KVH = layer->kv_heads, D = layer->head_dim, max_len = layer->max_len;
     const int64_t qkv_width = (H + 2 * KVH) * D;
@@ -392,16 +412,18 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, float *key
         for (int64_t head = 0; head < H + KVH; ++head) rope_head(rot + head * D, D, cos, sin);
         for (int64_t g = 0; g < KVH; ++g) {
             const int64_t at = ((slots[b] * KVH + g) * max_len + positions[b]) * D;
-            memcpy(keys + at, rot + (H + g) * D, sizeof(float) * D);
-            memcpy(values + at, row + (H + KVH + g) * D, sizeof(float) * D);
+            store_row(keys, at, (int)layer->kv_dtype, rot + (H + g) * D, D);
+            store_row(values, at, (int)layer->kv_dtype, row + (H + KVH + g) * D, D);
         }
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < B * KVH; ++item) {  // one KV head of one row: its G query heads
         const int64_t b = item / KVH, g = item % KVH;
         const int64_t base = (slots[b] * KVH + g) * max_len * D;
-        attend(rotated + (b * (H + KVH) + g * G) * D, G, keys + base, values + base, positions[b] + 1, D,
-               scores + (int64_t)omp_get_thread_num() * G * max_len, out + (b * H + g * G) * D);
+        const int64_t offset = base * (layer->kv_dtype == DTYPE_F32 ? 4 : 2);  // bytes
+        attend_any(rotated + (b * (H + KVH) + g * G) * D, G, (const char *)keys + offset,
+                   (const char *)values + offset, positions[b] + 1, D, (int)layer->kv_dtype,
+                   scores + (int64_t)omp_get_thread_num() * G * max_len, out + (b * H + g * G) * D);
     }
     free(rotated), free(scores);
     return 0;
@@ -446,7 +468,7 @@ static int project_rows(const float *x, int64_t B, int64_t K, const void *weight
 }
 
 // The attention half of the layer on h [B, hidden], in place: h += o_proj(attention(norm(h))).
-static int attention_block(const DecodeLayer *layer, float *keys, float *values, float *h, int64_t B,
+static int attention_block(const DecodeLayer *layer, void *keys, void *values, float *h, int64_t B,
                            const int64_t *slots, const int64_t *positions, const float *thresholds, int32_t *kept,
                            const int64_t *sparse_rows, int64_t R) {
     const int64_t hidden = layer->hidden, H = layer->heads, KVH = layer->kv_heads, D = layer->head_dim;
@@ -505,7 +527,7 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
     return status;
 }
 
-// keys, values: this layer's cache, [num_slots, KVH, max_len, D] float32; h_in -> h_out: [B, hidden]
+// keys, values: this layer's cache, [num_slots, KVH, max_len, D] in layer->kv_dtype; h_in -> h_out: [B, hidden]
 // float32 residual stream before and after the layer; slots, positions: [B], each row's cache slot
 // and the position of its new token; keep: [B, I] neuron keep mask or NULL (see mlp_block);
 // thresholds: NULL (dense), or the WINA thresholds [R, 7] float32 (q, k, v, o, gate, up, down) of
@@ -513,7 +535,7 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
 // their projections run through wina_project (the same call, and so the same numbers, as the
 // separate sparse projections), writing the channels each kept to kept [R, 7] int32; the other
 // rows' run dense, as in a dense step. Returns 0, or -1 on bad arguments or no memory.
-int decode_layer(const DecodeLayer *layer, float *keys, float *values, int64_t num_slots, const float *h_in,
+int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num_slots, const float *h_in,
                  float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep,
                  const float *thresholds, int32_t *kept, const int64_t *sparse_rows, int64_t R) {
     if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
@@ -532,7 +554,7 @@ int decode_layer(const DecodeLayer *layer, float *keys, float *values, int64_t n
 // numbers as decode_layer gives them) and these in between.
 
 // qkv [B, (H + 2 KVH) D] float32 projected rows -> out [B, H D]: RoPE, cache write, attention.
-int decode_attention(const DecodeLayer *layer, float *keys, float *values, int64_t num_slots, const float *qkv,
+int decode_attention(const DecodeLayer *layer, void *keys, void *values, int64_t num_slots, const float *qkv,
                      float *out, int64_t B, const int64_t *slots, const int64_t *positions) {
     if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
     return attention_rows(layer, qkv, keys, values, B, slots, positions, out);

@@ -26,15 +26,18 @@ logger = logging.getLogger(__name__)
 
 class LlamaDecoder(nn.Module):
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, dense_kernel: CpuDenseKernel | None = None) -> None:
+                 device: torch.device, max_model_len: int, dense_kernel: CpuDenseKernel | None = None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         """dense_kernel: the CPU kernel (CpuDenseKernel.load()) that runs decode steps and short
-        prompt chunks one fused call per layer, and few-row projections; None runs all in torch."""
+        prompt chunks one fused call per layer, and every projection; None runs all in torch.
+        kv_dtype: the KV cache's dtype, None for the default (see the kv_dtype property)."""
         super().__init__()
         self.config = config
         self.dtype = dtype
         self.device = device
         self.max_model_len = max_model_len
         self.dense_kernel = dense_kernel if device.type == "cpu" else None
+        self._kv_dtype = kv_dtype
 
         def weight(name: str) -> torch.Tensor:
             if name not in state_dict:
@@ -85,9 +88,9 @@ class LlamaDecoder(nn.Module):
         self.rope = RotaryEmbedding(inv_freq, scale, max_model_len).to(device)
         # decode steps run each layer as one kernel call where they can (see forward)
         self.decode_layers: list[PreparedDecodeLayer] | None = None
-        if dense_kernel is not None and device.type == "cpu" and self.kv_dtype == torch.float32:
+        if self.dense_kernel is not None:
             try:
-                self.decode_layers = [self._prepare_decode_layer(dense_kernel, layer) for layer in self.layers]
+                self.decode_layers = [self._prepare_decode_layer(self.dense_kernel, layer) for layer in self.layers]
             except ValueError as error:  # a shape the kernel does not take: torch runs every step
                 logger.warning("CPU decode kernel not used for this model: %s", error)
         self.wina: WinaTable | None = None
@@ -149,7 +152,7 @@ class LlamaDecoder(nn.Module):
             qkv=(attn.qkv.panels, attn.qkv.bias_f32), o=(attn.o_proj.panels, attn.o_proj.bias_f32),
             gate_up=(mlp.gate_up.panels, mlp.gate_up.bias_f32), down=(mlp.down.panels, mlp.down.bias_f32),
             heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
-            cos=self.rope.cos, signed_sin=self.rope.signed_sin)
+            cos=self.rope.cos, signed_sin=self.rope.signed_sin, kv_dtype=self.kv_dtype)
 
     def _norm(self, state_dict: dict[str, torch.Tensor], name: str) -> RMSNorm:
         norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
@@ -158,9 +161,15 @@ class LlamaDecoder(nn.Module):
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        # On CPU, attention over half-precision keys runs 5x slower than over float32 ones (no
-        # fast half bmm), and the cache is small next to the weights; on CUDA it is the model dtype.
-        return torch.float32 if self.device.type == "cpu" else self.dtype
+        # The model dtype, as on CUDA, where the CPU decode kernel runs attention (it reads half
+        # keys and values as fast as float32 ones, and the cache is what long-context steps read
+        # most: benchmarks/decode_context.py). Without the kernel, float32: torch's attention over
+        # half-precision keys ran 5x slower than over float32 ones on CPU.
+        if self._kv_dtype is not None:
+            return self._kv_dtype
+        if self.device.type == "cpu" and self.dense_kernel is None:
+            return torch.float32
+        return self.dtype
 
     def new_cache(self, num_slots: int) -> KVCache:
         c = self.config
