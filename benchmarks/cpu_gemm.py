@@ -1,6 +1,6 @@
 """The CPU matrix products behind `server.model.layers.Linear`, timed one against another on the
-default model's projection shapes: why up to 16 rows run our dense kernel on the half weight and
-longer prefills a oneDNN-packed float32 copy of the weight.
+default model's projection shapes: why every CPU projection runs our dense kernel on the half
+weight's panel copy (it beats torch's half and float32 GEMMs at every row count timed).
 
 For each projection shape (SmolLM2-135M: fused qkv, o, fused gate/up, down, the tied head) and each
 row count, every variant runs over `--weights` distinct weights in turn (a decode step reads 30
@@ -11,10 +11,10 @@ Variants:
   f16 linear       F.linear on float16 weights (torch's half GEMV; per-row cost for more rows)
   f32 mkl W@x^T    torch.mm(W, x^T) on a float32 copy (MKL, weight-major)
   f32 onednn       torch.ops.mkldnn._linear_pointwise on a oneDNN-packed float32 copy (the
-                   path for more than 16 rows: prefills)
+                   path for prefills until the fourth session; now only without the kernel)
   f16 ours         our CPU dense kernel (kernels/csrc/dense_cpu.c) on the float16 weight in its
-                   panel layout, float32 input (the path for up to 16 rows since 2026-11-26), at
-                   every row count
+                   panel layout, float32 input: the path for every CPU projection (up to 16
+                   rows from the second session of 2026-11-26, all rows from the fourth)
 
     python benchmarks/cpu_gemm.py [--rows 1,3,8,16,64,512] [--rounds 5] [--out FILE]
 
