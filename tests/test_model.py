@@ -123,6 +123,32 @@ def test_dense_kernel_decodes_as_torch_does(default_ckpt):
     torch.testing.assert_close(logits[0], logits[1], atol=0.1, rtol=0)
 
 
+@pytest.mark.skipif(CpuDenseKernel.load() is None, reason="CPU dense kernel needs AVX2/FMA/F16C and gcc")
+def test_half_kv_cache_written_by_either_path(default_ckpt):
+    """On CPU with the kernel the KV cache is in the model dtype. A prompt chunk over MAX_ROWS
+    tokens writes it through the torch layer (which reads float32 copies), shorter chunks and
+    decode steps through the kernel: either writer, then kernel decode steps, gives the same
+    greedy tokens and logits within half-precision rounding."""
+    model = _ours(default_ckpt, dtype=torch.float16, max_len=256)
+    assert model.kv_dtype == torch.float16 and model.decode_layers is not None
+    ids = torch.randint(0, default_ckpt.hf_config.vocab_size, (1, CpuDenseKernel.MAX_ROWS + 16),
+                        generator=torch.Generator().manual_seed(0))
+    T = ids.shape[1]
+    results = []
+    for chunks in ([(0, T)], [(0, T // 2), (T // 2, T)]):  # torch layer, then the fused kernel
+        cache = model.new_cache(1)
+        for a, b in chunks:
+            last = model(ids[:, a:b], torch.tensor([0]), torch.tensor([a]), cache)
+        steps = []
+        for step in range(4):
+            token = last.argmax(-1, keepdim=True)  # [1, 1]
+            steps.append(token)
+            last = model(token, torch.tensor([0]), torch.tensor([T + step]), cache)
+        results.append((torch.cat(steps, dim=1), last))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=0.1, rtol=0)
+
+
 @pytest.mark.parametrize(
     "tied,bias,rope,head_dim",
     [(True, False, None, 16),
