@@ -58,7 +58,6 @@ class Linear(nn.Module):
         self.bias_f32 = bias.float().contiguous() if bias is not None else None
         self.dense_kernel = dense_kernel if dense_kernel is not None and dense_kernel.supports(weight, bias) else None
         self.panels: PanelWeight | None = None if self.dense_kernel is None else self.dense_kernel.pack(weight, parts)
-        self._parts = parts
         self.weight_f32: torch.Tensor | None = None  # [out, in] float32, or oneDNN's packed layout
         self.weight_f32_packed = batched_float32 and torch.backends.mkldnn.is_available()
         self._derive_float32()
@@ -74,11 +73,14 @@ class Linear(nn.Module):
         in-place edit of it. The panels are rewritten in place, so the fused decode layers that
         read them follow."""
         if self.panels is not None:
-            self.panels.panels.copy_(self.dense_kernel.pack(self.weight, self._parts).panels)
+            self.panels.panels.copy_(self.dense_kernel.pack(self.weight, self.panels.parts).panels)
         self._derive_float32()
 
+    def _several_rows(self, x: torch.Tensor) -> bool:
+        return x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
+
     def _batched(self, x: torch.Tensor) -> bool:
-        return self.batched_float32 and x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
+        return self.batched_float32 and self._several_rows(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.panels is not None:
@@ -107,8 +109,7 @@ class Linear(nn.Module):
         read of the part against a GEMM of many rows; the kernel's panels have no row slices)."""
         weight = self.weight[start:end]
         bias = None if self.bias is None else self.bias[start:end]
-        several_rows = x.numel() >= self.BATCHED_MIN_ROWS * x.shape[-1]
-        if not (several_rows and weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)):
+        if not (self._several_rows(x) and weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)):
             return F.linear(x.to(weight.dtype), weight, bias)
         rows = x.reshape(-1, x.shape[-1]).float()  # [N, in]
         y = self._float32_rows(rows, weight.float(), None if bias is None else bias.float())
