@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,6 +47,12 @@ def describe_machine(packages: tuple[str, ...] = ("torch", "transformers")) -> d
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran this benchmark, for its report: the script and the arguments its main()
+    parsed (`argv`, or the process's own when None), shell-quoted."""
+    return shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
 
 
 def fmt(value: Any, digits: int = 1) -> str:

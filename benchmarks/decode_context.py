@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import describe_machine, format_table, write_report
+from bench_common import command_line, describe_machine, format_table, write_report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "decode_context.json"
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     positions = [int(p) for p in args.positions.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    settings = ServerSettings(max_model_len=max(positions) + 1, wina_profile="none", dtype=args.dtype,
+    settings = ServerSettings(max_model_len=max(16, max(positions) + 1), wina_profile="none", dtype=args.dtype,
                               load_interventions=False, log_level="warning")
     loaded = load_model(settings)
     models = {"ours": loaded.model}
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                       + ([f"{r['baseline_step_ms']:.1f}", f"{r['baseline_step_ms'] / r['ours_step_ms']:.2f}"]
                          if baseline else []) for r in rows]),
     ])
-    report = {"benchmark": "decode_context", "started_utc": started, "command": " ".join(["python", *sys.argv]),
+    report = {"benchmark": "decode_context", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
               "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree),
               "baseline_kv_float32": args.baseline_kv_float32, "results": rows}

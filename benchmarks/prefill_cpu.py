@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import describe_machine, format_table, write_report
+from bench_common import command_line, describe_machine, format_table, write_report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "prefill_cpu.json"
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.settings import ServerSettings
 
     lengths = [int(t) for t in args.tokens.split(",")]
-    loaded = load_model(ServerSettings(max_model_len=max(lengths), wina_profile="none", dtype=args.dtype,
+    loaded = load_model(ServerSettings(max_model_len=max(16, *lengths), wina_profile="none", dtype=args.dtype,
                                        load_interventions=False, log_level="warning"))
     model = loaded.model
     fused_layers = model.decode_layers
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{r['torch_over_fused']:.2f}", f"{r['fused_ms_per_token']:.2f}",
                        "fused" if r["fused_taken_by_forward"] else "torch layer"] for r in rows]),
     ])
-    report = {"benchmark": "prefill_cpu", "started_utc": started, "command": " ".join(["python", *sys.argv]),
+    report = {"benchmark": "prefill_cpu", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "repeats": args.repeats,
               "max_fused_rows": CpuDenseKernel.MAX_ROWS, "results": rows}
     write_report(report, text, args.out)

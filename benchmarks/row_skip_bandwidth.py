@@ -22,12 +22,11 @@ import argparse
 import ctypes
 import datetime as _dt
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from bench_common import describe_machine, fmt, format_table, write_report
+from bench_common import command_line, describe_machine, fmt, format_table, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "reading every row\n\n" + format_table(headers, table))
     report = {
         "benchmark": "row_skip_bandwidth",
-        "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line(argv),
         "utc_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": describe_machine(("torch",)),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

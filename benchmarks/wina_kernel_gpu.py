@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe_machine, fmt, format_table, write_report
+from bench_common import command_line, describe_machine, fmt, format_table, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -327,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             + format_table(headers, rows))
     report = {
         "benchmark": "wina_kernel_gpu",
-        "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line(argv),
         "utc_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": describe_machine(("torch", "triton")),
         "gpu": gpu,

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe_machine, fmt, format_table, write_report
+from bench_common import command_line, describe_machine, fmt, format_table, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 + f"\n\nsaved layer {layer_index} for the GPU benchmark: {args.save}")
     report: dict[str, Any] = {
         "benchmark": "wina_real_inputs",
-        "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line(argv),
         "utc_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": describe_machine(), "model": loaded.name, "criterion": table.criterion,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
