@@ -112,22 +112,13 @@ static inline __attribute__((always_inline)) void finish_panel(const float *sum,
                                                                 const float *bias, const float *up_bias,
                                                                 int64_t columns, int dtype, int gate_up, void *out,
                                                                 int64_t out_offset, int out_dtype) {
-    float tail[PANEL];
     for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
         // bias read only within the part: the part's last panel may be cut short
         const int64_t n = columns - v * 8 < 0 ? 0 : (columns - v * 8 > 8 ? 8 : columns - v * 8);
-        __m256 y = _mm256_loadu_ps(sum + v * 8);
-        if (bias) y = _mm256_add_ps(y, load_padded8(bias + v * 8, n));
-        y = round8_to(dtype, y);
-        if (gate_up) {
-            __m256 up = _mm256_loadu_ps(up_sum + v * 8);
-            if (up_bias) up = _mm256_add_ps(up, load_padded8(up_bias + v * 8, n));
-            y = round8_to(dtype, _mm256_mul_ps(silu8(y), round8_to(dtype, up)));
-        }
-        if (columns == PANEL) store8(out, out_offset + v * 8, out_dtype, y);
-        else _mm256_storeu_ps(tail + v * 8, y);
+        const __m256 y = finish8(_mm256_loadu_ps(sum + v * 8), _mm256_loadu_ps(up_sum + v * 8),
+                                 bias ? bias + v * 8 : NULL, up_bias ? up_bias + v * 8 : NULL, n, dtype, gate_up);
+        store_first(out, out_offset + v * 8, out_dtype, y, n);
     }
-    for (int64_t c = 0; columns < PANEL && c < columns; ++c) store1(out, out_offset + c, out_dtype, tail[c]);
 }
 
 // Panels [p0, p1) of one part for one weight dtype (inlined per dtype below, so load8's branch on
@@ -277,7 +268,9 @@ static inline __attribute__((always_inline)) void attention_scores(const float *
             for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
             for (int64_t i = 0; i < vec_end; i += 8) {
                 const __m256 qv = _mm256_loadu_ps(q + h * D + i);
-                for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(keys, (s + j) * D + i, kv_dtype), acc[j]);
+                for (int j = 0; j < 8; ++j) {
+                    acc[j] = _mm256_fmadd_ps(qv, load8(keys, (s + j) * D + i, kv_dtype), acc[j]);
+                }
             }
             _mm256_storeu_ps(scores + h * len + s, hsum8x8(acc));
         }
@@ -344,7 +337,9 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
                     const __m256 ps = _mm256_set1_ps(p[s]);
                     const int64_t v = s * D + i0;
                     if (vectors == 8) {
-                        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);
+                        for (int j = 0; j < 8; ++j) {
+                            acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);
+                        }
                     } else {
                         for (int64_t j = 0; j < vectors; ++j) {
                             acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);

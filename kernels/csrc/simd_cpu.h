@@ -96,6 +96,18 @@ static inline void store8(void *base, int64_t offset, int dtype, __m256 v) {
     }
 }
 
+// store8 of the first n (<= 8) lanes only
+static inline __attribute__((always_inline)) void store_first(void *base, int64_t offset, int dtype, __m256 v,
+                                                               int64_t n) {
+    if (n == 8) {
+        store8(base, offset, dtype, v);
+        return;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (int64_t i = 0; i < n; ++i) store1(base, offset + i, dtype, lanes[i]);
+}
+
 // e^x on 8 lanes, within 2 ulp of expf over the float range (Cephes' expf: x = n ln2 + r with
 // |r| <= ln2 / 2, a degree-7 polynomial for e^r, then 2^n through the exponent bits); inputs
 // clamped to where 2^n stays a normal float (e^x then saturates near 3.4e38 and 1.2e-38).
@@ -123,6 +135,19 @@ static inline __m256 silu8(__m256 v) {
     const __m256 overflow = _mm256_cmp_ps(minus_v, _mm256_set1_ps(88.72284f), _CMP_GT_OQ);  // ln(FLT_MAX)
     const __m256 e = _mm256_blendv_ps(exp8(minus_v), _mm256_set1_ps(INFINITY), overflow);
     return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// The epilogue of 8 outputs of a projection (the first n <= 8 real), as the references compute it:
+// the bias added (bias, up_bias: NULL for none; read for n lanes only), rounded to the weight
+// dtype, and with gate_up silu(gate) * up of the rounded gate (sum) and up (up_sum), rounded again.
+// (always inlined: called per vector in the kernels' epilogues, with dtype and gate_up constants there)
+static inline __attribute__((always_inline)) __m256 finish8(__m256 sum, __m256 up_sum, const float *bias,
+                                                             const float *up_bias, int64_t n, int dtype, int gate_up) {
+    if (bias) sum = _mm256_add_ps(sum, load_padded8(bias, n));
+    sum = round8_to(dtype, sum);
+    if (!gate_up) return sum;
+    if (up_bias) up_sum = _mm256_add_ps(up_sum, load_padded8(up_bias, n));
+    return round8_to(dtype, _mm256_mul_ps(silu8(sum), round8_to(dtype, up_sum)));
 }
 
 #endif

@@ -224,21 +224,10 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
                 for (int64_t c = c0; c < c1; c += 8) {  // 8 outputs at a time, the last group padded
                     const int64_t j = segment_start[g] + c;  // output column (gate column with gate_up)
                     const int64_t n = c1 - c < 8 ? c1 - c : 8;
-                    __m256 v = load_padded8(row + j, n), up = _mm256_setzero_ps();
-                    if (bias) v = _mm256_add_ps(v, load_padded8(bias + j, n));
-                    if (gate_up) {  // gate and up rounded first, as the reference does
-                        up = load_padded8(row + out_width + j, n);
-                        if (bias) up = _mm256_add_ps(up, load_padded8(bias + out_width + j, n));
-                        v = _mm256_mul_ps(silu8(round8_to(dtype, v)), round8_to(dtype, up));
-                    }
-                    v = round8_to(dtype, v);
-                    if (n == 8) {
-                        store8(out, b * out_width + j, out_dtype, v);
-                    } else {
-                        float tail[8];
-                        _mm256_storeu_ps(tail, v);
-                        for (int64_t i = 0; i < n; ++i) store1(out, b * out_width + j + i, out_dtype, tail[i]);
-                    }
+                    const __m256 up = gate_up ? load_padded8(row + out_width + j, n) : _mm256_setzero_ps();
+                    const __m256 v = finish8(load_padded8(row + j, n), up, bias ? bias + j : NULL,
+                                             bias && gate_up ? bias + out_width + j : NULL, n, dtype, gate_up);
+                    store_first(out, b * out_width + j, out_dtype, v, n);
                 }
             }
         }
