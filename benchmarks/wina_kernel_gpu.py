@@ -17,15 +17,17 @@ round((1-s) K) channels per row and segment. Each case is timed twice, medians b
   twice), so the weights come from device memory, as in a decode step, also for the default
   model's small layers, which would otherwise sit in the L2 between replays.
 
-* triton: the sparse kernel (``wina_linear_sparse`` / ``wina_gate_up_sparse``: always the kernel,
+* tile: the tile kernel (``wina_linear_sparse`` / ``wina_gate_up_sparse``: always the kernel,
   whatever DENSE_CROSSOVER_BATCH says, so that batches above it can be measured to tune it);
+* gather: the gather path that serving runs (``wina_linear_gather`` / ``wina_gate_up_gather``), with
+  its heuristic launch parameters and with each of ``--gather-grid``'s;
 * dense: cuBLAS through ``F.linear(x, W)``; for gate_up followed by ``silu(gate) * up``, which
   the fused kernel also does.
 
-Columns: ``ratio`` = triton / dense time; ``1-s`` = that ratio on the memory roofline when every
-row keeps the same channels; ``rows`` = the fraction of weight rows the kernel must read, i.e. that
+Columns: ``ratio`` = tile / dense time (eager); ``x dense`` = cuBLAS / gather (graphs); ``1-s`` =
+the time ratio on the memory roofline when every row keeps the same channels; ``rows`` = the fraction of weight rows the kernel must read, i.e. that
 at least one batch row keeps (for independent rows ~ 1 - s**B: the real roofline for B > 1);
-``GB/s`` = weight bytes read (dense: all; triton: ``rows`` of them) / graph time; ``err`` = max |triton -
+``GB/s`` = weight bytes read (dense: all; gather: ``rows`` of them) / graph time; ``err`` = max |ours -
 reference| (kernels/wina_reference.py).
 
     python benchmarks/wina_kernel_gpu.py [--layers qkv,o,...] [--batches 1,2,4,8]
@@ -62,12 +64,20 @@ class Layer:
     gate_up: bool = False  # fused SwiGLU: output silu(gate) * up [B, I]
 
     def sparse(self, x, weight_t, col_norms, thresholds, config=None):
-        """The sparse kernel on this layer -> (y, kept): wina_gate_up_sparse or wina_linear_sparse."""
+        """The tile kernel on this layer -> (y, kept): wina_gate_up_sparse or wina_linear_sparse."""
         from kernels import wina_triton
 
         if self.gate_up:
             return wina_triton.wina_gate_up_sparse(x, weight_t, col_norms, thresholds, config=config)
         return wina_triton.wina_linear_sparse(x, weight_t, col_norms, thresholds, self.segments, config=config)
+
+    def gather(self, x, weight_t, col_norms, thresholds, config=None):
+        """The gather path (what serving runs) on this layer -> (y, kept)."""
+        from kernels import wina_triton
+
+        if self.gate_up:
+            return wina_triton.wina_gate_up_gather(x, weight_t, col_norms, thresholds, config=config)
+        return wina_triton.wina_linear_gather(x, weight_t, col_norms, thresholds, self.segments, config=config)
 
     def dense(self, x, weight):
         """cuBLAS through F.linear(x, weight [N, K]), then silu(gate) * up for gate_up."""
@@ -137,6 +147,14 @@ def layer_names(text: str) -> list[str]:
     return names
 
 
+def gather_config_arg(text: str) -> tuple[int, ...]:
+    """An argparse type: "256:1024:8:4" -> (256, 1024, 8, 4), GatherConfig's fields in order."""
+    values = tuple(int(v) for v in text.split(":"))
+    if not 2 <= len(values) <= 5:
+        raise argparse.ArgumentTypeError(f"expected chunk:block_n[:unroll[:num_warps[:reduce_block_n]]]; got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broadcast-configs", type=Path, default=None,
                         help="also time batch 1 on the broadcast path, with the configs of this tuning file "
                              "(benchmarks/wina_tune_gpu.py --path broadcast --batches 1)")
+    parser.add_argument("--gather-grid", type=comma_list(gather_config_arg), default=[],
+                        help="also time the gather path with each of these launch parameters, "
+                             "chunk:block_n:unroll:num_warps[:reduce_block_n] separated by commas")
     parser.add_argument("--real-inputs", type=Path, default=None,
                         help="also time the default model's own layer on its recorded inputs and calibrated "
                              "thresholds (the file benchmarks/wina_real_inputs.py saves)")
@@ -232,6 +253,26 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
             broadcast = {"broadcast_graph_us": graph_ms(from_memory(broadcast_with, 1)) * 1e3,
                          "broadcast_max_abs_err": (broadcast_with(weight_t)[0].float() - ref.float()).abs().max().item(),
                          "broadcast_config": asdict(broadcast_config)}
+    # The gather path: its heuristic launch parameters, then each of --gather-grid's (chunk fixed
+    # per layer in serving; the grid lets a run compare chunks too).
+    gather_configs = [None] + [wina_triton.GatherConfig(*c) for c in args.gather_grid]
+    gather_us = {}
+    gather_err = 0.0
+    gather_kept_ok = True
+    for gather_config in gather_configs:
+        def gather_with(w_t, gather_config=gather_config):
+            return layer.gather(x, w_t, col_norms, thresholds, gather_config)
+        g_out, g_kept = gather_with(weight_t)
+        gather_err = max(gather_err, (g_out.float() - ref.float()).abs().max().item())
+        gather_kept_ok &= bool(torch.equal(g_kept.cpu(), ref_kept.cpu()))
+        name = "heuristic" if gather_config is None else ":".join(str(v) for v in asdict(gather_config).values())
+        gather_us[name] = graph_ms(from_memory(gather_with, 1)) * 1e3
+    best_gather = min(gather_us, key=gather_us.get)
+    gather = {"gather_graph_us": gather_us["heuristic"], "gather_eager_us": events_ms(
+                  lambda: layer.gather(x, weight_t, col_norms, thresholds)) * 1e3,
+              "gather_best_us": gather_us[best_gather], "gather_best": best_gather, "gather_all_us": gather_us,
+              "gather_config": asdict(wina_triton.gather_config(batch, layer.k, layer.segments, x.device)),
+              "gather_max_abs_err": gather_err, "gather_kept_matches": gather_kept_ok}
     achieved = 1.0 - float(ref_kept.float().mean()) / layer.k
     sparsity = achieved if sparsity is None else sparsity
     return {
@@ -241,9 +282,10 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
         "kept_matches": bool(torch.equal(kept.cpu(), ref_kept.cpu())),
         "triton_us": triton_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": triton_ms / dense_ms,
         "triton_graph_us": triton_graph_ms * 1e3, "dense_graph_us": dense_graph_ms * 1e3,
-        "graph_ratio": triton_graph_ms / dense_graph_ms, **broadcast,
+        "graph_ratio": triton_graph_ms / dense_graph_ms, **broadcast, **gather,
         "roofline_ratio": 1.0 - sparsity, "rows_read": rows,
         "triton_gbps": rows * weight_bytes / (triton_graph_ms * 1e-3) / 1e9,
+        "gather_gbps": rows * weight_bytes / (gather["gather_graph_us"] * 1e-6) / 1e9,
         "dense_gbps": weight_bytes / (dense_graph_ms * 1e-3) / 1e9,
         "max_abs_err": err, "config": asdict(config), "weight_copies": len(copies),
     }
@@ -306,23 +348,28 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(case)
                 dot = (f", broadcast path {case['broadcast_graph_us']:.1f} us" if "broadcast_graph_us" in case
                        else "")
-                print(f"  {name} B={batch} s={sparsity}: triton {case['triton_us']:.1f} us, dense "
-                      f"{case['dense_us']:.1f} us; in a CUDA graph {case['triton_graph_us']:.1f} vs "
+                print(f"  {name} B={batch} s={sparsity}: tile {case['triton_us']:.1f} us, dense "
+                      f"{case['dense_us']:.1f} us; in a CUDA graph tile {case['triton_graph_us']:.1f}, gather "
+                      f"{case['gather_graph_us']:.1f} (best {case['gather_best_us']:.1f} {case['gather_best']}) vs "
                       f"{case['dense_graph_us']:.1f} us{dot}", flush=True)
         del weight, weights
         torch.cuda.empty_cache()
     if args.real_inputs is not None:
         cases += real_input_cases(args, dtype)
 
-    headers = ["layer", "B", "s", "triton us", "dense us", "ratio", "graph: triton", "dense", "ratio", "1-s",
-               "rows", "triton GB/s", "dense GB/s", "err", "kept ok"]
+    headers = ["layer", "B", "s", "tile us", "dense us", "ratio", "graph: tile", "gather", "best", "dense",
+               "x dense", "1-s", "rows", "gather GB/s", "dense GB/s", "err", "kept ok"]
     rows = [[c["layer"], str(c["batch"]), fmt(c["sparsity"], 2), fmt(c["triton_us"]), fmt(c["dense_us"]),
-             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]), fmt(c["dense_graph_us"]), fmt(c["graph_ratio"], 2),
-             fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["triton_gbps"], 0),
-             fmt(c["dense_gbps"], 0), f"{c['max_abs_err']:.1e}", "yes" if c["kept_matches"] else "NO"]
+             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]), fmt(c["gather_graph_us"]), fmt(c["gather_best_us"]),
+             fmt(c["dense_graph_us"]), fmt(c["dense_graph_us"] / c["gather_graph_us"], 2),
+             fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["gather_gbps"], 0),
+             fmt(c["dense_gbps"], 0), f"{max(c['max_abs_err'], c['gather_max_abs_err']):.1e}",
+             "yes" if c["kept_matches"] and c["gather_kept_matches"] else "NO"]
             for c in cases]
     text = (f"WINA sparse GEMV vs cuBLAS dense on {gpu} ({args.dtype})\n"
-            "ratio = triton/dense time; 1-s = that ratio on the roofline; rows = weight rows read\n\n"
+            "ratio = tile/dense time (eager); graph columns: GPU time alone, tile kernel, gather path "
+            "(served; heuristic, best of --gather-grid), cuBLAS; x dense = cuBLAS / gather; 1-s = the "
+            "roofline ratio; rows = weight rows read\n\n"
             + format_table(headers, rows))
     report = {
         "benchmark": "wina_kernel_gpu",

@@ -13,12 +13,26 @@ so a row's result never depends on its neighbours' masks: a weight row loaded on
 meets a zero input. This is TEAL's gather idea made correct for every batch size (TEAL's kernel
 skips rows by batch row 0's mask alone).
 
+Two ways to do that skipping:
+
+* the tile kernels (`wina_linear_sparse` / `wina_gate_up_sparse`), serving's default: one
+  launch; each program walks every BLOCK_K chunk of its K range and masks the weight rows no row
+  keeps;
+* the gather path (`wina_linear_gather` / `wina_gate_up_gather`): a compaction launch lists, per
+  chunk of channels, those some row keeps (with each row's masked input); the GEMV then walks that
+  list only, so its loop does no work for skipped rows; a third launch adds the chunks' partial
+  sums in a fixed order. Faster at batch 1, slower from batch 2 (benchmarks/RESULTS.md, "WINA on
+  a GPU"); `--wina-gpu-kernel gather` serves with it.
+
+Each path gives a row the same bits at any batch size (see each section for why); the two paths
+differ from each other in summation order, so a server uses one of them for every batch.
+
 Above `DENSE_CROSSOVER_BATCH` rows, the union of the rows' masks covers most weight rows and
 cuBLAS wins, so the wrapper masks x in torch and runs a dense matmul (same semantics).
 
-Layers (Liger-style): private `@triton.jit` kernels; launchers `wina_linear_sparse` /
-`wina_gate_up_sparse` (check shapes, allocate, pick block sizes, launch); thin wrappers
-`wina_linear_triton` / `wina_gate_up_triton` that pick the sparse or dense path.
+Layers (Liger-style): private `@triton.jit` kernels; launchers (check shapes, allocate, pick block
+sizes, launch); thin wrappers `wina_linear_triton` / `wina_gate_up_triton` that run the chosen
+sparse path or, above the crossover, the dense one.
 
 Triton is imported only here. With `TRITON_INTERPRET=1` set before this module is imported the
 kernels run in Triton's interpreter on CPU tensors (the tests do this); otherwise they compile for
@@ -34,6 +48,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +72,8 @@ MAX_SEGMENTS = 3  # fused q/k/v
 # batch 1 and batch 3, as the paths' different roundings flipped masks near their thresholds.
 # The broadcast path stays for use_dot=False (tests, comparisons).
 DOT_MIN_BATCH = 1
+SparsePath = Literal["tile", "gather"]  # the two sparse kernels (see the module docstring)
+SPARSE_PATHS = ("tile", "gather")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_ELEMENTS = 2**31  # pointer offsets are int32 inside the kernels
 TUNED_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # one JSON file per GPU model
@@ -294,6 +311,162 @@ def _sum_partials_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Gather path: compact the kept channels, then read only their weight rows
+# ----------------------------------------------------------------------------------------------
+#
+# The tile kernels above walk every K chunk and mask the weight rows no row keeps: at batch 1 their
+# time hardly moves from 50 % to 90 % sparsity (latency, not bytes, bounds their K loop). The
+# gather path does the mask work once, in a compaction launch, and its GEMV then walks only the
+# kept rows. Every output is still one sum in a fixed order whatever the batch: each thread adds
+# its products one kept channel after the other in increasing channel order (a channel kept only
+# by a neighbour adds an exact 0), each chunk of CHUNK channels is one partial, and the partials
+# are added in chunk order. So a row gets the same bits alone or in any batch, as long as CHUNK
+# does not depend on the batch (`gather_config` picks it from the shape alone).
+
+
+@triton.jit
+def _wina_compact_kernel(
+    x_ptr,  # [B, K] input rows
+    cn_ptr,  # [G, K] float32 column norms
+    thr_ptr,  # [B, G] float32 thresholds
+    index_ptr,  # [G, CHUNKS, CHUNK] int32 out: the channels some row keeps, in increasing order
+    xm_ptr,  # [G, CHUNKS, CHUNK, BLOCK_B] float32 out: each row's input at those channels (0: not kept)
+    count_ptr,  # [G, CHUNKS] int32 out: how many channels of the chunk some row keeps
+    kept_ptr,  # [CHUNKS, B, G] int32 out: each row's own kept count in the chunk
+    B, K, CHUNKS, G,
+    stride_xb, stride_xk, stride_cg, stride_ck, stride_tb, stride_tg,
+    BLOCK_B: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_k = c * CHUNK + tl.arange(0, CHUNK)
+    k_ok = offs_k < K
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    valid = b_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk,
+                mask=valid, other=0.0).to(tl.float32)  # [BLOCK_B, CHUNK]
+    cn = tl.load(cn_ptr + g * stride_cg + offs_k * stride_ck, mask=k_ok, other=0.0)
+    thr = tl.load(thr_ptr + offs_b * stride_tb + g * stride_tg, mask=b_ok, other=0.0)
+    keep = (tl.abs(x) * cn[None, :] > thr[:, None]) & valid  # each row's own mask
+    need = tl.max(keep.to(tl.int32), axis=0)  # [CHUNK]: 1 where some row keeps the channel
+    slot = tl.cumsum(need, axis=0) - 1  # its place in the compacted list
+    base = g * CHUNKS + c
+    tl.store(index_ptr + base * CHUNK + slot, offs_k, mask=need > 0)
+    tl.store(xm_ptr + (base * CHUNK + slot[None, :]) * BLOCK_B + offs_b[:, None], tl.where(keep, x, 0.0),
+             mask=(need[None, :] > 0) & b_ok[:, None])
+    tl.store(count_ptr + base, tl.sum(need, axis=0))
+    tl.store(kept_ptr + (c * B + offs_b) * G + g, tl.sum(keep.to(tl.int32), axis=1), mask=b_ok)
+
+
+@triton.jit
+def _wina_gather_kernel(
+    w_ptr,  # [K, N] transposed weight, row-major (column stride 1)
+    index_ptr, xm_ptr, count_ptr,  # the compaction's outputs
+    p_ptr,  # [CHUNKS, B, N] float32 out: each chunk's partial sums
+    B, CHUNKS,
+    N0, N1, N2,  # segment widths (0 for absent segments)
+    stride_wk,
+    BLOCK_B: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,  # kept rows loaded per loop step (independent loads in flight)
+    EVEN_N: tl.constexpr,  # every segment width is a multiple of BLOCK_N: no column mask
+):
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    nb0 = tl.cdiv(N0, BLOCK_N)  # column blocks of segment 0, then 1, then 2 (see _wina_linear_kernel)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    in1 = (pid_n >= nb0).to(tl.int32)
+    in2 = (pid_n >= nb0 + nb1).to(tl.int32)
+    g = in1 + in2
+    seg_start = N0 * in1 + N1 * in2
+    seg_end = seg_start + N0 + (N1 - N0) * in1 + (N2 - N1) * in2
+    local_block = pid_n - nb0 * in1 - nb1 * in2
+    offs_n = seg_start + local_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seg_end
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+
+    base = (g * CHUNKS + c) * CHUNK
+    count = tl.load(count_ptr + g * CHUNKS + c)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    # Every load below is shaped [BLOCK_B, BLOCK_N] like acc (the weight row and each row's x
+    # broadcast along the other axis): loaded as vectors and broadcast, they took a layout
+    # conversion through shared memory per row, which serialised the loop (seen on an H100:
+    # about 0.8 TB/s whatever the sparsity).
+    rows_b = offs_b[:, None]  # [BLOCK_B, 1]: small, so Triton loads x per row in acc's layout
+    cols = offs_b[:, None] * 0 + offs_n[None, :]  # [BLOCK_B, BLOCK_N]: the column, along B
+    cols_ok = b_ok[:, None] & n_ok[None, :]
+    for j in range(0, count, UNROLL):
+        for u in tl.static_range(UNROLL):
+            # Past the end of the list, x is 0 and the weight row is channel 0's (a finite row
+            # times 0: an exact 0 added), so the weight load needs no mask beyond the columns:
+            # with EVEN_N none, and it is read 16 bytes at a time. (The x mask compares whole
+            # tensors: Triton's interpreter turns a tensor mask & a scalar one into integers.)
+            channel = tl.load(index_ptr + base + j + u, mask=j + u < count, other=0)
+            xv = tl.load(xm_ptr + (base + j + u) * BLOCK_B + rows_b, mask=(rows_b < B) & (rows_b * 0 + j + u < count),
+                         other=0.0)  # [BLOCK_B, 1]
+            if EVEN_N:
+                w = tl.load(w_ptr + channel * stride_wk + cols)
+            else:
+                w = tl.load(w_ptr + channel * stride_wk + cols, mask=cols_ok, other=0.0)
+            acc += xv * w.to(tl.float32)
+    N = N0 + N1 + N2
+    tl.store(p_ptr + (c * B + offs_b[:, None]) * N + offs_n[None, :], acc,
+             mask=b_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gather_reduce_kernel(
+    p_ptr,  # [CHUNKS, B, W] float32 partials
+    kept_part_ptr,  # [CHUNKS, B, G] int32 per-chunk kept counts
+    bias_ptr,  # [W] bias; any pointer when HAS_BIAS is False (never read)
+    y_ptr,  # [B, N] out in the weight dtype: N = W, or W / 2 with SWIGLU
+    kept_ptr,  # [B, G] int32 out
+    B, CHUNKS, N, G,
+    HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr,  # W = 2N holds gate | up: the output is silu(gate) * up
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """Adds the partials in chunk order (one after the other: the order never depends on the batch
+    or the block shapes), then bias, rounding and SwiGLU; the programs of column block 0 also sum
+    their row's kept counts."""
+    row = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    width = 2 * N if SWIGLU else N
+    partial = p_ptr + row * width + offs_n
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, CHUNKS, UNROLL):
+        for u in tl.static_range(UNROLL):
+            live = n_ok & (offs_n * 0 + c0 + u < CHUNKS)  # past the last chunk: an exact 0
+            acc += tl.load(partial + (c0 + u) * B * width, mask=live, other=0.0)
+            if SWIGLU:
+                acc_u += tl.load(partial + (c0 + u) * B * width + N, mask=live, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            acc_u += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if SWIGLU:  # gate and up rounded to the output dtype first, as the reference materialises them
+        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * up
+    tl.store(y_ptr + row * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if tl.program_id(1) == 0:
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        kept = tl.zeros((BLOCK_G,), dtype=tl.int32)
+        for c in range(CHUNKS):
+            kept += tl.load(kept_part_ptr + (c * B + row) * G + offs_g, mask=g_ok, other=0)
+        tl.store(kept_ptr + row * G + offs_g, kept, mask=g_ok)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -422,8 +595,8 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tens
     return batch, k, widths
 
 
-def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int,
-                         config: WinaKernelConfig, use_dot: bool) -> None:
+def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int) -> None:
+    """What every sparse launch (tile kernels and gather path) needs of its tensors."""
     if batch > MAX_SPARSE_BATCH:
         raise ValueError(f"the sparse kernel handles at most {MAX_SPARSE_BATCH} rows; got {batch} "
                          "(use wina_linear_triton, which takes the dense path above the crossover)")
@@ -434,10 +607,17 @@ def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int,
         raise ValueError("weight_t must be contiguous (row k = input channel k)")
     if x.numel() >= _MAX_ELEMENTS or weight_t.numel() >= _MAX_ELEMENTS:
         raise ValueError("tensors of 2**31 or more elements are not supported (int32 offsets)")
-    for name in ("block_k", "block_n"):
+
+
+def _check_powers_of_two(config, names: Sequence[str]) -> None:
+    for name in names:
         value = getattr(config, name)
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two; got {value}")
+
+
+def _check_tile_config(config: WinaKernelConfig, use_dot: bool) -> None:
+    _check_powers_of_two(config, ("block_k", "block_n"))
     if use_dot and min(config.block_k, config.block_n) < 16:
         raise ValueError(f"tl.dot needs block_k and block_n >= 16; got {config}")
     if config.split_k < 1:
@@ -516,7 +696,8 @@ def wina_linear_sparse(
         return wina_linear_dense(x, weight_t, col_norms, thresholds, segments, bias)
     config = config or pick_config(batch, k, tuple(widths), False, x.device, weight_bytes=weight_t.element_size())
     tile = _tile(batch, config.use_dot)
-    _check_sparse_launch(x, weight_t, batch, config, tile[1])
+    _check_tile_config(config, tile[1])
+    _check_sparse_launch(x, weight_t, batch)
     n = sum(widths)
     k_per_split, split_k = _split(k, config)
     grid_n = sum(triton.cdiv(w, config.block_n) for w in widths)
@@ -553,7 +734,8 @@ def wina_gate_up_sparse(
         return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
     config = config or pick_config(batch, k, tuple(widths), True, x.device, weight_bytes=weight_t.element_size())
     tile = _tile(batch, config.use_dot)
-    _check_sparse_launch(x, weight_t, batch, config, tile[1])
+    _check_tile_config(config, tile[1])
+    _check_sparse_launch(x, weight_t, batch)
     k_per_split, split_k = _split(k, config)
     if split_k == 1:
         y = torch.empty(batch, half, dtype=weight_t.dtype, device=x.device)
@@ -566,6 +748,113 @@ def wina_gate_up_sparse(
     if split_k > 1:
         y = _sum_partials(y, bias, weight_t.dtype, swiglu=True)
     return y, kept
+
+
+@dataclass(frozen=True)
+class GatherConfig:
+    """Launch parameters of the gather path. `chunk` fixes the summation order (see the kernels'
+    section), so it must come from the shape alone, never from the batch; the others only change
+    speed."""
+
+    chunk: int  # input channels per compaction chunk, i.e. per partial sum (a power of two)
+    block_n: int  # output columns per GEMV program (a power of two)
+    unroll: int = 8  # kept rows loaded per GEMV loop step
+    num_warps: int = 4
+    reduce_block_n: int = 256  # output columns per program of the final sum
+
+
+def gather_config(batch: int, k: int, widths: Sequence[int], device: torch.device) -> GatherConfig:
+    """A first guess from the shapes: chunks of 128 channels on large layers and 64 on small ones
+    (short lists per program, few partials to add), column blocks as wide as the batch's
+    accumulators allow and narrow enough for two waves of programs."""
+    widest = triton.next_power_of_2(max(widths))
+    if device.type != "cuda":  # the interpreter runs each op once per program: few, large programs
+        return GatherConfig(chunk=256, block_n=widest)
+    chunk = 128 if k >= 4096 else 64
+    block_n = min(widest, max(128, 1024 // _gather_block_b(batch)))  # <= 1024 fp32 accumulators per program
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    chunks = triton.cdiv(k, chunk)
+    while block_n > 128 and chunks * sum(triton.cdiv(w, block_n) for w in widths) < 2 * sms:
+        block_n //= 2
+    return GatherConfig(chunk=chunk, block_n=block_n)
+
+
+def _gather_block_b(batch: int) -> int:
+    return triton.next_power_of_2(batch)
+
+
+def _gather(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
+            widths: list[int], bias: torch.Tensor | None, config: GatherConfig | None,
+            swiglu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three launches of the gather path: compaction, GEMV over the kept rows, chunk sum."""
+    batch, k = x.shape
+    config = config or gather_config(batch, k, widths, x.device)
+    _check_powers_of_two(config, ("chunk", "block_n", "unroll", "reduce_block_n"))
+    _check_sparse_launch(x, weight_t, batch)
+    block_b = _gather_block_b(batch)
+    groups, n = len(widths), sum(widths)
+    chunks = triton.cdiv(k, config.chunk)
+    device = x.device
+    index = torch.empty(groups, chunks, config.chunk, dtype=torch.int32, device=device)
+    xm = torch.empty(groups, chunks, config.chunk, block_b, dtype=torch.float32, device=device)
+    count = torch.empty(groups, chunks, dtype=torch.int32, device=device)
+    kept_part = torch.empty(chunks, batch, groups, dtype=torch.int32, device=device)
+    _wina_compact_kernel[(chunks, groups)](
+        x, col_norms, thresholds, index, xm, count, kept_part, batch, k, chunks, groups,
+        x.stride(0), x.stride(1), col_norms.stride(0), col_norms.stride(1),
+        thresholds.stride(0), thresholds.stride(1), BLOCK_B=block_b, CHUNK=config.chunk)
+    partials = torch.empty(chunks, batch, n, dtype=torch.float32, device=device)
+    padded = widths + [0] * (MAX_SEGMENTS - groups)
+    grid_n = sum(triton.cdiv(w, config.block_n) for w in widths)
+    _wina_gather_kernel[(grid_n, chunks)](
+        weight_t, index, xm, count, partials, batch, chunks, *padded, weight_t.stride(0),
+        BLOCK_B=block_b, CHUNK=config.chunk, BLOCK_N=config.block_n, UNROLL=config.unroll,
+        EVEN_N=all(w % config.block_n == 0 for w in widths), num_warps=config.num_warps)
+    out_n = n // 2 if swiglu else n
+    y = torch.empty(batch, out_n, dtype=weight_t.dtype, device=device)
+    kept = torch.empty(batch, groups, dtype=torch.int32, device=device)
+    reduce_block_n = min(config.reduce_block_n, triton.next_power_of_2(out_n))
+    _gather_reduce_kernel[(batch, triton.cdiv(out_n, reduce_block_n))](
+        partials, kept_part, bias if bias is not None else partials, y, kept, batch, chunks, out_n, groups,
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=reduce_block_n,
+        BLOCK_G=triton.next_power_of_2(groups), UNROLL=8)
+    return y, kept
+
+
+def wina_linear_gather(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    segments: Sequence[int],
+    bias: torch.Tensor | None = None,
+    *,
+    config: GatherConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wina_linear_sparse` through the gather path (same semantics, up to MAX_SPARSE_BATCH rows)."""
+    batch, _, widths = _check_inputs(x, weight_t, col_norms, thresholds, segments, bias)
+    if batch == 0:
+        return wina_linear_dense(x, weight_t, col_norms, thresholds, segments, bias)
+    return _gather(x, weight_t, col_norms, thresholds, widths, bias, config, swiglu=False)
+
+
+def wina_gate_up_gather(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    col_norms: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GatherConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wina_gate_up_sparse` through the gather path (same semantics, up to MAX_SPARSE_BATCH rows)."""
+    half = weight_t.shape[-1] // 2
+    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
+        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    batch, _, widths = _check_inputs(x, weight_t, col_norms, thresholds, (half, half), bias)
+    if batch == 0:
+        return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
+    return _gather(x, weight_t, col_norms, thresholds, widths, bias, config, swiglu=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,19 +921,20 @@ def wina_linear_triton(
     bias: torch.Tensor | None = None,
     *,
     crossover_batch: int = DENSE_CROSSOVER_BATCH,
+    path: SparsePath = "tile",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WINA sparse linear (semantics of `wina_linear_reference`).
 
     x [B, K] fp32/bf16/fp16; weight_t [K, N] contiguous; col_norms [G, K] float32; thresholds
     [B, G] float32; segments: G (1..3) output widths summing to N; bias [N] or None
     -> (y [B, N] in weight_t's dtype, fp32 accumulation; kept [B, G] int32).
-    Batches up to `crossover_batch` (<= MAX_SPARSE_BATCH) run the sparse kernel, larger ones the
-    dense path."""
-    if not 0 <= crossover_batch <= MAX_SPARSE_BATCH:
-        raise ValueError(f"crossover_batch must be in 0..{MAX_SPARSE_BATCH}; got {crossover_batch}")
+    Batches up to `crossover_batch` (<= MAX_SPARSE_BATCH) run `path` (the tile kernel or the
+    gather path), larger ones the dense path."""
+    _check_wrapper_args(crossover_batch, path)
     if x.dim() == 2 and x.shape[0] > crossover_batch:
         return wina_linear_dense(x, weight_t, col_norms, thresholds, segments, bias)
-    return wina_linear_sparse(x, weight_t, col_norms, thresholds, segments, bias)
+    sparse = wina_linear_gather if path == "gather" else wina_linear_sparse
+    return sparse(x, weight_t, col_norms, thresholds, segments, bias)
 
 
 def wina_gate_up_triton(
@@ -655,12 +945,20 @@ def wina_gate_up_triton(
     bias: torch.Tensor | None = None,
     *,
     crossover_batch: int = DENSE_CROSSOVER_BATCH,
+    path: SparsePath = "tile",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused SwiGLU input half (semantics of `wina_gate_up_reference`): weight_t [K, 2I] holds gate
     then up columns, col_norms [2, K], thresholds [B, 2] -> (silu(gate) * up [B, I] in weight_t's
     dtype, kept [B, 2] int32). x is read once; gate and up keep their own masks."""
-    if not 0 <= crossover_batch <= MAX_SPARSE_BATCH:
-        raise ValueError(f"crossover_batch must be in 0..{MAX_SPARSE_BATCH}; got {crossover_batch}")
+    _check_wrapper_args(crossover_batch, path)
     if x.dim() == 2 and x.shape[0] > crossover_batch:
         return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
-    return wina_gate_up_sparse(x, weight_t, col_norms, thresholds, bias)
+    sparse = wina_gate_up_gather if path == "gather" else wina_gate_up_sparse
+    return sparse(x, weight_t, col_norms, thresholds, bias)
+
+
+def _check_wrapper_args(crossover_batch: int, path: str) -> None:
+    if not 0 <= crossover_batch <= MAX_SPARSE_BATCH:
+        raise ValueError(f"crossover_batch must be in 0..{MAX_SPARSE_BATCH}; got {crossover_batch}")
+    if path not in SPARSE_PATHS:
+        raise ValueError(f"unknown sparse path {path!r}; expected one of {SPARSE_PATHS}")

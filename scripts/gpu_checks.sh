@@ -70,11 +70,11 @@ for s in $steps; do
         broadcast=()
         [ -f "$OUT/wina_configs_broadcast.json" ] && broadcast=(--broadcast-configs "$OUT/wina_configs_broadcast.json")
         # shellcheck disable=SC2086  # KERNEL_ARGS is a list of options
-        step kernels 120 python3 benchmarks/wina_kernel_gpu.py ${KERNEL_ARGS:---batches 1,2,4,8 --rep-ms 20 --warmup-ms 10} \
+        step kernels 300 python3 benchmarks/wina_kernel_gpu.py ${KERNEL_ARGS:---batches 1,2,4,8 --rep-ms 20 --warmup-ms 10} \
             "${real_inputs[@]}" "${broadcast[@]}" --out "$OUT/wina_kernel_gpu_float16.json"
         ;;
     tests)
-        step tests 180 env TRITON_INTERPRET=0 python3 -m pytest -m gpu -rA -s -p no:cacheprovider \
+        step tests 240 env TRITON_INTERPRET=0 python3 -m pytest -m gpu -rA -s -p no:cacheprovider \
             tests/test_gpu.py tests/test_wina_triton.py
         ;;
     kernels-bf16)
@@ -115,9 +115,10 @@ if report.get("benchmark") == "wina_tune_gpu":
 for c in report.get("cases", []):
     if c["sparsity"] == 0.5 or c["layer"].startswith("real_"):
         dot = f"; broadcast path {c['broadcast_graph_us']:.1f}" if "broadcast_graph_us" in c else ""
-        print(f"{name}: {c['layer']} B={c['batch']} s={c['sparsity']:.2f} eager {c['triton_us']:.1f} vs cuBLAS "
-              f"{c['dense_us']:.1f} us; graph {c['triton_graph_us']:.1f} vs {c['dense_graph_us']:.1f} us "
-              f"(x{1 / c['graph_ratio']:.2f}, rows read {c['rows_read']:.2f}){dot}")
+        print(f"{name}: {c['layer']} B={c['batch']} s={c['sparsity']:.2f} graph: gather {c['gather_graph_us']:.1f} "
+              f"(best {c['gather_best_us']:.1f} {c['gather_best']}), tile {c['triton_graph_us']:.1f}, cuBLAS "
+              f"{c['dense_graph_us']:.1f} us (gather x{c['dense_graph_us'] / c['gather_graph_us']:.2f}, rows read "
+              f"{c['rows_read']:.2f}); eager gather {c['gather_eager_us']:.1f} vs {c['dense_us']:.1f}{dot}")
 decode = report.get("decode")
 if decode:
     for r in decode["rows"]:

@@ -120,7 +120,7 @@ def attach_wina(model: LlamaDecoder, profile: Profile, settings: ServerSettings)
     table = WinaTable(profile.header["parameters"]["criterion"], profile.tensors["levels"].float(),
                       profile.tensors["thresholds"].float())
     kernel = CpuWinaKernel.load(settings.cache_dir / "kernels") if model.device.type == "cpu" else None
-    model.attach_sparsity(table, kernel)
+    model.attach_sparsity(table, kernel, settings.wina_gpu_kernel)
 
 
 def launch_engine(settings: ServerSettings) -> tuple[Engine, LoadedModel]:

@@ -175,14 +175,15 @@ def _decode_logits(model, tokens: torch.Tensor, targets: list[float]) -> torch.T
                  sparsity=plan)
 
 
+@pytest.mark.parametrize("gpu_kernel", ["tile", "gather"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_rows_keep_their_greedy_token_whatever_the_neighbours_sparsity(checkpoint, wina_table, dtype):
-    """The Triton kernel computes each row alone (tests/test_wina_triton.py checks bit-identity);
+def test_rows_keep_their_greedy_token_whatever_the_neighbours_sparsity(checkpoint, wina_table, dtype, gpu_kernel):
+    """The Triton kernels compute each row alone (tests/test_wina_triton.py checks bit-identity);
     what differs with the neighbours is cuBLAS's and attention's summation order for another batch
     shape, far below what a leak of the neighbours' sparsity (0.9, or dense) would do."""
     loaded = _load(checkpoint, "cuda", dtype)
     model = loaded.model
-    model.attach_sparsity(wina_table, None)
+    model.attach_sparsity(wina_table, None, gpu_kernel)
     tokens = _ids(loaded, PROMPTS, "cuda")
     dense_pair = _decode_logits(model, tokens[:2], [0.0, 0.0])
     dense_beside_sparse = _decode_logits(model, tokens[:2], [0.0, 0.5])

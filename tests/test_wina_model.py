@@ -51,6 +51,21 @@ def _logits(model, tokens, targets, cache):
     return model(tokens[:, -1:], torch.arange(B), torch.full((B,), T - 1), cache, sparsity=plan), plan
 
 
+def test_served_gpu_kernel_reaches_every_projection(loaded, profiles, tmp_path):
+    """--wina-gpu-kernel is handed to every sparse projection (which Triton path runs on CUDA)."""
+    from server.runtime import attach_wina
+
+    model = loaded.model
+    path, = write_profiles({"wina-uniform": profiles["wina-uniform"]}, tmp_path, loaded.fingerprint, loaded.name)
+    settings = ServerSettings(wina_gpu_kernel="gather", wina_profile="none", log_level="warning")
+    attach_wina(model, load_profile(path), settings)
+    kinds = {p.gpu_kernel for layer in model.layers
+             for p in (layer.attn.sparse_qkv, layer.attn.sparse_o, layer.mlp.sparse_gate_up, layer.mlp.sparse_down)}
+    assert kinds == {"gather"}
+    model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
+    assert model.layers[0].mlp.sparse_down.gpu_kernel == "tile"  # the default
+
+
 def test_sparsity_zero_is_the_dense_model(loaded, profiles):
     model = loaded.model
     tokens = _batch(loaded.tokenizer, PROMPTS[:2])

@@ -138,8 +138,10 @@ def test_linear_odd_shapes(segments, batch, sparsity, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_linear_qkv_shape(sparsity, dtype):
-    """The default model's fused q/k/v: K=576, segments of different widths."""
-    _check_linear(3, 576, (576, 192, 192), dtype, sparsity, bias=sparsity == 0.5)
+    """The default model's fused q/k/v: K=576, segments of different widths, on the tile kernel
+    (the gather path's loop over kept channels is slow in the interpreter: it runs these shapes
+    on the GPU, test_compiled_kernel_on_cuda)."""
+    _check_linear(3, 576, (576, 192, 192), dtype, sparsity, bias=sparsity == 0.5, fn=wt.wina_linear_sparse)
 
 
 @interpreted
@@ -197,6 +199,17 @@ def test_mixed_input_and_weight_dtypes():
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_wrappers_run_the_gather_path(sparsity, dtype):
+    """path="gather" (what --wina-gpu-kernel gather serves with) through the wrappers, one segment
+    and three, odd shapes, and the fused gate/up."""
+    for segments, batch in (((53,), 1), ((20, 17, 16), 5)):
+        _check_linear(batch, 37, segments, dtype, sparsity, bias=batch == 5, path="gather")
+    _check_gate_up(3, 100, 70, dtype, sparsity, bias=True, path="gather")
+
+
+@interpreted
 @pytest.mark.parametrize("batch", [4, 12])
 def test_row_ignores_neighbours_masks(batch):
     """Row 0's output is bit-identical whatever the other rows keep, though their masks change
@@ -216,26 +229,56 @@ def test_row_ignores_neighbours_masks(batch):
         assert torch.equal(h1[0], h0[0]) and torch.equal(hkept1[0], hkept0[0])
 
 
-def _check_row_same_at_any_batch(dtype: torch.dtype, device: str = "cpu") -> None:
-    """Row 0 alone and in batches of 2..16 rows: the same bits (every such batch runs the same
-    16-row tile; an MMA's output row depends on its own input row alone)."""
-    for k, segments, gate_up in ((100, (20, 17, 16), False), (576, (576, 192, 192), False),
-                                 (576, (1536, 1536), True)):
+# The two ways to skip rows: (linear, gate_up) launchers of the tile kernels and of the gather path.
+PATHS = {"tile": (wt.wina_linear_sparse, wt.wina_gate_up_sparse),
+         "gather": (wt.wina_linear_gather, wt.wina_gate_up_gather)}
+
+
+SHAPES = ((100, (20, 17, 16), False), (576, (576, 192, 192), False), (576, (1536, 1536), True))
+SMALL_SHAPES = ((100, (20, 17, 16), False), (130, (40, 40), True))
+
+
+def _check_row_same_at_any_batch(dtype: torch.dtype, path: str, device: str = "cpu", shapes=SHAPES,
+                                 **kwargs) -> None:
+    """Row 0 alone and in batches of 2..16 rows whose other rows keep other channels: the same
+    bits. The tile kernels run every such batch in the same 16-row tile (an MMA's output row
+    depends on its own input row alone); the gather path adds each row's products in channel
+    order whatever its neighbours keep. `kwargs` go to the launchers (a config)."""
+    linear, gate_up_fn = PATHS[path]
+    for k, segments, gate_up in shapes:
         (x, weight_t, col_norms, thresholds, b), _ = _problem(16, k, segments, dtype, 0.5, True, device=device)
+        thresholds[1:] = thresholds_for_topk(x[1:], col_norms, k // 4)  # the neighbours keep fewer
         outputs = []
         for batch in (1, 2, 5, 16):
             if gate_up:
-                outputs.append(wt.wina_gate_up_sparse(x[:batch], weight_t, col_norms, thresholds[:batch], b))
+                outputs.append(gate_up_fn(x[:batch], weight_t, col_norms, thresholds[:batch], b, **kwargs))
             else:
-                outputs.append(wt.wina_linear_sparse(x[:batch], weight_t, col_norms, thresholds[:batch], segments, b))
+                outputs.append(linear(x[:batch], weight_t, col_norms, thresholds[:batch], segments, b, **kwargs))
         for y, kept in outputs[1:]:
             assert torch.equal(y[0], outputs[0][0][0]) and torch.equal(kept[0], outputs[0][1][0])
 
 
 @interpreted
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_row_same_at_any_batch_size(dtype):
-    _check_row_same_at_any_batch(dtype)
+def test_row_same_at_any_batch_size(dtype, path):
+    if path == "tile":
+        _check_row_same_at_any_batch(dtype, path)
+    else:  # smaller shapes (the interpreter is slow on this loop), in several chunks
+        _check_row_same_at_any_batch(dtype, path, shapes=SMALL_SHAPES, config=wt.GatherConfig(chunk=32, block_n=64))
+
+
+@interpreted
+@pytest.mark.parametrize("config", [wt.GatherConfig(chunk=16, block_n=16, unroll=4),
+                                    wt.GatherConfig(chunk=8, block_n=32, unroll=2, num_warps=2, reduce_block_n=16)],
+                         ids=["chunk16", "chunk8"])
+@pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (5, torch.bfloat16), (12, torch.float16)],
+                         ids=["1-fp32", "5-bf16", "12-fp16"])
+def test_gather_small_chunks(batch, dtype, config):
+    """Several chunks with a K tail (K=37), several column blocks per segment and a kept count
+    that is not a multiple of the unroll: the gather path against the reference."""
+    _check_linear(batch, 37, (20, 17, 16), dtype, 0.5, True, fn=wt.wina_linear_gather, config=config)
+    _check_gate_up(batch, 37, 21, dtype, 0.5, True, fn=wt.wina_gate_up_gather, config=config)
 
 
 @interpreted
@@ -267,6 +310,12 @@ def test_rejects_what_it_cannot_do():
         wt.wina_linear_triton(x, weight_t, col_norms, thresholds, (20, 17, 16), crossover_batch=64)
     with pytest.raises(ValueError, match="gate then up"):
         wt.wina_gate_up_triton(x, weight_t, col_norms, thresholds)
+    with pytest.raises(ValueError, match="unknown sparse path"):
+        wt.wina_linear_triton(x, weight_t, col_norms, thresholds, (20, 17, 16), path="scatter")
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        wt.wina_linear_gather(x, weight_t, col_norms, thresholds, (20, 17, 16), config=wt.GatherConfig(24, 16))
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        wt.wina_linear_gather(x.repeat(17, 1), weight_t, col_norms, thresholds.repeat(17, 1), (20, 17, 16))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,21 +363,32 @@ def test_compiled_kernel_on_cuda():
                 run(*sparse, batch, 37, (20, 17, 16), dtype, sparsity, False)
                 run(wt.wina_gate_up_sparse, wina_gate_up_reference, batch, 576, (1536, 1536), dtype, sparsity,
                     True)
-        _check_row_same_at_any_batch(dtype, "cuda")
+        for path in PATHS:
+            _check_row_same_at_any_batch(dtype, path, "cuda")
+        for batch in (1, 2, 5, 8, 16, 32):  # the gather path (the wrappers' up to the crossover)
+            for sparsity in (0.0, 0.5, 0.9, 1.0):
+                gather = (wt.wina_linear_gather, wina_linear_reference)
+                run(*gather, batch, 576, (576, 192, 192), dtype, sparsity, False)
+                run(*gather, batch, 37, (20, 17, 16), dtype, sparsity, False)
+                run(wt.wina_gate_up_gather, wina_gate_up_reference, batch, 576, (1536, 1536), dtype, sparsity,
+                    True)
         # the wrappers (dense above the crossover) and split-K on a Llama-3-8B down projection
         run(wt.wina_linear_triton, wina_linear_reference, 32, 576, (576, 192, 192), dtype, 0.5, False)
         run(wt.wina_gate_up_triton, wina_gate_up_reference, 32, 576, (1536, 1536), dtype, 0.5, True)
         run(wt.wina_linear_triton, wina_linear_reference, 1, 14336, (4096,), dtype, 0.5, False)
+        run(wt.wina_linear_sparse, wina_linear_reference, 1, 14336, (4096,), dtype, 0.5, False)
+        run(wt.wina_gate_up_triton, wina_gate_up_reference, 8, 4096, (14336, 14336), dtype, 0.5, True)
 
-    # Row 0 is bit-identical whatever its neighbours keep (fp32 and fp16, on the real kernel).
+    # Row 0 is bit-identical whatever its neighbours keep (fp32 and fp16, on the real kernels).
     for dtype in (torch.float32, torch.float16):
         for batch in (4, 16):
-            x, weight_t, col_norms, thresholds, b, y0 = run(
-                wt.wina_linear_sparse, wina_linear_reference, batch, 576, (576, 192, 192), dtype, 0.5, False)
-            other = thresholds.clone()
-            other[1:] = thresholds_for_topk(x[1:], col_norms, 50)
-            y1, _ = wt.wina_linear_sparse(x, weight_t, col_norms, other, (576, 192, 192), b)
-            assert torch.equal(y1[0], y0[0])
+            for linear, _ in PATHS.values():
+                x, weight_t, col_norms, thresholds, b, y0 = run(
+                    linear, wina_linear_reference, batch, 576, (576, 192, 192), dtype, 0.5, False)
+                other = thresholds.clone()
+                other[1:] = thresholds_for_topk(x[1:], col_norms, 50)
+                y1, _ = linear(x, weight_t, col_norms, other, (576, 192, 192), b)
+                assert torch.equal(y1[0], y0[0])
 
 
 def test_tuned_config_table_round_trip(tmp_path):

@@ -15,8 +15,8 @@ from server.model.edits import ForwardEdits
 from server.model.kv_cache import KVCache
 from server.model.layers import Attention, DecoderLayer, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from server.model.sparsity import (
-    CPU_KERNEL_MAX_ROWS, DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, SparseProjection, SparsityPlan,
-    WinaTable,
+    CPU_KERNEL_MAX_ROWS, DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, GpuKernel, SparseProjection,
+    SparsityPlan, WinaTable,
 )
 from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
 from kernels.wina_cpu import CpuWinaKernel
@@ -99,20 +99,22 @@ class LlamaDecoder(nn.Module):
         self._proj_out = torch.tensor([q, kv, kv, hidden, inter, inter, hidden], dtype=torch.float32, device=device)
         self._layer_weight_total = float(hidden * (q + 2 * kv + 2 * inter) + q * hidden + inter * hidden)
 
-    def attach_sparsity(self, table: WinaTable, cpu_kernel: CpuWinaKernel | None) -> None:
+    def attach_sparsity(self, table: WinaTable, cpu_kernel: CpuWinaKernel | None,
+                        gpu_kernel: GpuKernel = "tile") -> None:
         """Prepare every projection for WINA sparsity with `table`'s criterion and thresholds. The
-        CPU kernel keeps a transposed copy of each weight (one more copy of the model's weights)."""
+        CPU kernel keeps a transposed copy of each weight (one more copy of the model's weights);
+        on CUDA, `gpu_kernel` names the Triton path that runs the sparse rows."""
         if table.thresholds.shape[1] != self.config.num_layers:
             raise ValueError(f"WINA profile has {table.thresholds.shape[1]} layers, the model {self.config.num_layers}")
         c = self.config
         q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        sparse = partial(SparseProjection, criterion=table.criterion, cpu_kernel=cpu_kernel, gpu_kernel=gpu_kernel)
         for layer in self.layers:
             attn, mlp = layer.attn, layer.mlp
-            attn.sparse_qkv = SparseProjection(attn.qkv, (q, kv, kv), QKV_COLUMNS, table.criterion, cpu_kernel)
-            attn.sparse_o = SparseProjection(attn.o_proj, (c.hidden_size,), O_COLUMNS, table.criterion, cpu_kernel)
-            mlp.sparse_gate_up = SparseProjection(mlp.gate_up, (inter, inter), GATE_UP_COLUMNS, table.criterion,
-                                                  cpu_kernel, gate_up=True)
-            mlp.sparse_down = SparseProjection(mlp.down, (c.hidden_size,), DOWN_COLUMNS, table.criterion, cpu_kernel)
+            attn.sparse_qkv = sparse(attn.qkv, (q, kv, kv), QKV_COLUMNS)
+            attn.sparse_o = sparse(attn.o_proj, (c.hidden_size,), O_COLUMNS)
+            mlp.sparse_gate_up = sparse(mlp.gate_up, (inter, inter), GATE_UP_COLUMNS, gate_up=True)
+            mlp.sparse_down = sparse(mlp.down, (c.hidden_size,), DOWN_COLUMNS)
         self.wina = WinaTable(table.criterion, table.levels.to(self.device), table.thresholds.to(self.device))
         for fused, layer in zip(self.decode_layers or [], self.layers):
             fused.clear_sparsity()  # a previous profile's factors must not outlive it

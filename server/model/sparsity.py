@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 QKV_COLUMNS, O_COLUMNS, GATE_UP_COLUMNS, DOWN_COLUMNS = (0, 3), (3, 4), (4, 6), (6, 7)
 Criterion = Literal["wina", "teal", "wina_official"]
+# The Triton path that serves sparse rows on CUDA (kernels/wina_triton.py: the tile kernels, or
+# the gather path, faster at batch 1 and slower from batch 2; benchmarks/RESULTS.md).
+GpuKernel = Literal["tile", "gather"]
 # The projections whose score uses the real column norm ||W[:, i]||; the others use 1 (|x_i|
 # alone). "wina" is the paper's criterion on all seven; "wina_official" is what the reference
 # code (microsoft/wina) does, norms on k_proj and gate_proj only; "teal" uses none.
@@ -90,8 +93,10 @@ class SparseProjection:
     split into `segments` blocks (q/k/v or gate/up), each with its own WINA mask."""
 
     def __init__(self, linear: "Linear", segments: tuple[int, ...], columns: tuple[int, int],
-                 criterion: Criterion, cpu_kernel: CpuWinaKernel | None, gate_up: bool = False) -> None:
+                 criterion: Criterion, cpu_kernel: CpuWinaKernel | None, gate_up: bool = False,
+                 gpu_kernel: GpuKernel = "tile") -> None:
         weight = linear.weight
+        self.gpu_kernel = gpu_kernel  # which Triton path runs it on CUDA (kernels/wina_triton.py)
         self.linear = linear
         self.segments = segments
         self.columns = columns
@@ -192,10 +197,11 @@ class LayerSparsity:
             thresholds = self.thresholds[:, start:end].contiguous()
             bias = projection.linear.bias
             if projection.gate_up:
-                y, kept = wina_gate_up_triton(rows, projection.weight_t, projection.col_norms, thresholds, bias)
+                y, kept = wina_gate_up_triton(rows, projection.weight_t, projection.col_norms, thresholds, bias,
+                                              path=projection.gpu_kernel)
             else:
                 y, kept = wina_linear_triton(rows, projection.weight_t, projection.col_norms, thresholds,
-                                             projection.segments, bias)
+                                             projection.segments, bias, path=projection.gpu_kernel)
             self.kept[:, start:end] = kept
         else:
             y = self._masked_dense(projection, rows)
