@@ -102,6 +102,22 @@ def _accumulate(acc, xm, w, USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _segment_block(pid_n, N0, N1, N2, BLOCK_N: tl.constexpr):
+    """Grid axis 0 enumerates the column blocks of segment 0, then 1, then 2, so every block lies
+    inside one segment and uses that segment's norms and thresholds. -> (segment g, block index
+    inside it, output columns [BLOCK_N], which of them exist)."""
+    nb0 = tl.cdiv(N0, BLOCK_N)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    in1 = (pid_n >= nb0).to(tl.int32)
+    in2 = (pid_n >= nb0 + nb1).to(tl.int32)
+    seg_start = N0 * in1 + N1 * in2
+    seg_end = seg_start + N0 + (N1 - N0) * in1 + (N2 - N1) * in2
+    local_block = pid_n - nb0 * in1 - nb1 * in2
+    offs_n = seg_start + local_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    return in1 + in2, local_block, offs_n, offs_n < seg_end
+
+
+@triton.jit
 def _wina_linear_kernel(
     x_ptr,  # [B, K] input rows (fp32 / bf16 / fp16)
     w_ptr,  # [K, N] transposed weight, row-major (column stride 1): row k is input channel k
@@ -130,21 +146,8 @@ def _wina_linear_kernel(
     USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
     DOT_NATIVE: tl.constexpr,  # x and w share a 16-bit dtype: dot in that dtype
 ):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-
-    # Grid axis 0 enumerates the column blocks of segment 0, then 1, then 2, so every block lies
-    # inside one segment and uses that segment's norms and thresholds.
-    nb0 = tl.cdiv(N0, BLOCK_N)
-    nb1 = tl.cdiv(N1, BLOCK_N)
-    in1 = (pid_n >= nb0).to(tl.int32)
-    in2 = (pid_n >= nb0 + nb1).to(tl.int32)
-    g = in1 + in2
-    seg_start = N0 * in1 + N1 * in2
-    seg_end = seg_start + N0 + (N1 - N0) * in1 + (N2 - N1) * in2
-    local_block = pid_n - nb0 * in1 - nb1 * in2
-    offs_n = seg_start + local_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seg_end
+    g, local_block, offs_n, n_ok = _segment_block(tl.program_id(0), N0, N1, N2, BLOCK_N)
 
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
@@ -374,18 +377,8 @@ def _wina_gather_kernel(
     UNROLL: tl.constexpr,  # kept rows loaded per loop step (independent loads in flight)
     EVEN_N: tl.constexpr,  # every segment width is a multiple of BLOCK_N: no column mask
 ):
-    pid_n = tl.program_id(0)
     c = tl.program_id(1)
-    nb0 = tl.cdiv(N0, BLOCK_N)  # column blocks of segment 0, then 1, then 2 (see _wina_linear_kernel)
-    nb1 = tl.cdiv(N1, BLOCK_N)
-    in1 = (pid_n >= nb0).to(tl.int32)
-    in2 = (pid_n >= nb0 + nb1).to(tl.int32)
-    g = in1 + in2
-    seg_start = N0 * in1 + N1 * in2
-    seg_end = seg_start + N0 + (N1 - N0) * in1 + (N2 - N1) * in2
-    local_block = pid_n - nb0 * in1 - nb1 * in2
-    offs_n = seg_start + local_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seg_end
+    g, _, offs_n, n_ok = _segment_block(tl.program_id(0), N0, N1, N2, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
 
