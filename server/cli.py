@@ -36,7 +36,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in ServerSettings.model_fields.items():
         default = field.get_default(call_default_factory=True)
         env = f"NEURONSERVE_{name.upper()}"
-        help_text = f"{field.description} [env {env}; default: {default}]"
+        help_text = f"{field.description} [env {env}; default: {default}]".replace("%", "%%")  # argparse formats %
         kind, choices = _arg_type(field.annotation)
         if typing.get_origin(field.annotation) is list:
             item = typing.get_args(field.annotation)[0]

@@ -107,7 +107,7 @@ class ServerSettings(BaseSettings):
     wina_gpu_kernel: Literal["tile", "gather"] = Field(
         "tile", description="On CUDA, the Triton path that serves sparse rows: 'tile' (faster from "
         "2 rows a step) or 'gather' (faster for one row a step, the more so the sparser: on an H100, "
-        "Llama-3-8B's MLP at batch 1 and 50%%, 1.16x-1.69x cuBLAS against the tile kernels' "
+        "Llama-3-8B's MLP at batch 1 and 50%, 1.16x-1.69x cuBLAS against the tile kernels' "
         "1.15x-1.25x). Each gives a row the same numbers at any batch size.",
     )
     default_sparsity: float = Field(
