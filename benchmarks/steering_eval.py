@@ -25,8 +25,10 @@ matched sentences without it, and its words in ``concepts.json``):
    * clamp: ``{"sae": ID, "feature": f, "clamp": r * median / ||W_dec[f]||}`` (the latent set to that
      value at every position but 0; where it is off, the same change as add)
    * vector: ``{"vector": NAME, "strength": r * median / ||v||}``
-   All at every position, prompt included (the request default). The unsteered generations are
-   made once and are every concept's baseline.
+   All at every position, prompt included (the request default, ``--positions all``), or with
+   ``--positions generated`` only at the generated tokens (the spec's ``positions`` field: prefill
+   steps sit out, so the first new token is sampled unsteered). The unsteered generations are made
+   once and are every concept's baseline.
 4. **Measures**, each generation re-read by the unsteered model (prompt + generation, one forward):
    * feature activation: the concept feature's mean activation over the generated tokens;
    * word rate: the share of generations whose text contains one of the concept's words;
@@ -39,7 +41,8 @@ to ``--out``. Default sizes: 10 concepts x 4 strengths x 3 methods x 8 prompts x
 unsteered), batch 8.
 
     python benchmarks/steering_eval.py [--sae DIR] [--concepts weddings dogs ...]
-        [--strengths 0.0625 0.125 0.25 0.5] [--prompts 8] [--max-tokens 32] [--out benchmarks/results]
+        [--strengths 0.0625 0.125 0.25 0.5] [--prompts 8] [--max-tokens 32] [--positions {all,generated}]
+        [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class EvalConfig:
     concepts: tuple[str, ...] = ()  # () = every concept in concepts.json
     strengths: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5)  # x median residual norm at the SAE's layer
     methods: tuple[str, ...] = METHODS
+    positions: str = "all"  # the steer entries' `positions`: "all" (prompt too) or "generated"
     prompts: int = 8
     max_tokens: int = 32
     temperature: float = 0.7
@@ -334,6 +338,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
                     spec = {"type": "steer", "sae": sae.name, "feature": f, "clamp": added / float(decoder_norms[f])}
                 else:
                     spec = {"type": "steer", "vector": f"concept-{name}", "strength": added / vectors[name]["norm"]}
+                spec["positions"] = config.positions
                 keys.append((method, r, spec))
                 entries.extend([[spec]] * len(prompts))
         rows = measure(entries, f"{name}")
@@ -400,7 +405,8 @@ def render(report: dict, config: EvalConfig) -> str:
              f"k={report['sae']['k']}), median residual norm {report['median_residual_norm']:.1f}",
              f"{len(report['concepts'])} concepts x {len(config.strengths)} strengths x {len(config.methods)} methods "
              f"x {config.prompts} prompts x {config.max_tokens} tokens; sampled T={config.temperature} "
-             f"top_p={config.top_p} seed {config.seed}+prompt; batch {config.batch_size}", ""]
+             f"top_p={config.top_p} seed {config.seed}+prompt; batch {config.batch_size}; "
+             f"steered positions: {config.positions}", ""]
     lines.append("Concept features (picked by top-activating corpus tokens; share of the top "
                  f"{config.top_contexts} contexts holding a concept word) and concept vectors:")
     rows = []
@@ -474,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=defaults.prompts, choices=range(1, len(NEUTRAL_PROMPTS) + 1),
                         metavar=f"1..{len(NEUTRAL_PROMPTS)}")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--positions", default=defaults.positions, choices=("all", "generated"),
+                        help="Steer every position, prompt included (default), or only the generated tokens.")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -488,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(sae=args.sae, concepts_dir=args.concepts_dir, concepts=tuple(args.concepts),
-                        strengths=tuple(args.strengths), methods=tuple(args.methods), prompts=args.prompts,
+                        strengths=tuple(args.strengths), methods=tuple(args.methods), positions=args.positions,
+                        prompts=args.prompts,
                         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         batch_size=args.batch_size, corpus_tokens=args.corpus_tokens, candidates=args.candidates,
                         **({"data_dir": args.data_dir} if args.data_dir else {}))

@@ -588,6 +588,14 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tens
     return batch, k, widths
 
 
+def _gate_up_half(weight_t: torch.Tensor) -> int:
+    """I of a fused [K, 2I] gate|up weight (checked)."""
+    half = weight_t.shape[-1] // 2
+    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
+        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    return half
+
+
 def _check_sparse_launch(x: torch.Tensor, weight_t: torch.Tensor, batch: int) -> None:
     """What every sparse launch (tile kernels and gather path) needs of its tensors."""
     if batch > MAX_SPARSE_BATCH:
@@ -719,9 +727,7 @@ def wina_gate_up_sparse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused SwiGLU sparse kernel at any batch size up to MAX_SPARSE_BATCH
     (`wina_gate_up_triton` semantics). `config` overrides the block-size heuristic."""
-    half = weight_t.shape[-1] // 2
-    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
-        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    half = _gate_up_half(weight_t)
     batch, k, widths = _check_inputs(x, weight_t, col_norms, thresholds, (half, half), bias)
     if batch == 0:  # nothing to launch
         return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
@@ -841,9 +847,7 @@ def wina_gate_up_gather(
     config: GatherConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`wina_gate_up_sparse` through the gather path (same semantics, up to MAX_SPARSE_BATCH rows)."""
-    half = weight_t.shape[-1] // 2
-    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
-        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    half = _gate_up_half(weight_t)
     batch, _, widths = _check_inputs(x, weight_t, col_norms, thresholds, (half, half), bias)
     if batch == 0:
         return wina_gate_up_dense(x, weight_t, col_norms, thresholds, bias)
@@ -898,9 +902,7 @@ def wina_gate_up_dense(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The large-batch path of the fused SwiGLU: `wina_linear_dense` on (I, I), then silu(gate) * up."""
-    half = weight_t.shape[-1] // 2
-    if weight_t.dim() != 2 or 2 * half != weight_t.shape[1]:
-        raise ValueError(f"weight_t must be [K, 2I] (gate then up); got {tuple(weight_t.shape)}")
+    half = _gate_up_half(weight_t)
     gate_up, kept = wina_linear_dense(x, weight_t, col_norms, thresholds, (half, half), bias)
     return _swiglu(gate_up), kept
 
