@@ -279,29 +279,39 @@ def _wina_gate_up_kernel(
 
 @triton.jit
 def _sum_partials_kernel(
-    p_ptr,  # [splits, B, W] fp32 partial sums of a split-K launch
+    p_ptr,  # [splits, B, W] fp32 partial sums of a split launch (split-K, or the gather path's chunks)
     bias_ptr,  # [W] bias; any pointer when HAS_BIAS is False (never read)
     y_ptr,  # [B, N] output in the weight dtype: N = W, or W / 2 with SWIGLU
+    kept_part_ptr,  # [splits, B, G] int32 per-split kept counts; any pointer without COUNT_KEPT
+    kept_ptr,  # [B, G] int32 out: their sums; any pointer without COUNT_KEPT
     SPLITS,  # partial sums per output
     N,  # output columns
+    G,  # segments (COUNT_KEPT only)
     stride_ps, stride_pb,  # partials strides: split, row (column stride is 1)
     stride_yb,  # output row stride (column stride is 1)
+    stride_ks,  # kept_part split stride (its row stride is G, segment stride 1)
     HAS_BIAS: tl.constexpr,
     SWIGLU: tl.constexpr,  # partials hold gate | up (W = 2N): the output is silu(gate) * up
+    COUNT_KEPT: tl.constexpr,  # also sum the per-split kept counts (programs of column block 0)
     BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    UNROLL: tl.constexpr,  # partials loaded per loop step (independent loads in flight)
 ):
-    """One launch after a split-K launch: sums the partials in split order (the same sum on every
-    run, unlike float atomics), adds the bias, rounds, and for gate/up applies SwiGLU."""
+    """One launch after a split launch: sums the partials in split order, one after the other (the
+    same sum on every run, unlike float atomics, and whatever the block shapes), adds the bias,
+    rounds, and for gate/up applies SwiGLU."""
     row = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     partial = p_ptr + row * stride_pb + offs_n
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)  # up columns (SWIGLU only)
-    for split in range(SPLITS):
-        acc += tl.load(partial + split * stride_ps, mask=n_ok, other=0.0)
-        if SWIGLU:
-            acc_u += tl.load(partial + split * stride_ps + N, mask=n_ok, other=0.0)
+    for s0 in range(0, SPLITS, UNROLL):
+        for u in tl.static_range(UNROLL):
+            live = n_ok & (offs_n * 0 + s0 + u < SPLITS)  # past the last split: an exact 0
+            acc += tl.load(partial + (s0 + u) * stride_ps, mask=live, other=0.0)
+            if SWIGLU:
+                acc_u += tl.load(partial + (s0 + u) * stride_ps + N, mask=live, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SWIGLU:
@@ -311,6 +321,14 @@ def _sum_partials_kernel(
         up = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
         acc = gate * tl.sigmoid(gate) * up
     tl.store(y_ptr + row * stride_yb + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if COUNT_KEPT:  # noqa: SIM102  (a compile-time branch around a run-time one)
+        if tl.program_id(1) == 0:
+            offs_g = tl.arange(0, BLOCK_G)
+            g_ok = offs_g < G
+            kept = tl.zeros((BLOCK_G,), dtype=tl.int32)
+            for split in range(SPLITS):
+                kept += tl.load(kept_part_ptr + split * stride_ks + row * G + offs_g, mask=g_ok, other=0)
+            tl.store(kept_ptr + row * G + offs_g, kept, mask=g_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,56 +425,7 @@ def _wina_gather_kernel(
                 w = tl.load(w_ptr + channel * stride_wk + cols, mask=cols_ok, other=0.0)
             acc += xv * w.to(tl.float32)
     N = N0 + N1 + N2
-    tl.store(p_ptr + (c * B + offs_b[:, None]) * N + offs_n[None, :], acc,
-             mask=b_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _gather_reduce_kernel(
-    p_ptr,  # [CHUNKS, B, W] float32 partials
-    kept_part_ptr,  # [CHUNKS, B, G] int32 per-chunk kept counts
-    bias_ptr,  # [W] bias; any pointer when HAS_BIAS is False (never read)
-    y_ptr,  # [B, N] out in the weight dtype: N = W, or W / 2 with SWIGLU
-    kept_ptr,  # [B, G] int32 out
-    B, CHUNKS, N, G,
-    HAS_BIAS: tl.constexpr,
-    SWIGLU: tl.constexpr,  # W = 2N holds gate | up: the output is silu(gate) * up
-    BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    UNROLL: tl.constexpr,
-):
-    """Adds the partials in chunk order (one after the other: the order never depends on the batch
-    or the block shapes), then bias, rounding and SwiGLU; the programs of column block 0 also sum
-    their row's kept counts."""
-    row = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    width = 2 * N if SWIGLU else N
-    partial = p_ptr + row * width + offs_n
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, CHUNKS, UNROLL):
-        for u in tl.static_range(UNROLL):
-            live = n_ok & (offs_n * 0 + c0 + u < CHUNKS)  # past the last chunk: an exact 0
-            acc += tl.load(partial + (c0 + u) * B * width, mask=live, other=0.0)
-            if SWIGLU:
-                acc_u += tl.load(partial + (c0 + u) * B * width + N, mask=live, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if SWIGLU:
-            acc_u += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if SWIGLU:  # gate and up rounded to the output dtype first, as the reference materialises them
-        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        up = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
-        acc = gate * tl.sigmoid(gate) * up
-    tl.store(y_ptr + row * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-    if tl.program_id(1) == 0:
-        offs_g = tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
-        kept = tl.zeros((BLOCK_G,), dtype=tl.int32)
-        for c in range(CHUNKS):
-            kept += tl.load(kept_part_ptr + (c * B + row) * G + offs_g, mask=g_ok, other=0)
-        tl.store(kept_ptr + row * G + offs_g, kept, mask=g_ok)
+    tl.store(p_ptr + (c * B + offs_b[:, None]) * N + offs_n[None, :], acc, mask=cols_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,18 +628,26 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
     )
 
 
-def _sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                  swiglu: bool) -> torch.Tensor:
-    """[splits, B, W] fp32 partials -> [B, N] in `dtype` (N = W, or W / 2 with swiglu), one launch."""
+def _sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, swiglu: bool,
+                  kept_parts: torch.Tensor | None = None, block_n: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[splits, B, W] fp32 partials -> ([B, N] in `dtype` (N = W, or W / 2 with swiglu), and with
+    kept_parts [splits, B, G] int32 their sums [B, G], else None), one launch."""
     splits, batch, width = partials.shape
     n = width // 2 if swiglu else width
     y = torch.empty(batch, n, dtype=dtype, device=partials.device)
-    block_n = min(1024, triton.next_power_of_2(n))
+    kept = None
+    groups = 1
+    if kept_parts is not None:
+        groups = kept_parts.shape[2]
+        kept = torch.empty(batch, groups, dtype=torch.int32, device=partials.device)
+    block_n = min(block_n, triton.next_power_of_2(n))
     _sum_partials_kernel[(batch, triton.cdiv(n, block_n))](
-        partials, bias if bias is not None else partials, y, splits, n,
-        partials.stride(0), partials.stride(1), y.stride(0),
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n)
-    return y
+        partials, bias if bias is not None else partials, y,
+        kept_parts if kept_parts is not None else partials, kept if kept is not None else y, splits, n, groups,
+        partials.stride(0), partials.stride(1), y.stride(0), 0 if kept_parts is None else kept_parts.stride(0),
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, COUNT_KEPT=kept_parts is not None, BLOCK_N=block_n,
+        BLOCK_G=triton.next_power_of_2(groups), UNROLL=8)
+    return y, kept
 
 
 def _split(k: int, config: WinaKernelConfig) -> tuple[int, int]:
@@ -712,7 +689,7 @@ def wina_linear_sparse(
     _launch(_wina_linear_kernel, x, weight_t, col_norms, thresholds, bias, y, kept, grid_n, k,
             tuple(padded), config, tile, k_per_split, split_k)
     if split_k > 1:
-        y = _sum_partials(y, bias, weight_t.dtype, swiglu=False)
+        y, _ = _sum_partials(y, bias, weight_t.dtype, swiglu=False)
     return y, kept
 
 
@@ -745,7 +722,7 @@ def wina_gate_up_sparse(
     _launch(_wina_gate_up_kernel, x, weight_t, col_norms, thresholds, bias, y, kept,
             triton.cdiv(half, config.block_n), k, (half,), config, tile, k_per_split, split_k)
     if split_k > 1:
-        y = _sum_partials(y, bias, weight_t.dtype, swiglu=True)
+        y, _ = _sum_partials(y, bias, weight_t.dtype, swiglu=True)
     return y, kept
 
 
@@ -809,15 +786,7 @@ def _gather(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, th
         weight_t, index, xm, count, partials, batch, chunks, *padded, weight_t.stride(0),
         BLOCK_B=block_b, CHUNK=config.chunk, BLOCK_N=config.block_n, UNROLL=config.unroll,
         EVEN_N=all(w % config.block_n == 0 for w in widths), num_warps=config.num_warps)
-    out_n = n // 2 if swiglu else n
-    y = torch.empty(batch, out_n, dtype=weight_t.dtype, device=device)
-    kept = torch.empty(batch, groups, dtype=torch.int32, device=device)
-    reduce_block_n = min(config.reduce_block_n, triton.next_power_of_2(out_n))
-    _gather_reduce_kernel[(batch, triton.cdiv(out_n, reduce_block_n))](
-        partials, kept_part, bias if bias is not None else partials, y, kept, batch, chunks, out_n, groups,
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=reduce_block_n,
-        BLOCK_G=triton.next_power_of_2(groups), UNROLL=8)
-    return y, kept
+    return _sum_partials(partials, bias, weight_t.dtype, swiglu, kept_parts=kept_part, block_n=config.reduce_block_n)
 
 
 def wina_linear_gather(
