@@ -133,14 +133,18 @@ def _now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def concept_pattern(words: list[str]) -> re.Pattern:
+    """A generation is on-topic when its text matches one of these (word starts, any case)."""
+    return re.compile(r"\b(?:" + "|".join(words) + ")", re.IGNORECASE)
+
+
 def load_concepts(config: EvalConfig) -> dict[str, dict[str, Any]]:
     words = json.loads((config.concepts_dir / "concepts.json").read_text())
     names = config.concepts or tuple(k for k in words if not k.startswith("_"))
     concepts = {}
     for name in names:
         pos, neg = config.concepts_dir / f"{name}.pos.txt", config.concepts_dir / f"{name}.neg.txt"
-        pattern = re.compile(r"\b(?:" + "|".join(words[name]) + ")", re.IGNORECASE)
-        concepts[name] = {"positive": read_texts(pos), "negative": read_texts(neg), "pattern": pattern,
+        concepts[name] = {"positive": read_texts(pos), "negative": read_texts(neg), "pattern": concept_pattern(words[name]),
                           "words": words[name], "files": [str(pos.relative_to(PROJECT_ROOT)),
                                                           str(neg.relative_to(PROJECT_ROOT))]}
     return concepts

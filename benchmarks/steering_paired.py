@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench_common import command_line, format_table, write_report
+from steering_eval import concept_pattern
 
 SETTING_THAT_MAY_DIFFER = ("positions",)
 
 
 def on_topic(report: dict, cell: dict) -> list[bool]:
-    words = report["concepts"][cell["concept"]]["words"]
-    pattern = re.compile(r"\b(?:" + "|".join(words) + ")", re.IGNORECASE)
+    pattern = concept_pattern(report["concepts"][cell["concept"]]["words"])
     return [bool(pattern.search(g["text"])) for g in cell["generations"]]
 
 
