@@ -20,7 +20,8 @@ round((1-s) K) channels per row and segment. Each case is timed twice, medians b
 * tile: the tile kernel (``wina_linear_sparse`` / ``wina_gate_up_sparse``: always the kernel,
   whatever DENSE_CROSSOVER_BATCH says, so that batches above it can be measured to tune it);
 * gather: the gather path that serving runs (``wina_linear_gather`` / ``wina_gate_up_gather``), with
-  its heuristic launch parameters and with each of ``--gather-grid``'s;
+  its heuristic launch parameters, each of its launches alone (compaction unless fused, GEMV, chunk
+  sum: where the time goes), and each of ``--gather-grid``'s launch parameters;
 * dense: cuBLAS through ``F.linear(x, W)``; for gate_up followed by ``silu(gate) * up``, which
   the fused kernel also does.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +80,15 @@ class Layer:
         if self.gate_up:
             return wina_triton.wina_gate_up_gather(x, weight_t, col_norms, thresholds, config=config)
         return wina_triton.wina_linear_gather(x, weight_t, col_norms, thresholds, self.segments, config=config)
+
+    def gather_steps(self, x, weight_t, col_norms, thresholds, config=None) -> dict:
+        """The gather path's launches on this layer, by name, to time one at a time."""
+        from kernels import wina_triton
+
+        widths = [self.segments[0]] * 2 if self.gate_up else list(self.segments)
+        steps = wina_triton.gather_launches(x, weight_t, col_norms, thresholds, widths, None, config,
+                                            swiglu=self.gate_up)
+        return dict(zip(["compact", "gemv", "sum"][-len(steps):], steps, strict=True))
 
     def dense(self, x, weight):
         """cuBLAS through F.linear(x, weight [N, K]), then silu(gate) * up for gate_up."""
@@ -147,12 +158,18 @@ def layer_names(text: str) -> list[str]:
     return names
 
 
-def gather_config_arg(text: str) -> tuple[int, ...]:
-    """An argparse type: "256:1024:8:4" -> (256, 1024, 8, 4), GatherConfig's fields in order."""
-    values = tuple(int(v) for v in text.split(":"))
-    if not 2 <= len(values) <= 5:
-        raise argparse.ArgumentTypeError(f"expected chunk:block_n[:unroll[:num_warps[:reduce_block_n]]]; got {text!r}")
-    return values
+GRID_FIELDS = "chunk:block_n[:unroll[:num_warps[:reduce_block_n[:reduce_unroll[:fused]]]]]"
+
+
+def gather_config_arg(text: str) -> tuple:
+    """An argparse type: "256:1024:8:4" -> (256, 1024, 8, 4), GatherConfig's fields in order
+    (fused as 0 or 1)."""
+    values = [int(v) for v in text.split(":")]
+    if not 2 <= len(values) <= 7 or (len(values) == 7 and values[6] not in (0, 1)):
+        raise argparse.ArgumentTypeError(f"expected {GRID_FIELDS}; got {text!r}")
+    if len(values) == 7:
+        values[6] = bool(values[6])
+    return tuple(values)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(benchmarks/wina_tune_gpu.py --path broadcast --batches 1)")
     parser.add_argument("--gather-grid", type=comma_list(gather_config_arg), default=[],
                         help="also time the gather path with each of these launch parameters, "
-                             "chunk:block_n:unroll:num_warps[:reduce_block_n] separated by commas")
+                             f"{GRID_FIELDS} separated by commas")
     parser.add_argument("--real-inputs", type=Path, default=None,
                         help="also time the default model's own layer on its recorded inputs and calibrated "
                              "thresholds (the file benchmarks/wina_real_inputs.py saves)")
@@ -268,9 +285,17 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
         name = "heuristic" if gather_config is None else ":".join(str(v) for v in asdict(gather_config).values())
         gather_us[name] = graph_ms(from_memory(gather_with, 1)) * 1e3
     best_gather = min(gather_us, key=gather_us.get)
+    # Each launch of the heuristic's gather path alone (the same buffers, weights from memory).
+    steps_per_copy = [layer.gather_steps(x, w_t, col_norms, thresholds) for _, w_t in copies]
+    for steps in steps_per_copy:
+        for step in steps.values():
+            step()
+    step_us = {name: graph_ms(cycling([steps[name] for steps in steps_per_copy])) * 1e3
+               for name in steps_per_copy[0]}
     gather = {"gather_graph_us": gather_us["heuristic"], "gather_eager_us": events_ms(
                   lambda: layer.gather(x, weight_t, col_norms, thresholds)) * 1e3,
               "gather_best_us": gather_us[best_gather], "gather_best": best_gather, "gather_all_us": gather_us,
+              "gather_steps_us": step_us,
               "gather_config": asdict(wina_triton.gather_config(batch, layer.k, layer.segments, x.device)),
               "gather_max_abs_err": gather_err, "gather_kept_matches": gather_kept_ok}
     achieved = 1.0 - float(ref_kept.float().mean()) / layer.k
@@ -352,15 +377,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"{case['dense_us']:.1f} us; in a CUDA graph tile {case['triton_graph_us']:.1f}, gather "
                       f"{case['gather_graph_us']:.1f} (best {case['gather_best_us']:.1f} {case['gather_best']}) vs "
                       f"{case['dense_graph_us']:.1f} us{dot}", flush=True)
+                # the cases so far, in case a lent machine's time limit stops the run
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"benchmark": "wina_kernel_gpu", "partial": True,
+                                                "command": command_line(argv), "cases": cases}, indent=2) + "\n")
         del weight, weights
         torch.cuda.empty_cache()
     if args.real_inputs is not None:
         cases += real_input_cases(args, dtype)
 
-    headers = ["layer", "B", "s", "tile us", "dense us", "ratio", "graph: tile", "gather", "best", "dense",
-               "x dense", "1-s", "rows", "gather GB/s", "dense GB/s", "err", "kept ok"]
+    headers = ["layer", "B", "s", "tile us", "dense us", "ratio", "graph: tile", "gather", "its steps", "best",
+               "dense", "x dense", "1-s", "rows", "gather GB/s", "dense GB/s", "err", "kept ok"]
     rows = [[c["layer"], str(c["batch"]), fmt(c["sparsity"], 2), fmt(c["triton_us"]), fmt(c["dense_us"]),
-             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]), fmt(c["gather_graph_us"]), fmt(c["gather_best_us"]),
+             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]), fmt(c["gather_graph_us"]),
+             "+".join(fmt(v) for v in c["gather_steps_us"].values()), fmt(c["gather_best_us"]),
              fmt(c["dense_graph_us"]), fmt(c["dense_graph_us"] / c["gather_graph_us"], 2),
              fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["gather_gbps"], 0),
              fmt(c["dense_gbps"], 0), f"{max(c['max_abs_err'], c['gather_max_abs_err']):.1e}",
@@ -368,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in cases]
     text = (f"WINA sparse GEMV vs cuBLAS dense on {gpu} ({args.dtype})\n"
             "ratio = tile/dense time (eager); graph columns: GPU time alone, tile kernel, gather path "
-            "(served; heuristic, best of --gather-grid), cuBLAS; x dense = cuBLAS / gather; 1-s = the "
+            "(served; heuristic, its launches each alone, best of --gather-grid), cuBLAS; x dense = cuBLAS / "
+            "gather; 1-s = the "
             "roofline ratio; rows = weight rows read\n\n"
             + format_table(headers, rows))
     report = {

@@ -18,11 +18,12 @@ Two ways to do that skipping:
 * the tile kernels (`wina_linear_sparse` / `wina_gate_up_sparse`), serving's default: one
   launch; each program walks every BLOCK_K chunk of its K range and masks the weight rows no row
   keeps;
-* the gather path (`wina_linear_gather` / `wina_gate_up_gather`): a compaction launch lists, per
-  chunk of channels, those some row keeps (with each row's masked input); the GEMV then walks that
-  list only, so its loop does no work for skipped rows; a third launch adds the chunks' partial
-  sums in a fixed order. Faster at batch 1, slower from batch 2 (benchmarks/RESULTS.md, "WINA on
-  a GPU"); `--wina-gpu-kernel gather` serves with it.
+* the gather path (`wina_linear_gather` / `wina_gate_up_gather`): a compaction lists, per chunk
+  of channels, those some row keeps (with each row's masked input), in its own launch or (fused)
+  at the start of each GEMV program; the GEMV then walks that list only, so its loop does no work
+  for skipped rows; a last launch adds the chunks' partial sums in a fixed order. Faster at batch
+  1 and 2, slower from batch 4-8 (benchmarks/RESULTS.md, "WINA on a GPU");
+  `--wina-gpu-kernel gather` serves with it.
 
 Each path gives a row the same bits at any batch size (see each section for why); the two paths
 differ from each other in summation order, so a server uses one of them for every batch.
@@ -45,7 +46,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -295,6 +296,7 @@ def _sum_partials_kernel(
     COUNT_KEPT: tl.constexpr,  # also sum the per-split kept counts (programs of column block 0)
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # kept counts: splits loaded per step
     UNROLL: tl.constexpr,  # partials loaded per loop step (independent loads in flight)
 ):
     """One launch after a split launch: sums the partials in split order, one after the other (the
@@ -323,11 +325,16 @@ def _sum_partials_kernel(
     tl.store(y_ptr + row * stride_yb + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
     if COUNT_KEPT:  # noqa: SIM102  (a compile-time branch around a run-time one)
         if tl.program_id(1) == 0:
+            # Integers: any order gives the same sum, so BLOCK_S splits at a time (one split per
+            # step made 100+ dependent loads on Llama-3-8B's down projection).
             offs_g = tl.arange(0, BLOCK_G)
+            offs_s = tl.arange(0, BLOCK_S)
             g_ok = offs_g < G
             kept = tl.zeros((BLOCK_G,), dtype=tl.int32)
-            for split in range(SPLITS):
-                kept += tl.load(kept_part_ptr + split * stride_ks + row * G + offs_g, mask=g_ok, other=0)
+            for s0 in range(0, SPLITS, BLOCK_S):
+                s_ok = s0 + offs_s < SPLITS
+                kept += tl.sum(tl.load(kept_part_ptr + (s0 + offs_s)[:, None] * stride_ks + row * G + offs_g[None, :],
+                                       mask=s_ok[:, None] & g_ok[None, :], other=0), axis=0)
             tl.store(kept_ptr + row * G + offs_g, kept, mask=g_ok)
 
 
@@ -346,21 +353,19 @@ def _sum_partials_kernel(
 
 
 @triton.jit
-def _wina_compact_kernel(
-    x_ptr,  # [B, K] input rows
-    cn_ptr,  # [G, K] float32 column norms
-    thr_ptr,  # [B, G] float32 thresholds
-    index_ptr,  # [G, CHUNKS, CHUNK] int32 out: the channels some row keeps, in increasing order
-    xm_ptr,  # [G, CHUNKS, CHUNK, BLOCK_B] float32 out: each row's input at those channels (0: not kept)
-    count_ptr,  # [G, CHUNKS] int32 out: how many channels of the chunk some row keeps
-    kept_ptr,  # [CHUNKS, B, G] int32 out: each row's own kept count in the chunk
-    B, K, CHUNKS, G,
+def _compact_chunk(
+    x_ptr, cn_ptr, thr_ptr,  # inputs as in _wina_compact_kernel
+    index_ptr,  # [CHUNK] int32 out (this chunk's list): the channels some row keeps, in increasing order
+    xm_ptr,  # [CHUNK, BLOCK_B] float32 out: each row's input at those channels (0: not kept)
+    kept_ptr,  # [B] int32 out, stride G: each row's own kept count in the chunk
+    c, g, B, K, G,
     stride_xb, stride_xk, stride_cg, stride_ck, stride_tb, stride_tg,
+    kept_writer,  # this program writes the kept counts where 0
     BLOCK_B: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    g = tl.program_id(1)
+    """Lists the channels of chunk c that some row keeps for segment g (a `tl.cumsum` over the
+    union of the rows' masks) with each row's masked input. -> how many."""
     offs_k = c * CHUNK + tl.arange(0, CHUNK)
     k_ok = offs_k < K
     offs_b = tl.arange(0, BLOCK_B)
@@ -373,43 +378,82 @@ def _wina_compact_kernel(
     keep = (tl.abs(x) * cn[None, :] > thr[:, None]) & valid  # each row's own mask
     need = tl.max(keep.to(tl.int32), axis=0)  # [CHUNK]: 1 where some row keeps the channel
     slot = tl.cumsum(need, axis=0) - 1  # its place in the compacted list
-    base = g * CHUNKS + c
-    tl.store(index_ptr + base * CHUNK + slot, offs_k, mask=need > 0)
-    tl.store(xm_ptr + (base * CHUNK + slot[None, :]) * BLOCK_B + offs_b[:, None], tl.where(keep, x, 0.0),
+    tl.store(index_ptr + slot, offs_k, mask=need > 0)
+    tl.store(xm_ptr + slot[None, :] * BLOCK_B + offs_b[:, None], tl.where(keep, x, 0.0),
              mask=(need[None, :] > 0) & b_ok[:, None])
-    tl.store(count_ptr + base, tl.sum(need, axis=0))
-    tl.store(kept_ptr + (c * B + offs_b) * G + g, tl.sum(keep.to(tl.int32), axis=1), mask=b_ok)
+    tl.store(kept_ptr + offs_b * G, tl.sum(keep.to(tl.int32), axis=1), mask=b_ok & (offs_b * 0 + kept_writer == 0))
+    return tl.sum(need, axis=0)
+
+
+@triton.jit
+def _wina_compact_kernel(
+    x_ptr,  # [B, K] input rows
+    cn_ptr,  # [G, K] float32 column norms
+    thr_ptr,  # [B, G] float32 thresholds
+    index_ptr,  # [G, CHUNKS, CHUNK] int32 out: each chunk's list of kept channels
+    xm_ptr,  # [G, CHUNKS, CHUNK, BLOCK_B] float32 out: each row's input at those channels
+    count_ptr,  # [G, CHUNKS] int32 out: how many channels of the chunk some row keeps
+    kept_ptr,  # [CHUNKS, B, G] int32 out: each row's own kept count in the chunk
+    B, K, CHUNKS, G,
+    stride_xb, stride_xk, stride_cg, stride_ck, stride_tb, stride_tg,
+    BLOCK_B: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    base = g * CHUNKS + c
+    count = _compact_chunk(x_ptr, cn_ptr, thr_ptr, index_ptr + base * CHUNK, xm_ptr + base * CHUNK * BLOCK_B,
+                           kept_ptr + c * B * G + g, c, g, B, K, G,
+                           stride_xb, stride_xk, stride_cg, stride_ck, stride_tb, stride_tg, 0,
+                           BLOCK_B=BLOCK_B, CHUNK=CHUNK)
+    tl.store(count_ptr + base, count)
 
 
 @triton.jit
 def _wina_gather_kernel(
     w_ptr,  # [K, N] transposed weight, row-major (column stride 1)
-    index_ptr, xm_ptr, count_ptr,  # the compaction's outputs
+    x_ptr, cn_ptr, thr_ptr,  # FUSED: the inputs, as in _wina_compact_kernel (else never read)
+    index_ptr, xm_ptr,  # the compacted lists; FUSED: this launch's scratch, [programs, CHUNKS, CHUNK(, BLOCK_B)]
+    count_ptr,  # [G, CHUNKS] the lists' lengths (not FUSED; else never read)
+    kept_ptr,  # FUSED: [CHUNKS, B, G] int32 out, as in _wina_compact_kernel (else never written)
     p_ptr,  # [CHUNKS, B, N] float32 out: each chunk's partial sums
-    B, CHUNKS,
+    B, K, CHUNKS, G,
     N0, N1, N2,  # segment widths (0 for absent segments)
     stride_wk,
+    stride_xb, stride_xk, stride_cg, stride_ck, stride_tb, stride_tg,
     BLOCK_B: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UNROLL: tl.constexpr,  # kept rows loaded per loop step (independent loads in flight)
     EVEN_N: tl.constexpr,  # every segment width is a multiple of BLOCK_N: no column mask
+    FUSED: tl.constexpr,  # each program compacts its own chunk first (no compaction launch)
 ):
+    pid_n = tl.program_id(0)
     c = tl.program_id(1)
-    g, _, offs_n, n_ok = _segment_block(tl.program_id(0), N0, N1, N2, BLOCK_N)
+    g, local_block, offs_n, n_ok = _segment_block(pid_n, N0, N1, N2, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
 
-    base = (g * CHUNKS + c) * CHUNK
-    count = tl.load(count_ptr + g * CHUNKS + c)
+    if FUSED:
+        # Every column block of a chunk lists the same channels; each writes its own copy (a
+        # private scratch list, so no program reads another's writes) and the first column block
+        # of the segment writes the kept counts.
+        base = (pid_n * CHUNKS + c) * CHUNK
+        count = _compact_chunk(x_ptr, cn_ptr, thr_ptr, index_ptr + base, xm_ptr + base * BLOCK_B,
+                               kept_ptr + c * B * G + g, c, g, B, K, G,
+                               stride_xb, stride_xk, stride_cg, stride_ck, stride_tb, stride_tg,
+                               local_block, BLOCK_B=BLOCK_B, CHUNK=CHUNK)
+        tl.debug_barrier()  # the list's stores, by every thread of the program, before its loads
+    else:
+        base = (g * CHUNKS + c) * CHUNK
+        count = tl.load(count_ptr + g * CHUNKS + c)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    # Every load below is shaped [BLOCK_B, BLOCK_N] like acc (the weight row and each row's x
-    # broadcast along the other axis): loaded as vectors and broadcast, they took a layout
-    # conversion through shared memory per row, which serialised the loop (seen on an H100:
-    # about 0.8 TB/s whatever the sparsity).
+    # Each load below is shaped like acc or like one of its rows ([BLOCK_B, 1] inputs, [1, BLOCK_N]
+    # weight rows), so it lands in acc's layout and broadcasts in registers. A 1-D weight row took a
+    # layout conversion through shared memory per row, which serialised the loop (an H100: ~0.8
+    # TB/s whatever the sparsity); a [BLOCK_B, BLOCK_N] one was loaded once per batch row.
     rows_b = offs_b[:, None]  # [BLOCK_B, 1]: small, so Triton loads x per row in acc's layout
-    cols = offs_b[:, None] * 0 + offs_n[None, :]  # [BLOCK_B, BLOCK_N]: the column, along B
-    cols_ok = b_ok[:, None] & n_ok[None, :]
+    cols = offs_n[None, :]  # [1, BLOCK_N]
     for j in range(0, count, UNROLL):
         for u in tl.static_range(UNROLL):
             # Past the end of the list, x is 0 and the weight row is channel 0's (a finite row
@@ -422,10 +466,10 @@ def _wina_gather_kernel(
             if EVEN_N:
                 w = tl.load(w_ptr + channel * stride_wk + cols)
             else:
-                w = tl.load(w_ptr + channel * stride_wk + cols, mask=cols_ok, other=0.0)
+                w = tl.load(w_ptr + channel * stride_wk + cols, mask=n_ok[None, :], other=0.0)
             acc += xv * w.to(tl.float32)
     N = N0 + N1 + N2
-    tl.store(p_ptr + (c * B + offs_b[:, None]) * N + offs_n[None, :], acc, mask=cols_ok)
+    tl.store(p_ptr + (c * B + offs_b[:, None]) * N + offs_n[None, :], acc, mask=b_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,9 +673,11 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
 
 
 def _sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, swiglu: bool,
-                  kept_parts: torch.Tensor | None = None, block_n: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  kept_parts: torch.Tensor | None = None, block_n: int = 1024,
+                  unroll: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[splits, B, W] fp32 partials -> ([B, N] in `dtype` (N = W, or W / 2 with swiglu), and with
-    kept_parts [splits, B, G] int32 their sums [B, G], else None), one launch."""
+    kept_parts [splits, B, G] int32 their sums [B, G], else None), one launch. `block_n` and
+    `unroll` change the speed only (the partials are added in split order whatever they are)."""
     splits, batch, width = partials.shape
     n = width // 2 if swiglu else width
     y = torch.empty(batch, n, dtype=dtype, device=partials.device)
@@ -646,7 +692,8 @@ def _sum_partials(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torc
         kept_parts if kept_parts is not None else partials, kept if kept is not None else y, splits, n, groups,
         partials.stride(0), partials.stride(1), y.stride(0), 0 if kept_parts is None else kept_parts.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, COUNT_KEPT=kept_parts is not None, BLOCK_N=block_n,
-        BLOCK_G=triton.next_power_of_2(groups), UNROLL=8)
+        BLOCK_G=triton.next_power_of_2(groups), BLOCK_S=min(128, triton.next_power_of_2(splits)), UNROLL=unroll,
+        num_warps=max(1, min(4, block_n // 64)))
     return y, kept
 
 
@@ -737,56 +784,96 @@ class GatherConfig:
     unroll: int = 8  # kept rows loaded per GEMV loop step
     num_warps: int = 4
     reduce_block_n: int = 256  # output columns per program of the final sum
+    reduce_unroll: int = 16  # partials loaded per step of the final sum
+    fused: bool = False  # each GEMV program compacts its own chunk (two launches instead of three)
 
 
 def gather_config(batch: int, k: int, widths: Sequence[int], device: torch.device) -> GatherConfig:
     """A first guess from the shapes: chunks of 128 channels on large layers and 64 on small ones
-    (short lists per program, few partials to add), column blocks as wide as the batch's
-    accumulators allow and narrow enough for two waves of programs."""
+    (short lists per program, few partials to add); 16-byte weight loads (8 columns per thread, fewer
+    from batch 16 to keep <= 64 accumulators per thread); as many warps per program as leave two
+    waves of programs; final-sum blocks small enough for two waves too; the compaction fused into
+    the GEMV at batch 1 and 2, where that measured faster on an H100 (Llama-3-8B's MLP, 50%: 3-9%;
+    at batch 8 9-24% slower: each column block compacts its chunk again, for every row)."""
     widest = triton.next_power_of_2(max(widths))
     if device.type != "cuda":  # the interpreter runs each op once per program: few, large programs
         return GatherConfig(chunk=256, block_n=widest)
+    block_b = _gather_block_b(batch)
     chunk = 128 if k >= 4096 else 64
-    block_n = min(widest, max(128, 1024 // _gather_block_b(batch)))  # <= 1024 fp32 accumulators per program
+    columns_per_thread = max(2, min(8, 64 // block_b))
+    num_warps = 4
+    while num_warps > 1 and 32 * columns_per_thread * num_warps > widest:
+        num_warps //= 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     chunks = triton.cdiv(k, chunk)
-    while block_n > 128 and chunks * sum(triton.cdiv(w, block_n) for w in widths) < 2 * sms:
-        block_n //= 2
-    return GatherConfig(chunk=chunk, block_n=block_n)
+
+    def programs(block_n: int) -> int:
+        return chunks * sum(triton.cdiv(w, block_n) for w in widths)
+
+    while num_warps > 1 and programs(32 * columns_per_thread * num_warps) < 2 * sms:
+        num_warps //= 2
+    reduce_block_n = 256
+    while reduce_block_n > 64 and batch * triton.cdiv(sum(widths), reduce_block_n) < 2 * sms:
+        reduce_block_n //= 2
+    return GatherConfig(chunk=chunk, block_n=min(widest, 32 * columns_per_thread * num_warps), num_warps=num_warps,
+                        reduce_block_n=reduce_block_n, fused=batch <= 2)
 
 
 def _gather_block_b(batch: int) -> int:
     return triton.next_power_of_2(batch)
 
 
-def _gather(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
-            widths: list[int], bias: torch.Tensor | None, config: GatherConfig | None,
-            swiglu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The three launches of the gather path: compaction, GEMV over the kept rows, chunk sum."""
+def gather_launches(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
+                     widths: list[int], bias: torch.Tensor | None, config: GatherConfig | None,
+                     swiglu: bool) -> list[Callable[[], tuple[torch.Tensor, torch.Tensor] | None]]:
+    """The gather path's launches in order (compaction unless fused, GEMV over the kept rows, chunk
+    sum), each a callable over buffers allocated here once, so that a benchmark can time each alone
+    (benchmarks/wina_kernel_gpu.py); no input checks beyond the launch's. The last one returns
+    (y [B, N], kept [B, G])."""
     batch, k = x.shape
     config = config or gather_config(batch, k, widths, x.device)
-    _check_powers_of_two(config, ("chunk", "block_n", "unroll", "reduce_block_n"))
+    _check_powers_of_two(config, ("chunk", "block_n", "unroll", "reduce_block_n", "reduce_unroll"))
     _check_sparse_launch(x, weight_t, batch)
     block_b = _gather_block_b(batch)
     groups, n = len(widths), sum(widths)
     chunks = triton.cdiv(k, config.chunk)
+    grid_n = sum(triton.cdiv(w, config.block_n) for w in widths)
     device = x.device
-    index = torch.empty(groups, chunks, config.chunk, dtype=torch.int32, device=device)
-    xm = torch.empty(groups, chunks, config.chunk, block_b, dtype=torch.float32, device=device)
+    lists = grid_n if config.fused else groups  # fused: one private list per program
+    index = torch.empty(lists, chunks, config.chunk, dtype=torch.int32, device=device)
+    xm = torch.empty(lists, chunks, config.chunk, block_b, dtype=torch.float32, device=device)
     count = torch.empty(groups, chunks, dtype=torch.int32, device=device)
     kept_part = torch.empty(chunks, batch, groups, dtype=torch.int32, device=device)
-    _wina_compact_kernel[(chunks, groups)](
-        x, col_norms, thresholds, index, xm, count, kept_part, batch, k, chunks, groups,
-        x.stride(0), x.stride(1), col_norms.stride(0), col_norms.stride(1),
-        thresholds.stride(0), thresholds.stride(1), BLOCK_B=block_b, CHUNK=config.chunk)
     partials = torch.empty(chunks, batch, n, dtype=torch.float32, device=device)
-    padded = widths + [0] * (MAX_SEGMENTS - groups)
-    grid_n = sum(triton.cdiv(w, config.block_n) for w in widths)
-    _wina_gather_kernel[(grid_n, chunks)](
-        weight_t, index, xm, count, partials, batch, chunks, *padded, weight_t.stride(0),
-        BLOCK_B=block_b, CHUNK=config.chunk, BLOCK_N=config.block_n, UNROLL=config.unroll,
-        EVEN_N=all(w % config.block_n == 0 for w in widths), num_warps=config.num_warps)
-    return _sum_partials(partials, bias, weight_t.dtype, swiglu, kept_parts=kept_part, block_n=config.reduce_block_n)
+    strides = (x.stride(0), x.stride(1), col_norms.stride(0), col_norms.stride(1),
+               thresholds.stride(0), thresholds.stride(1))
+
+    def compact() -> None:
+        _wina_compact_kernel[(chunks, groups)](
+            x, col_norms, thresholds, index, xm, count, kept_part, batch, k, chunks, groups, *strides,
+            BLOCK_B=block_b, CHUNK=config.chunk)
+
+    def gemv() -> None:
+        _wina_gather_kernel[(grid_n, chunks)](
+            weight_t, x, col_norms, thresholds, index, xm, count, kept_part, partials, batch, k, chunks, groups,
+            *widths, *[0] * (MAX_SEGMENTS - groups), weight_t.stride(0), *strides,
+            BLOCK_B=block_b, CHUNK=config.chunk, BLOCK_N=config.block_n, UNROLL=config.unroll,
+            EVEN_N=all(w % config.block_n == 0 for w in widths), FUSED=config.fused, num_warps=config.num_warps)
+
+    def chunk_sum() -> tuple[torch.Tensor, torch.Tensor]:
+        return _sum_partials(partials, bias, weight_t.dtype, swiglu, kept_parts=kept_part,
+                             block_n=config.reduce_block_n, unroll=config.reduce_unroll)
+
+    return [gemv, chunk_sum] if config.fused else [compact, gemv, chunk_sum]
+
+
+def _gather(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
+            widths: list[int], bias: torch.Tensor | None, config: GatherConfig | None,
+            swiglu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    *steps, chunk_sum = gather_launches(x, weight_t, col_norms, thresholds, widths, bias, config, swiglu)
+    for step in steps:
+        step()
+    return chunk_sum()
 
 
 def wina_linear_gather(

@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first importe
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -270,8 +270,10 @@ def test_row_same_at_any_batch_size(dtype, path):
 
 @interpreted
 @pytest.mark.parametrize("config", [wt.GatherConfig(chunk=16, block_n=16, unroll=4),
-                                    wt.GatherConfig(chunk=8, block_n=32, unroll=2, num_warps=2, reduce_block_n=16)],
-                         ids=["chunk16", "chunk8"])
+                                    wt.GatherConfig(chunk=8, block_n=32, unroll=2, num_warps=2, reduce_block_n=16,
+                                                    reduce_unroll=2),
+                                    wt.GatherConfig(chunk=16, block_n=16, unroll=4, fused=True)],
+                         ids=["chunk16", "chunk8", "chunk16-fused"])
 @pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (5, torch.bfloat16), (12, torch.float16)],
                          ids=["1-fp32", "5-bf16", "12-fp16"])
 def test_gather_small_chunks(batch, dtype, config):
@@ -279,6 +281,33 @@ def test_gather_small_chunks(batch, dtype, config):
     that is not a multiple of the unroll: the gather path against the reference."""
     _check_linear(batch, 37, (20, 17, 16), dtype, 0.5, True, fn=wt.wina_linear_gather, config=config)
     _check_gate_up(batch, 37, 21, dtype, 0.5, True, fn=wt.wina_gate_up_gather, config=config)
+
+
+def _check_fused_gather_same_bits(device: str, cases, **config) -> None:
+    """The fused gather path (each GEMV program compacts its own chunk) and the three-launch one
+    add the same products in the same order: the same bits, and the same kept counts."""
+    for batch, k, segments, gate_up in cases:
+        (x, weight_t, col_norms, thresholds, b), _ = _problem(batch, k, segments, torch.float16, 0.5, True,
+                                                              device=device)
+        base = wt.gather_config(batch, k, segments, x.device)
+        if config:
+            base = replace(base, **config)
+        outputs = []
+        for fused in (False, True):
+            if gate_up:
+                outputs.append(wt.wina_gate_up_gather(x, weight_t, col_norms, thresholds, b,
+                                                      config=replace(base, fused=fused)))
+            else:
+                outputs.append(wt.wina_linear_gather(x, weight_t, col_norms, thresholds, segments, b,
+                                                     config=replace(base, fused=fused)))
+        (y0, kept0), (y1, kept1) = outputs
+        assert torch.equal(y0, y1) and torch.equal(kept0, kept1)
+
+
+@interpreted
+def test_fused_gather_same_bits():
+    _check_fused_gather_same_bits("cpu", [(5, 37, (20, 17, 16), False), (3, 37, (21, 21), True)],
+                                  chunk=16, block_n=16, unroll=4)
 
 
 @interpreted
@@ -369,6 +398,10 @@ def test_compiled_kernel_on_cuda():
         run(wt.wina_linear_triton, wina_linear_reference, 1, 14336, (4096,), dtype, 0.5, False)
         run(wt.wina_linear_sparse, wina_linear_reference, 1, 14336, (4096,), dtype, 0.5, False)
         run(wt.wina_gate_up_triton, wina_gate_up_reference, 8, 4096, (14336, 14336), dtype, 0.5, True)
+
+    _check_fused_gather_same_bits("cuda", [(batch, 14336, (4096,), False) for batch in (1, 8)]
+                                  + [(batch, 4096, (14336, 14336), True) for batch in (1, 8)]
+                                  + [(3, 576, (576, 192, 192), False)])
 
     # Row 0 is bit-identical whatever its neighbours keep (fp32 and fp16, on the real kernels).
     for dtype in (torch.float32, torch.float16):
