@@ -44,7 +44,7 @@ import argparse
 import datetime as _dt
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,17 +259,6 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
     triton_graph_ms, dense_graph_ms = graph_ms(from_memory(sparse_with, 1)), graph_ms(from_memory(dense_with, 0))
     config = wina_triton.pick_config(batch, layer.k, layer.segments, layer.gate_up, x.device,
                                      weight_bytes=weight_t.element_size())
-    # The tile kernel with its other weight-load mode (every row, or only those some row keeps):
-    # the same outputs, so serving may pick either by batch size (LOAD_ALL_MIN_BATCH).
-    loads_all = wina_triton.load_all_rows(config, batch)
-    other_load = replace(config, load_all_rows=not loads_all)
-
-    def other_load_with(w_t):
-        return layer.sparse(x, w_t, col_norms, thresholds, other_load)
-    other_out, other_kept = other_load_with(weight_t)
-    tile_other = {"tile_loads_all_rows": loads_all,
-                  "tile_other_load_graph_us": graph_ms(from_memory(other_load_with, 1)) * 1e3,
-                  "tile_other_load_same_output": bool(torch.equal(other_out, out) and torch.equal(other_kept, kept))}
     broadcast = {}
     if args.broadcast_configs is not None and batch == 1:  # the same case on the broadcast path, tuned
         tuned = wina_triton.load_tuned_configs(args.broadcast_configs)
@@ -318,7 +307,7 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
         "kept_matches": bool(torch.equal(kept.cpu(), ref_kept.cpu())),
         "triton_us": triton_ms * 1e3, "dense_us": dense_ms * 1e3, "ratio": triton_ms / dense_ms,
         "triton_graph_us": triton_graph_ms * 1e3, "dense_graph_us": dense_graph_ms * 1e3,
-        "graph_ratio": triton_graph_ms / dense_graph_ms, **tile_other, **broadcast, **gather,
+        "graph_ratio": triton_graph_ms / dense_graph_ms, **broadcast, **gather,
         "roofline_ratio": 1.0 - sparsity, "rows_read": rows,
         "triton_gbps": rows * weight_bytes / (triton_graph_ms * 1e-3) / 1e9,
         "gather_gbps": rows * weight_bytes / (gather["gather_graph_us"] * 1e-6) / 1e9,
@@ -397,12 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.real_inputs is not None:
         cases += real_input_cases(args, dtype)
 
-    headers = ["layer", "B", "s", "tile us", "dense us", "ratio", "graph: tile", "other load", "gather", "its steps",
-               "best", "dense", "x dense", "1-s", "rows", "gather GB/s", "dense GB/s", "err", "kept ok"]
+    headers = ["layer", "B", "s", "tile us", "dense us", "ratio", "graph: tile", "gather", "its steps", "best",
+               "dense", "x dense", "1-s", "rows", "gather GB/s", "dense GB/s", "err", "kept ok"]
     rows = [[c["layer"], str(c["batch"]), fmt(c["sparsity"], 2), fmt(c["triton_us"]), fmt(c["dense_us"]),
-             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]),
-             (f"{fmt(c['tile_other_load_graph_us'])} {'masked' if c['tile_loads_all_rows'] else 'all'}"
-              f"{'' if c['tile_other_load_same_output'] else ' DIFFERS'}"), fmt(c["gather_graph_us"]),
+             fmt(c["ratio"], 2), fmt(c["triton_graph_us"]), fmt(c["gather_graph_us"]),
              "+".join(fmt(v) for v in c["gather_steps_us"].values()), fmt(c["gather_best_us"]),
              fmt(c["dense_graph_us"]), fmt(c["dense_graph_us"] / c["gather_graph_us"], 2),
              fmt(c["roofline_ratio"], 2), fmt(c["rows_read"], 2), fmt(c["gather_gbps"], 0),
@@ -410,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
              "yes" if c["kept_matches"] and c["gather_kept_matches"] else "NO"]
             for c in cases]
     text = (f"WINA sparse GEMV vs cuBLAS dense on {gpu} ({args.dtype})\n"
-            "ratio = tile/dense time (eager); graph columns: GPU time alone, tile kernel, the tile kernel "
-            "with its other weight-load mode (all rows / masked rows), gather path "
+            "ratio = tile/dense time (eager); graph columns: GPU time alone, tile kernel, gather path "
             "(served; heuristic, its launches each alone, best of --gather-grid), cuBLAS; x dense = cuBLAS / "
             "gather; 1-s = the "
             "roofline ratio; rows = weight rows read\n\n"

@@ -73,9 +73,6 @@ MAX_SEGMENTS = 3  # fused q/k/v
 # batch 1 and batch 3, as the paths' different roundings flipped masks near their thresholds.
 # The broadcast path stays for use_dot=False (tests, comparisons).
 DOT_MIN_BATCH = 1
-# From this batch size the tile kernels load every weight row of their K range, kept by some row or
-# not (see load_all_rows).
-LOAD_ALL_MIN_BATCH = 4
 SparsePath = Literal["tile", "gather"]  # the two sparse kernels (see the module docstring)
 SPARSE_PATHS = ("tile", "gather")
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -149,7 +146,6 @@ def _wina_linear_kernel(
     BLOCK_N: tl.constexpr,  # output columns per program
     USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
     DOT_NATIVE: tl.constexpr,  # x and w share a 16-bit dtype: dot in that dtype
-    LOAD_ALL: tl.constexpr,  # load every weight row, kept or not (same outputs: see load_all_rows)
 ):
     pid_k = tl.program_id(1)
     g, local_block, offs_n, n_ok = _segment_block(tl.program_id(0), N0, N1, N2, BLOCK_N)
@@ -172,8 +168,6 @@ def _wina_linear_kernel(
         keep = (tl.abs(x) * cn[None, :] > thr[:, None]) & valid  # each row's own mask
         kept += keep.to(tl.int32)
         need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some row keeps channel k
-        if LOAD_ALL:
-            need = k_ok
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                     mask=need[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
         acc = _accumulate(acc, tl.where(keep, x, 0.0), w, USE_DOT, DOT_NATIVE)
@@ -221,7 +215,6 @@ def _wina_gate_up_kernel(
     BLOCK_N: tl.constexpr,  # intermediate columns per program (each of gate and up)
     USE_DOT: tl.constexpr,  # tl.dot (BLOCK_B >= 16) instead of a broadcast multiply-and-sum
     DOT_NATIVE: tl.constexpr,  # x and w share a 16-bit dtype: dot in that dtype
-    LOAD_ALL: tl.constexpr,  # load every weight row, kept or not (same outputs: see load_all_rows)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -253,9 +246,6 @@ def _wina_gate_up_kernel(
         kept_u += keep_u.to(tl.int32)
         need_g = tl.max(keep_g.to(tl.int32), axis=0) > 0
         need_u = tl.max(keep_u.to(tl.int32), axis=0) > 0
-        if LOAD_ALL:
-            need_g = k_ok
-            need_u = k_ok
         w_rows = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
         w_g = tl.load(w_rows, mask=need_g[:, None] & n_ok[None, :], other=0.0)
         w_u = tl.load(w_rows + I, mask=need_u[:, None] & n_ok[None, :], other=0.0)
@@ -500,17 +490,6 @@ class WinaKernelConfig:
     num_warps: int = 4
     use_dot: bool | None = None  # tl.dot on a batch tile padded to >= 16; None: batch >= DOT_MIN_BATCH
     num_stages: int | None = None  # software-pipelining depth of the K loop; None: Triton's default
-    load_all_rows: bool | None = None  # see load_all_rows; None: batch >= LOAD_ALL_MIN_BATCH
-
-
-def load_all_rows(config: WinaKernelConfig, batch: int) -> bool:
-    """Whether the tile kernels load every weight row instead of only those some row keeps. The
-    outputs are the same either way: a row no one keeps meets a zero input in every batch row, so
-    its products are exact zeros (the weights are finite, as batch invariance already assumes).
-    Loading all rows lets the weight loads run ahead of the masks that would gate them (they no
-    longer wait for x), which pays once the batch's rows leave few weight rows unneeded (at 50%
-    sparsity, 4 rows need ~94% of them)."""
-    return config.load_all_rows if config.load_all_rows is not None else batch >= LOAD_ALL_MIN_BATCH
 
 
 def tuning_key(gate_up: bool, block_b: int, k: int, widths: Sequence[int], weight_bytes: int) -> str:
@@ -688,7 +667,6 @@ def _launch(kernel, x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
         # Triton 3.9's interpreter miscomputes bf16 tl.dot; there the fp32 dot of the same values
         # (16-bit products are exact in fp32) gives the same result.
         DOT_NATIVE=x.dtype == weight_t.dtype and x.dtype != torch.float32 and not INTERPRETED,
-        LOAD_ALL=load_all_rows(config, x.shape[0]),
         num_warps=config.num_warps,
         **pipelining,
     )

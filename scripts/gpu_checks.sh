@@ -117,8 +117,7 @@ for c in report.get("cases", []):
         dot = f"; broadcast path {c['broadcast_graph_us']:.1f}" if "broadcast_graph_us" in c else ""
         steps = "+".join(f"{v:.1f}" for v in c.get("gather_steps_us", {}).values())
         print(f"{name}: {c['layer']} B={c['batch']} s={c['sparsity']:.2f} graph: gather {c['gather_graph_us']:.1f} "
-              f"(steps {steps}; best {c['gather_best_us']:.1f} {c['gather_best']}), tile {c['triton_graph_us']:.1f} "
-              f"(other load {c.get('tile_other_load_graph_us', 0):.1f}), cuBLAS "
+              f"(steps {steps}; best {c['gather_best_us']:.1f} {c['gather_best']}), tile {c['triton_graph_us']:.1f}, cuBLAS "
               f"{c['dense_graph_us']:.1f} us (gather x{c['dense_graph_us'] / c['gather_graph_us']:.2f}, rows read "
               f"{c['rows_read']:.2f}); eager gather {c['gather_eager_us']:.1f} vs {c['dense_us']:.1f}{dot}")
 decode = report.get("decode")

@@ -304,40 +304,6 @@ def _check_fused_gather_same_bits(device: str, cases, **config) -> None:
         assert torch.equal(y0, y1) and torch.equal(kept0, kept1)
 
 
-def _check_load_all_rows_same_bits(device: str, cases, dtype: torch.dtype = torch.float16) -> None:
-    """The tile kernels with every weight row loaded (load_all_rows) and with only the rows some row
-    keeps: the same outputs (a row no one keeps meets zero inputs) and kept counts."""
-    for batch, k, segments, gate_up in cases:
-        (x, weight_t, col_norms, thresholds, b), _ = _problem(batch, k, segments, dtype, 0.5, True, device=device)
-        base = wt.pick_config(batch, k, tuple(segments), gate_up, x.device, weight_bytes=weight_t.element_size())
-        outputs = []
-        for load_all in (False, True):
-            config = replace(base, load_all_rows=load_all)
-            if gate_up:
-                outputs.append(wt.wina_gate_up_sparse(x, weight_t, col_norms, thresholds, b, config=config))
-            else:
-                outputs.append(wt.wina_linear_sparse(x, weight_t, col_norms, thresholds, segments, b, config=config))
-        (y0, kept0), (y1, kept1) = outputs
-        assert torch.equal(y0, y1) and torch.equal(kept0, kept1)
-
-
-@interpreted
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_loading_all_rows_changes_nothing(dtype):
-    _check_load_all_rows_same_bits("cpu", [(1, 37, (20, 17, 16), False), (5, 100, (20, 17, 16), False),
-                                           (3, 37, (21, 21), True)], dtype)
-    # The flag is live: a NaN in a weight row that no row keeps reaches the output only when every
-    # row is loaded (why the weights must be finite, as for batch invariance already).
-    (x, weight_t, col_norms, thresholds, _), _ = _problem(1, 37, (20, 17, 16), dtype, 0.5, False)
-    skipped = int(torch.nonzero(x[0].float().abs() * col_norms[0] <= thresholds[0, 0])[0])
-    weight_t[skipped, :20] = float("nan")
-    config = wt.pick_config(1, 37, (20, 17, 16), False, x.device, weight_bytes=weight_t.element_size())
-    for load_all in (False, True):
-        y, _ = wt.wina_linear_sparse(x, weight_t, col_norms, thresholds, (20, 17, 16),
-                                     config=replace(config, load_all_rows=load_all))
-        assert bool(y[0, :20].isnan().any()) == load_all
-
-
 @interpreted
 def test_fused_gather_same_bits():
     _check_fused_gather_same_bits("cpu", [(5, 37, (20, 17, 16), False), (3, 37, (21, 21), True)],
@@ -433,10 +399,6 @@ def test_compiled_kernel_on_cuda():
         run(wt.wina_linear_sparse, wina_linear_reference, 1, 14336, (4096,), dtype, 0.5, False)
         run(wt.wina_gate_up_triton, wina_gate_up_reference, 8, 4096, (14336, 14336), dtype, 0.5, True)
 
-    for dtype in DTYPES:
-        _check_load_all_rows_same_bits("cuda", [(batch, 14336, (4096,), False) for batch in (1, 8)]
-                                       + [(batch, 4096, (14336, 14336), True) for batch in (1, 8)]
-                                       + [(batch, 576, (576, 192, 192), False) for batch in (2, 16)], dtype)
     _check_fused_gather_same_bits("cuda", [(batch, 14336, (4096,), False) for batch in (1, 8)]
                                   + [(batch, 4096, (14336, 14336), True) for batch in (1, 8)]
                                   + [(3, 576, (576, 192, 192), False)])
