@@ -794,7 +794,7 @@ def gather_config(batch: int, k: int, widths: Sequence[int], device: torch.devic
     from batch 16 to keep <= 64 accumulators per thread); as many warps per program as leave two
     waves of programs; final-sum blocks small enough for two waves too; the compaction fused into
     the GEMV at batch 1 and 2, where that measured faster on an H100 (Llama-3-8B's MLP, 50%: 3-9%;
-    at batch 4 and 8 2-24% slower: each column block compacts its chunk again, for every row)."""
+    at batch 4 and 8 3-24% slower: each column block compacts its chunk again, for every row)."""
     widest = triton.next_power_of_2(max(widths))
     if device.type != "cuda":  # the interpreter runs each op once per program: few, large programs
         return GatherConfig(chunk=256, block_n=widest)
