@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         edit = edits[name]
         key = _key(name, edit.label, args.prompts, args.samples, args.max_new_tokens, args.top_p, args.seed,
-                   args.ppl_tokens, args.window, loaded.fingerprint,
-                   None if edit.profile is None else float(edit.profile.S.sum()))
+                   args.ppl_tokens, args.window, loaded.fingerprint, _profile_digest(edit.profile))
         row = _cached(args.cache, key)
         if row is None:
             row_started = time.monotonic()
@@ -344,6 +343,18 @@ def _plot(results: dict, path: Path, sizes: str) -> None:
 
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
+
+
+def _profile_digest(profile) -> str | None:
+    """What the profile does, for the cache key: its mode, alpha and every tensor (the gate bounds
+    too: profiles that differ only in their gate quantile share label and singular values)."""
+    if profile is None:
+        return None
+    digest = hashlib.sha256(f"{profile.mode} {profile.default_alpha}".encode())
+    for tensor in (profile.U, profile.S, profile.V, profile.lower, profile.upper):
+        if tensor is not None:
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _key(*parts) -> str:
