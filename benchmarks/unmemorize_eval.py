@@ -68,7 +68,7 @@ def random_twin(profile: MemorizationProfile, seed: int, down_shapes: list[tuple
         for layer, count in enumerate(profile.pruned_neurons.sum(1).tolist()):
             pruned[layer, torch.randperm(profile.intermediate_size, generator=g)[:int(count)]] = True
         return MemorizationProfile(name, "neuron", profile.num_layers, profile.intermediate_size, pruned_neurons=pruned)
-    layers, rows, cols = (t.long() for t in profile.weight_index)
+    layers, rows, _ = (t.long() for t in profile.weight_index)
     out_l, out_r, out_c = [], [], []
     for layer in range(profile.num_layers):
         hidden, intermediate = down_shapes[layer]
@@ -326,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         params = raw.header["parameters"]
         objective = "-logodds" if params.get("record_objective") == "logodds" and params.get("score") == "attribution" else ""
+        if params.get("retain_weight"):  # profiles with a retain cost or a layer restriction are families of their own
+            objective += f"-{params['retain_measure']}{'-ratio' if params['retain_form'] == 'ratio' else ''}{params['retain_weight']:g}"
+        if params.get("layers", "all") != "all":
+            objective += f"-layers{params['layers']}"
         family = (f"neuron-{params.get('score')}{objective}-{params.get('allocation')}" if profile.granularity == "neuron"
                   else "weight" + ("-spared" if params.get("spared_columns") else "-paper"))
         registry.add_memorization(profile)

@@ -1,5 +1,6 @@
-"""Memorization calibration (issue 6): the record generator, the scores on a planted case, the weight
-masks' per-row selection, and one real calibration run on the default model."""
+"""Memorization calibration (issue 6): the record generator, the scores on a planted case, the retain
+cost and the layer restriction, the weight masks' per-row selection, and real calibration runs on
+the default model."""
 
 from __future__ import annotations
 
@@ -8,8 +9,23 @@ import argparse
 import pytest
 import torch
 
-from server.calibration.memorization import (SetStats, add_arguments, choose_neurons, neuron_scores, run,
-                                             spared_neurons, synthetic_records, weight_mask_indices, write_records)
+from server.calibration.memorization import (
+    SetStats,
+    _batch_records,
+    add_arguments,
+    choose_neurons,
+    collect_stats,
+    format_layers,
+    neuron_scores,
+    parse_layers,
+    retain_adjusted,
+    retain_cost,
+    run,
+    spared_neurons,
+    synthetic_records,
+    weight_mask_indices,
+    write_records,
+)
 from server.interventions.memorization import MemorizationProfile
 from server.profiles import load_profile
 
@@ -68,6 +84,108 @@ def test_activation_baseline_also_picks_the_format_neuron():
     assert set(top) == {planted[1], digit[1]}
 
 
+def _retain_case():
+    """Layer 1: neuron 17 carries recall best but ordinary text uses it heavily (by every retain
+    measure); neuron 30 carries recall a little less and ordinary text hardly uses it."""
+    layers, intermediate = 2, 64
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(layers, intermediate, generator=g, dtype=torch.float64) * 0.1
+    scores[1, 17], scores[1, 30] = 5.0, 4.0
+    ref = SetStats.zeros(layers, intermediate)
+    ref.tokens = ref.targets = 100
+    base = torch.rand(layers, intermediate, generator=g, dtype=torch.float64) + 0.5
+    ref.sum_abs += base * 100
+    ref.effect += base  # small positive first-order effects everywhere
+    ref.effect_sq += base ** 2 * 100
+    ref.sum_abs[1, 17] *= 20
+    ref.effect[1, 17] *= 20
+    ref.effect_sq[1, 17] *= 400
+    return scores, {"reference": ref}, torch.zeros(layers, intermediate, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("measure", ["effect", "taylor", "activation"])
+@pytest.mark.parametrize("form", ["difference", "ratio"])
+def test_retain_weight_trades_recall_against_ordinary_text(measure, form):
+    scores, stats, spared = _retain_case()
+    cost = retain_cost(stats, torch.ones(2, 64), measure)
+    assert cost[1, 17] > 10 * cost[1, 30]
+    # weight 0 is the score as it was: the same tensor, the same choice
+    assert retain_adjusted(scores, cost, 0.0, form) is scores
+    default = choose_neurons(retain_adjusted(scores, cost, 0.0, form), spared, 1 / 64, "global", 1.0)
+    assert default.equal(choose_neurons(scores, spared, 1 / 64, "global", 1.0))
+    assert default[1, 17] and not default[1, 30]
+    chosen = choose_neurons(retain_adjusted(scores, cost, 1.0, form), spared, 1 / 64, "global", 1.0)
+    assert chosen.sum() == default.sum() == 2  # same budget; one neuron per layer (layer cap 1 x ratio)
+    assert chosen[1, 30] and not chosen[1, 17]
+
+
+def test_retain_adjusted_rejects_what_it_does_not_know():
+    scores, stats, _ = _retain_case()
+    cost = retain_cost(stats, torch.ones(2, 64), "effect")
+    with pytest.raises(ValueError):
+        retain_adjusted(scores, cost, -1.0)
+    with pytest.raises(ValueError):
+        retain_adjusted(scores, cost, 1.0, "product")
+    with pytest.raises(ValueError):
+        retain_cost(stats, torch.ones(2, 64), "weight")
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_candidate_layers_restrict_the_choice(allocation):
+    scores = torch.arange(3 * 100, dtype=torch.float64).reshape(3, 100).flip(0)  # layer 0 scores highest
+    spared = torch.zeros(3, 100, dtype=torch.bool)
+    everywhere = choose_neurons(scores, spared, 0.03, allocation, layer_cap=4.0)
+    assert everywhere[0].sum() == 3
+    chosen = choose_neurons(scores, spared, 0.03, allocation, layer_cap=4.0, candidate_layers=(1, 2))
+    assert chosen[0].sum() == 0
+    if allocation == "global":
+        assert chosen.sum() == everywhere.sum() == 9  # the budget is ratio x all layers' neurons
+    else:
+        assert chosen.sum(1).tolist() == [0, 3, 3]
+        assert chosen[1:].equal(everywhere[1:])
+    assert choose_neurons(scores, spared, 0.03, allocation, 4.0, candidate_layers=None).equal(everywhere)
+
+
+def test_layer_specs():
+    assert parse_layers("all") is None
+    assert parse_layers("10-29", 30) == tuple(range(10, 30))
+    assert parse_layers("0-2, 5,7-8") == (0, 1, 2, 5, 7, 8)
+    assert format_layers(parse_layers("0-2,5,7-8")) == "0-2,5,7-8"
+    assert format_layers(None) == "all"
+    for bad in ("10-30", "5-3", "x", "-1"):
+        with pytest.raises(ValueError):
+            parse_layers(bad, 30)
+
+
+def test_collected_effects_match_per_position_gradients():
+    """effect and effect_sq against autograd on a mask of ones per position (a second route to
+    the same numbers), on a tiny random Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).float().eval()
+    records = [([3, 4, 5], [6, 7, 8, 9]), ([10, 11], [12, 13, 14])]
+    stats = collect_stats(model, {"memorized": records}, pad_id=0, batch_size=2, layers=2, intermediate=24,
+                          record_objective="nll")["memorized"]
+    ids, select, targets = _batch_records(records, 0)
+    masks = [torch.ones(*ids.shape, 24, requires_grad=True) for _ in range(2)]
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: (a[0] * masks[i],))
+               for i, layer in enumerate(model.model.layers)]
+    try:
+        logits = model(input_ids=ids).logits[select]
+        torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+    per_position = torch.stack([m.grad.flatten(0, 1) for m in masks]).double()  # [layers, B*T, intermediate]
+    # float32 forward and backward: agreement to float32 rounding of sums of ~10 terms
+    torch.testing.assert_close(stats.effect, -per_position.sum(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats.effect_sq, per_position.pow(2).sum(1), rtol=1e-4, atol=1e-9)
+    assert stats.effect_sq.sum() > 0
+
+
 def test_uniform_allocation_takes_ratio_per_layer_and_skips_spared():
     scores = torch.arange(2 * 100, dtype=torch.float64).reshape(2, 100)
     spared = torch.zeros(2, 100, dtype=torch.bool)
@@ -108,11 +226,17 @@ def test_calibration_run_writes_a_loadable_profile(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--memorized", str(records), "--ratio", "0.01", "--granularity", "both",
+                              "--retain-weight", "0", "4", "--retain-measure", "taylor",
                               "--reference-sequences", "2", "--batch-size", "4", "--out", str(tmp_path / "p")])
     assert run(args) == 0
     paths = sorted((tmp_path / "p").glob("memorization-*.safetensors"))
+    # the default (retain weight 0) keeps the name profiles had before the option existed
     assert [p.name for p in paths] == ["memorization-neuron-attribution-logodds-0.01.safetensors",
+                                       "memorization-neuron-attribution-logodds-taylor4-0.01.safetensors",
                                        "memorization-weight-0.01-spared.safetensors"]
+    retained = load_profile(paths.pop(1))
+    assert retained.header["parameters"]["retain_weight"] == 4.0
+    assert retained.header["parameters"]["retain_measure"] == "taylor"
     for path in paths:
         raw = load_profile(path)
         profile = MemorizationProfile.from_profile(raw)
@@ -122,7 +246,35 @@ def test_calibration_run_writes_a_loadable_profile(tmp_path):
         quality = raw.header["quality"]
         assert {"calibration_records_before", "calibration_records_after"} <= set(quality)
         assert profile.pruned_count > 0
-    neuron = MemorizationProfile.from_profile(load_profile(paths[0]))
+    neuron_raw = load_profile(paths[0])
+    neuron = MemorizationProfile.from_profile(neuron_raw)
     assert neuron.granularity == "neuron"
+    assert neuron_raw.header["parameters"]["retain_weight"] == 0.0
+    assert neuron_raw.header["parameters"]["layers"] == "all"
     # global allocation keeps the total budget: round(0.01 * 1536) per layer on average
     assert neuron.pruned_count == 15 * 30
+    # a strong retain cost moves the choice away from the neurons ordinary text uses
+    other = MemorizationProfile.from_profile(retained)
+    assert other.pruned_count == 15 * 30
+    assert (other.pruned_neurons & neuron.pruned_neurons).sum() < 15 * 30
+
+
+def test_calibration_run_keeps_to_the_named_layers(tmp_path):
+    records = tmp_path / "leaked.jsonl"
+    write_records(records, synthetic_records(2, seed=0))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--memorized", str(records), "--ratio", "0.01", "--granularity", "neuron",
+                              "--layers", "10-29", "--reference-sequences", "2", "--batch-size", "4",
+                              "--out", str(tmp_path / "p")])
+    assert run(args) == 0
+    [path] = (tmp_path / "p").glob("memorization-*.safetensors")
+    assert path.name == "memorization-neuron-attribution-logodds-layers10-29-0.01.safetensors"
+    raw = load_profile(path)
+    assert raw.header["parameters"]["layers"] == "10-29"
+    per_layer = MemorizationProfile.from_profile(raw).pruned_neurons.sum(1)
+    assert per_layer[:10].sum() == 0
+    assert per_layer.sum() == 15 * 30  # the global budget stays ratio x all neurons
+    bad = parser.parse_args(["--memorized", str(records), "--layers", "12-10", "--granularity", "neuron",
+                             "--out", str(tmp_path / "q")])
+    assert run(bad) == 2  # not a range (checked before the model loads)

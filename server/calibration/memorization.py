@@ -11,6 +11,8 @@ every down_proj, records per layer and neuron j:
     and at every position of the reference text (position 0, the attention sink, left out);
   - the first-order effect of zeroing the neuron on each set's loss, -dL/dm_j = -sum_t a_tj g_tj
     (nats per target token): how much that set's loss would rise without the neuron;
+  - the sum over positions of (a_tj g_tj)^2: the size of the neuron's per-position effects, which
+    does not average out where the model sits near a minimum of that set's loss (ordinary text);
   - for weight masks: the RMS over tokens of the L2-normalised input rows (the paper's ||X_j||).
 
 Neuron scores (--score):
@@ -20,9 +22,16 @@ Neuron scores (--score):
                and cancel).
   attribution  effect on the memorized loss minus the (positive part of the) effects on the
                never-seen and reference losses: neurons whose removal hurts recall and nothing else.
+Retain cost (--retain-weight LAMBDA > 0, neuron masks): the score is traded against what the neuron
+does on ordinary text, --retain-measure: effect (positive part of the first-order reference-loss
+effect), taylor (RMS of the per-position effects a_tj g_tj), activation (mean|a_ref| * ||W_j||).
+--retain-form difference: score / mean|score| - LAMBDA * cost / mean(cost); ratio ("selective
+pruning", Pochinkov & Schoots 2024): max(score, 0) / mean / max(cost / mean(cost), 0.1)^LAMBDA.
+LAMBDA 0 leaves the score as it is.
 Sparing (every score): neurons ordinary text needs are never chosen: massive-activation neurons
 (reference importance mean|a_ref| * ||W_j|| above --massive-factor x the layer's median) and the top
---spare-fraction per layer by reference-loss effect.
+--spare-fraction per layer by reference-loss effect. --layers restricts the candidates to some layers
+(the budget stays ratio x all neurons under global allocation).
 Allocation: uniform (ratio per layer) or global (the top ratio x layers x neurons of the layer-
 standardised scores, at most --layer-cap x ratio in one layer): layers where recall concentrates
 take more.
@@ -169,6 +178,10 @@ class MemorizationCalibrationConfig:
     unseen_seed: int = 1000
     batch_size: int = 8
     record_objective: str = "logodds"   # logodds | nll (see collect_stats)
+    retain_weights: tuple[float, ...] = (0.0,)  # LAMBDA per neuron profile; 0: the score alone
+    retain_form: str = "difference"     # difference | ratio (see retain_adjusted)
+    retain_measure: str = "effect"      # effect | taylor | activation (see retain_cost)
+    layers: tuple[int, ...] | None = None  # layers whose neurons may be chosen; None: all
     weight_spare: bool = True           # weight masks also leave the spared neurons' columns alone
     seed: int = 0
     data_dir: Path = field(default_factory=lambda: _default_data_dir())
@@ -181,6 +194,9 @@ def _default_data_dir() -> Path:
 
 
 SCORES = ("activation", "contrast", "attribution")
+RETAIN_FORMS = ("difference", "ratio")
+RETAIN_MEASURES = ("effect", "taylor", "activation")
+RATIO_COST_FLOOR = 0.1  # ratio form: a cost below 0.1 x the mean cost counts as 0.1 x (no division by ~0)
 SETS = ("memorized", "unseen", "reference")
 
 
@@ -191,13 +207,14 @@ class SetStats:
     sum_sq: torch.Tensor
     sum_unit_sq: torch.Tensor      # sum over tokens of (a_tj / ||a_t||)^2: the paper's ||X_j||^2
     effect: torch.Tensor           # -dL/dm_j summed over target tokens (nats)
+    effect_sq: torch.Tensor        # sum over all positions of (a_tj g_tj)^2
     tokens: int = 0                # positions the activation sums cover
     targets: int = 0               # target tokens the loss covers
 
     @classmethod
     def zeros(cls, layers: int, intermediate: int) -> SetStats:
         z = lambda: torch.zeros(layers, intermediate, dtype=torch.float64)
-        return cls(z(), z(), z(), z())
+        return cls(z(), z(), z(), z(), z())
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -218,6 +235,12 @@ class SetStats:
         """Rise of the mean per-token loss (nats) if the neuron were zeroed, to first order."""
         return self.effect / max(self.targets, 1)
 
+    @property
+    def rms_effect(self) -> torch.Tensor:
+        """Root of the summed squared per-position effects (a_tj g_tj)^2 per target token (a Taylor
+        importance that does not cancel between positions)."""
+        return (self.effect_sq / max(self.targets, 1)).sqrt()
+
 
 class _MaskedRecorder:
     """Forward pre-hooks on every down_proj: record statistics of its input at the selected
@@ -232,13 +255,20 @@ class _MaskedRecorder:
     def _hook(self, layer: int):
         def hook(module, args):
             x = args[0]  # [B, T, intermediate]
+            s = self.stats
             with torch.no_grad():
                 picked = x[self.select].double()  # [N, intermediate]
-                s = self.stats
                 s.sum_abs[layer] += picked.abs().sum(0)
                 s.sum_sq[layer] += (picked ** 2).sum(0)
                 s.sum_unit_sq[layer] += (picked / picked.norm(dim=-1, keepdim=True).clamp_min(1e-12)).pow(2).sum(0)
-            return (x * self.masks[layer],)
+            y = x * self.masks[layer]
+
+            def per_position(grad):  # grad: dL/dy [B, T, intermediate]; a_tj g_tj is the mask's gradient per position
+                with torch.no_grad():  # every position, as the mask's gradient (later ones and padding give 0)
+                    s.effect_sq[layer] += (x.detach() * grad).double().pow(2).sum((0, 1))
+
+            y.register_hook(per_position)
+            return (y,)
         return hook
 
     def remove(self) -> None:
@@ -336,6 +366,72 @@ def neuron_scores(stats: dict[str, SetStats], column_norms: torch.Tensor, score:
     raise ValueError(f"unknown score {score!r}; one of {SCORES}")
 
 
+def retain_cost(stats: dict[str, SetStats], column_norms: torch.Tensor, measure: str) -> torch.Tensor:
+    """-> [layers, intermediate] >= 0: what zeroing the neuron would cost ordinary text, by `measure`:
+    effect (positive part of the first-order rise of the reference loss; near a minimum of that loss
+    it averages out), taylor (RMS over positions of the per-position effect a_tj g_tj, which does
+    not), activation (mean|a_ref| * ||W_down[:, j]||, the size of its output on ordinary text)."""
+    ref = stats["reference"]
+    if measure == "effect":
+        return ref.mean_effect.clamp_min(0)
+    if measure == "taylor":
+        return ref.rms_effect
+    if measure == "activation":
+        return ref.mean_abs * column_norms.double()
+    raise ValueError(f"unknown retain measure {measure!r}; one of {RETAIN_MEASURES}")
+
+
+def retain_adjusted(scores: torch.Tensor, cost: torch.Tensor, weight: float, form: str = "difference") -> torch.Tensor:
+    """Trade a neuron's score ([layers, intermediate], higher = more specific to the memorized
+    records) against its retain cost (same shape, >= 0), each on its own scale (divided by its mean
+    |value| over all neurons). difference: score - weight * cost; ratio (selective pruning):
+    max(score, 0) / max(cost, RATIO_COST_FLOOR)^weight. weight 0 returns `scores` unchanged."""
+    if weight < 0:
+        raise ValueError(f"retain weight must be >= 0, got {weight}")
+    if weight == 0:
+        return scores
+    scores, cost = scores.double(), cost.double()
+    cost = cost / cost.abs().mean().clamp_min(1e-30)
+    if form == "difference":
+        return scores / scores.abs().mean().clamp_min(1e-30) - weight * cost
+    if form == "ratio":
+        forget = scores.clamp_min(0)
+        return forget / forget.mean().clamp_min(1e-30) / cost.clamp_min(RATIO_COST_FLOOR) ** weight
+    raise ValueError(f"unknown retain form {form!r}; one of {RETAIN_FORMS}")
+
+
+def parse_layers(spec: str, num_layers: int | None = None) -> tuple[int, ...] | None:
+    """'all' -> None; '10-29' or '0-3,10-29' or '5' -> the sorted layer indices (checked against
+    num_layers where given)."""
+    if spec.strip() == "all":
+        return None
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"--layers: {part!r} is not a layer or a range like 10-29") from None
+        if lo < 0 or hi < lo or (num_layers is not None and hi >= num_layers):
+            raise ValueError(f"--layers: {part!r} is not a range within the model's layers"
+                             + (f" (0-{num_layers - 1})" if num_layers is not None else ""))
+        chosen.update(range(lo, hi + 1))
+    return tuple(sorted(chosen))
+
+
+def format_layers(layers: tuple[int, ...] | None) -> str:
+    """(10, 11, ..., 29) -> '10-29'; None -> 'all'."""
+    if layers is None:
+        return "all"
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def spared_neurons(stats: dict[str, SetStats], column_norms: torch.Tensor, spare_fraction: float,
                    massive_factor: float) -> tuple[torch.Tensor, dict[str, int]]:
     """-> ([layers, intermediate] bool: never prune, counts). Massive-activation neurons (reference
@@ -345,7 +441,7 @@ def spared_neurons(stats: dict[str, SetStats], column_norms: torch.Tensor, spare
     importance = ref.mean_abs * column_norms.double()  # [L, I]
     massive = importance > massive_factor * importance.median(dim=1, keepdim=True).values
     spared = massive.clone()
-    k = int(round(spare_fraction * importance.shape[1]))
+    k = round(spare_fraction * importance.shape[1])
     if k > 0:
         top = ref.mean_effect.topk(k, dim=1).indices
         needed = torch.zeros_like(spared)
@@ -356,21 +452,28 @@ def spared_neurons(stats: dict[str, SetStats], column_norms: torch.Tensor, spare
 
 
 def choose_neurons(scores: torch.Tensor, spared: torch.Tensor, ratio: float, allocation: str = "uniform",
-                   layer_cap: float = 4.0) -> torch.Tensor:
+                   layer_cap: float = 4.0, candidate_layers: tuple[int, ...] | None = None) -> torch.Tensor:
     """-> [layers, intermediate] bool, ratio x intermediate neurons per layer (uniform), or
     ratio x layers x intermediate in all with at most layer_cap x ratio in one layer (global,
-    on layer-standardised scores). Spared neurons are never chosen."""
+    on layer-standardised scores). Spared neurons are never chosen, nor any outside
+    candidate_layers (None: all); the global budget stays ratio x all layers' neurons."""
     layers, intermediate = scores.shape
+    outside = torch.zeros(layers, dtype=torch.bool)
+    if candidate_layers is not None:
+        outside[:] = True
+        outside[list(candidate_layers)] = False
+        spared = spared | outside.unsqueeze(1)
     masked = scores.double().masked_fill(spared, float("-inf"))
     chosen = torch.zeros(layers, intermediate, dtype=torch.bool)
-    per_layer = max(1, int(round(ratio * intermediate)))
+    per_layer = max(1, round(ratio * intermediate))
     if allocation == "uniform":
         chosen.scatter_(1, masked.topk(per_layer, dim=1).indices, True)
+        chosen[outside] = False
         return chosen
     if allocation != "global":
         raise ValueError(f"unknown allocation {allocation!r}")
     z = _zscore_rows(scores.double().masked_fill(spared, float("nan")).nan_to_num(0.0)).masked_fill(spared, float("-inf"))
-    cap = max(1, int(round(layer_cap * ratio * intermediate)))
+    cap = max(1, round(layer_cap * ratio * intermediate))
     budget = per_layer * layers
     order = z.flatten().argsort(descending=True)
     taken = torch.zeros(layers, dtype=torch.long)
@@ -499,10 +602,23 @@ def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: lis
 # The command
 # ---------------------------------------------------------------------------------------------
 
+def neuron_profile_name(config: MemorizationCalibrationConfig, ratio: float, retain_weight: float) -> str:
+    """neuron-<score>[-logodds][-<measure>[-ratio]<LAMBDA>][-layers<spec>]-<ratio>; the defaults
+    (no retain cost, all layers) give the names of profiles made before those options existed."""
+    objective = "-logodds" if config.score == "attribution" and config.record_objective == "logodds" else ""
+    retain = ""
+    if retain_weight:
+        form = "-ratio" if config.retain_form == "ratio" else ""
+        retain = f"-{config.retain_measure}{form}{retain_weight:g}"
+    layers = "" if config.layers is None else f"-layers{format_layers(config.layers)}"
+    return f"neuron-{config.score}{objective}{retain}{layers}-{ratio:g}"
+
+
 def calibrate_memorization(model, tokenizer, memorized: list[dict], config: MemorizationCalibrationConfig,
                            unseen: list[dict] | None = None,
                            reference: tuple[list[list[int]], list[list[int]]] | None = None):
-    """-> (list of (MemorizationProfile, parameters, quality) per granularity and ratio, report, stats).
+    """-> (list of (MemorizationProfile, parameters, quality) per granularity, ratio and (neuron masks)
+    retain weight, report, stats).
     reference: (scoring pieces, held-out pieces) of ordinary text; default WikiText-2 valid + Alpaca."""
     from server.interventions.memorization import MemorizationProfile
 
@@ -521,7 +637,10 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
                           pad_id, config.batch_size, layers, intermediate, config.record_objective)
     down_weights = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
     column_norms = torch.stack([w.norm(dim=0) for w in down_weights])  # [L, I]
+    if config.layers is not None and not all(0 <= layer < layers for layer in config.layers):
+        raise ValueError(f"layers {format_layers(config.layers)} outside the model's 0-{layers - 1}")
     scores = neuron_scores(stats, column_norms, config.score)
+    cost = retain_cost(stats, column_norms, config.retain_measure)
     spared, spare_counts = spared_neurons(stats, column_norms, config.spare_fraction, config.massive_factor)
     report = {
         "sets": {name: {"tokens": s.tokens, "targets": s.targets,
@@ -535,18 +654,22 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
     logger.info("spared neurons: %s", spare_counts)
     before = measure(model, mem_enc, heldout_text, pad_id, config.batch_size)
     report["before"] = before
+    report["heldout_reference"] = {"pieces": len(heldout_text), "scored_tokens": sum(len(t) - 2 for t in heldout_text)}
     results = []
-    runs = [(g, r) for g in config.granularities for r in config.ratios]
-    for granularity, ratio in tqdm(runs, desc="profiles", unit="profile"):
+    runs = [(g, r, w) for g in config.granularities for r in config.ratios
+            for w in (config.retain_weights if g == "neuron" else (0.0,))]
+    for granularity, ratio, retain_weight in tqdm(runs, desc="profiles", unit="profile"):
         if granularity == "neuron":
-            pruned = choose_neurons(scores, spared, ratio, config.allocation, config.layer_cap)
-            objective = "-logodds" if config.score == "attribution" and config.record_objective == "logodds" else ""
-            name = f"neuron-{config.score}{objective}-{ratio:g}"
+            adjusted = retain_adjusted(scores, cost, retain_weight, config.retain_form)
+            pruned = choose_neurons(adjusted, spared, ratio, config.allocation, config.layer_cap, config.layers)
+            name = neuron_profile_name(config, ratio, retain_weight)
             profile = MemorizationProfile(name, "neuron", layers, intermediate, pruned_neurons=pruned)
             parameters = {"ratio": ratio, "score": config.score, "allocation": config.allocation,
                           "record_objective": config.record_objective,
                           "spare_fraction": config.spare_fraction, "massive_factor": config.massive_factor,
-                          "layer_cap": config.layer_cap,
+                          "layer_cap": config.layer_cap, "retain_weight": retain_weight,
+                          "retain_form": config.retain_form, "retain_measure": config.retain_measure,
+                          "layers": format_layers(config.layers),
                           "per_layer": pruned.sum(1).tolist()}
         else:
             index = weight_mask_indices(down_weights, stats["memorized"].input_norm,
@@ -586,11 +709,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocation", default=d.allocation, choices=["uniform", "global"])
     parser.add_argument("--record-objective", default=d.record_objective, choices=["logodds", "nll"],
                         help="Effects on records: minus the target log-odds (does not saturate) or the loss.")
+    parser.add_argument("--retain-weight", type=float, nargs="+", default=list(d.retain_weights), metavar="LAMBDA",
+                        help="Neuron masks: trade the score against the cost on ordinary text (--retain-measure), "
+                             "each on its own scale; one profile per value. 0: the score alone. [0]")
+    parser.add_argument("--retain-form", default=d.retain_form, choices=RETAIN_FORMS,
+                        help="difference: score - LAMBDA x cost; ratio (selective pruning): "
+                             "score / cost^LAMBDA. [difference]")
+    parser.add_argument("--retain-measure", default=d.retain_measure, choices=RETAIN_MEASURES,
+                        help="Cost on ordinary text: first-order loss effect (positive part), RMS of the "
+                             "per-position effects (taylor), or mean |activation| x column norm. [effect]")
+    parser.add_argument("--layers", default="all",
+                        help="Layers whose neurons may be pruned, e.g. 10-29 or 0-3,10-29. [all]")
     parser.add_argument("--spare-fraction", type=float, default=d.spare_fraction)
     parser.add_argument("--massive-factor", type=float, default=d.massive_factor)
     parser.add_argument("--paper-weights", action="store_true",
                         help="Weight masks exactly as the paper: do not spare the neurons ordinary text needs.")
     parser.add_argument("--reference-sequences", type=int, default=d.reference_sequences)
+    parser.add_argument("--heldout-reference-sequences", type=int, default=d.heldout_reference_sequences,
+                        help=f"Held-out validation pieces ({d.reference_length} tokens each) for the before/after "
+                             f"perplexity in each profile's header. [{d.heldout_reference_sequences}]")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=None, help="Default: ../shared/data.")
@@ -608,10 +745,20 @@ def run(args: argparse.Namespace) -> int:
     from server.interventions.memorization import save_memorization_profile
     from server.settings import default_cache_dir
 
+    try:
+        layers = parse_layers(args.layers)  # the syntax now, the range once the model is loaded
+    except ValueError as e:
+        print(f"neuronserve: {e}", file=sys.stderr)
+        return 2
+    if any(w < 0 for w in args.retain_weight):
+        print("neuronserve: --retain-weight must be >= 0", file=sys.stderr)
+        return 2
     config = MemorizationCalibrationConfig(
         ratios=tuple(args.ratio), granularities=("neuron", "weight") if args.granularity == "both" else (args.granularity,),
         score=args.score, allocation=args.allocation, record_objective=args.record_objective, spare_fraction=args.spare_fraction,
         massive_factor=args.massive_factor, reference_sequences=args.reference_sequences,
+        heldout_reference_sequences=args.heldout_reference_sequences, retain_weights=tuple(args.retain_weight),
+        retain_form=args.retain_form, retain_measure=args.retain_measure, layers=layers,
         batch_size=args.batch_size, weight_spare=not args.paper_weights, seed=args.seed,
         **({"data_dir": args.data_dir} if args.data_dir else {}))
     if not args.memorized.is_file():
@@ -623,6 +770,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_grad_enabled(True)
     model, tokenizer, fingerprint, name = load_float32_model(args.model)
+    try:
+        parse_layers(args.layers, model.config.num_hidden_layers)
+    except ValueError as e:
+        print(f"neuronserve: {e}", file=sys.stderr)
+        return 2
     memorized = read_records(args.memorized)
     if not memorized:
         print(f"neuronserve: no records in {args.memorized}", file=sys.stderr)
