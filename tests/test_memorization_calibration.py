@@ -220,15 +220,19 @@ def test_weight_masks_are_the_per_row_top_fraction():
     assert (col >= 25).all()
 
 
-def test_calibration_run_writes_a_loadable_profile(tmp_path):
-    records = tmp_path / "leaked.jsonl"
-    write_records(records, synthetic_records(4, seed=0))
+def _run_calibration(tmp_path, records: int, *options: str) -> None:
+    """`neuronserve calibrate memorization` on the default model with `records` synthetic records,
+    small reference text, profiles to tmp_path / "p"."""
+    path = tmp_path / "leaked.jsonl"
+    write_records(path, synthetic_records(records, seed=0))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--memorized", str(records), "--ratio", "0.01", "--granularity", "both",
-                              "--retain-weight", "0", "4", "--retain-measure", "taylor",
-                              "--reference-sequences", "2", "--batch-size", "4", "--out", str(tmp_path / "p")])
-    assert run(args) == 0
+    assert run(parser.parse_args(["--memorized", str(path), "--ratio", "0.01", *options, "--reference-sequences",
+                                  "2", "--batch-size", "4", "--out", str(tmp_path / "p")])) == 0
+
+
+def test_calibration_run_writes_a_loadable_profile(tmp_path):
+    _run_calibration(tmp_path, 4, "--granularity", "both", "--retain-weight", "0", "4", "--retain-measure", "taylor")
     paths = sorted((tmp_path / "p").glob("memorization-*.safetensors"))
     # the default (retain weight 0) keeps the name profiles had before the option existed
     assert [p.name for p in paths] == ["memorization-neuron-attribution-logodds-0.01.safetensors",
@@ -260,14 +264,7 @@ def test_calibration_run_writes_a_loadable_profile(tmp_path):
 
 
 def test_calibration_run_keeps_to_the_named_layers(tmp_path):
-    records = tmp_path / "leaked.jsonl"
-    write_records(records, synthetic_records(2, seed=0))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--memorized", str(records), "--ratio", "0.01", "--granularity", "neuron",
-                              "--layers", "10-29", "--reference-sequences", "2", "--batch-size", "4",
-                              "--out", str(tmp_path / "p")])
-    assert run(args) == 0
+    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--layers", "10-29")
     [path] = (tmp_path / "p").glob("memorization-*.safetensors")
     assert path.name == "memorization-neuron-attribution-logodds-layers10-29-0.01.safetensors"
     raw = load_profile(path)
@@ -275,6 +272,8 @@ def test_calibration_run_keeps_to_the_named_layers(tmp_path):
     per_layer = MemorizationProfile.from_profile(raw).pruned_neurons.sum(1)
     assert per_layer[:10].sum() == 0
     assert per_layer.sum() == 15 * 30  # the global budget stays ratio x all neurons
-    bad = parser.parse_args(["--memorized", str(records), "--layers", "12-10", "--granularity", "neuron",
-                             "--out", str(tmp_path / "q")])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bad = parser.parse_args(["--memorized", str(tmp_path / "leaked.jsonl"), "--layers", "12-10",
+                             "--granularity", "neuron", "--out", str(tmp_path / "q")])
     assert run(bad) == 2  # not a range (checked before the model loads)
