@@ -106,9 +106,9 @@ class ServerSettings(BaseSettings):
     )
     wina_gpu_kernel: Literal["tile", "gather"] = Field(
         "tile", description="On CUDA, the Triton path that serves sparse rows: 'tile' (faster from "
-        "2 rows a step) or 'gather' (faster for one row a step, the more so the sparser: on an H100, "
-        "Llama-3-8B's MLP at batch 1 and 50%, 1.16x-1.69x cuBLAS against the tile kernels' "
-        "1.15x-1.25x). Each gives a row the same numbers at any batch size.",
+        "4 rows a step) or 'gather' (faster for one or two rows a step, the more so the sparser: on an "
+        "H100, Llama-3-8B's MLP at batch 1 and 50%, 1.49x-1.86x cuBLAS against the tile kernels' "
+        "1.19x-1.27x). Each gives a row the same numbers at any batch size.",
     )
     default_sparsity: float = Field(
         0.0, ge=0.0, le=0.9, description="WINA sparsity for requests that do not set 'sparsity' "

@@ -29,7 +29,7 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 QKV_COLUMNS, O_COLUMNS, GATE_UP_COLUMNS, DOWN_COLUMNS = (0, 3), (3, 4), (4, 6), (6, 7)
 Criterion = Literal["wina", "teal", "wina_official"]
 # The Triton path that serves sparse rows on CUDA (kernels/wina_triton.py: the tile kernels, or
-# the gather path, faster at batch 1 and slower from batch 2; benchmarks/RESULTS.md).
+# the gather path, faster at batch 1 and 2 and slower from batch 4; benchmarks/RESULTS.md).
 GpuKernel = Literal["tile", "gather"]
 # The projections whose score uses the real column norm ||W[:, i]||; the others use 1 (|x_i|
 # alone). "wina" is the paper's criterion on all seven; "wina_official" is what the reference
