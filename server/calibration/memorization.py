@@ -438,7 +438,7 @@ def spared_neurons(stats: dict[str, SetStats], column_norms: torch.Tensor, spare
     importance far above the layer's median) and each layer's top spare_fraction by the effect of
     zeroing them on the reference loss."""
     ref = stats["reference"]
-    importance = ref.mean_abs * column_norms.double()  # [L, I]
+    importance = retain_cost(stats, column_norms, "activation")  # [L, I] mean|a_ref| * ||W_down[:, j]||
     massive = importance > massive_factor * importance.median(dim=1, keepdim=True).values
     spared = massive.clone()
     k = round(spare_fraction * importance.shape[1])
