@@ -60,22 +60,18 @@ def fit():
     model, tok = loaded.model, loaded.tokenizer
     cfg = config()
     torch.manual_seed(cfg.seed)
-    scorer = es.load_scorer(cfg.scorer)
-    svd = es.HeadSVD.of(model)
-    rtp, rtp_summary = es._collect_rtp(model, tok, scorer, cfg)
-    off, off_summary = es._collect_offensive(model, tok, scorer, cfg)
-    contrast = es.position_matched(rtp["toxic"] + off["toxic"], rtp["nontoxic"] + off["nontoxic"])
+    fitted = es.fit_contrasts(model, tok, cfg, es.load_scorer(cfg.scorer))
+    svd, contrast = fitted.svd, fitted.contrasts["matched-offensive"]
     stats = contrast.stats(svd.V)
     ranked = es.component_scores(stats, SCORING).argsort(descending=True)
     DIR.mkdir(parents=True, exist_ok=True)
     torch.save({"U": svd.U, "S": svd.S, "V": svd.V, "toxic": contrast.toxic, "nontoxic": contrast.nontoxic,
                 "nontoxic_weight": contrast.nontoxic_weight, "delta": stats["delta"], "ranked": ranked,
-                "data": {"rtp_fit": rtp_summary, "offensive_fit": off_summary, "scorer": scorer.name,
-                         "scorer_threshold": scorer.threshold},
+                "data": fitted.data,
                 "fingerprint": loaded.fingerprint, "name": loaded.name,
                 "seconds": round(time.monotonic() - t0, 1)}, DIR / "fit.pt")
-    print("fit done", round(time.monotonic() - t0, 1), "s; top-5", ranked[:5].tolist(), rtp_summary["toxic_continuations"],
-          off_summary)
+    print("fit done", round(time.monotonic() - t0, 1), "s; top-5", ranked[:5].tolist(),
+          fitted.data["rtp_fit"]["toxic_continuations"], fitted.data["offensive_fit"])
 
 
 def load_fit():

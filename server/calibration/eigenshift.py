@@ -556,10 +556,20 @@ def _collect_offensive(model, tokenizer, scorer, config) -> tuple[dict, dict]:
     return emissions, summary
 
 
-def calibrate_eigenshift(model: LlamaDecoder, tokenizer, config: EigenShiftCalibrationConfig) -> CalibrationResult:
-    torch.manual_seed(config.seed)
-    scorer = load_scorer(config.scorer)
-    started = time.monotonic()
+@dataclass
+class EigenShiftFit:
+    """The fit half of the calibration: what the sweep and the profiles are made from."""
+
+    svd: HeadSVD
+    rtp: dict  # the fit prompts' labelled emissions (hidden states and residuals, see _collect_rtp)
+    contrasts: dict[str, ContrastSet]  # paper, matched, and with offensive tweets matched-offensive
+    data: dict  # what the fit read: summaries, scorer
+
+
+def fit_contrasts(model: LlamaDecoder, tokenizer, config: EigenShiftCalibrationConfig,
+                  scorer: ToxicityScorer) -> EigenShiftFit:
+    """SVD of the head, the fit prompts' greedy continuations and (offensive_per_class > 0) the
+    teacher-forced tweets, labelled by `scorer`, as the contrast sets each scoring ranks from."""
     svd = HeadSVD.of(model)
     rtp, rtp_summary = _collect_rtp(model, tokenizer, scorer, config)
     if len(rtp["toxic"]) < 2:
@@ -574,6 +584,15 @@ def calibrate_eigenshift(model: LlamaDecoder, tokenizer, config: EigenShiftCalib
         off, off_summary = _collect_offensive(model, tokenizer, scorer, config)
         contrasts["matched-offensive"] = position_matched(rtp["toxic"] + off["toxic"], rtp["nontoxic"] + off["nontoxic"])
         data["offensive_fit"] = off_summary
+    return EigenShiftFit(svd, rtp, contrasts, data)
+
+
+def calibrate_eigenshift(model: LlamaDecoder, tokenizer, config: EigenShiftCalibrationConfig) -> CalibrationResult:
+    torch.manual_seed(config.seed)
+    scorer = load_scorer(config.scorer)
+    started = time.monotonic()
+    fit = fit_contrasts(model, tokenizer, config, scorer)
+    svd, rtp, contrasts, data = fit.svd, fit.rtp, fit.contrasts, fit.data
     kmax = max(config.ks)
     profiles: dict[str, EigenShiftProfile] = {}
     steps: dict[str, dict] = {}
