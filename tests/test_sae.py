@@ -1,6 +1,6 @@
 """Sparse autoencoders: the SAELens v6 layout (ours and the real `sae-lens` package, both ways), pre-6.0
-configs, refusing an SAE made for another model, encode against a reference, and TopK + AuxK training
-on a tiny problem (loss falls, decoder rows stay unit-norm, same weights for the same seed)."""
+configs, refusing an SAE made for another model, encode against a reference, and TopK / BatchTopK +
+AuxK training on a tiny problem (loss falls, decoder rows stay unit-norm, same weights for the same seed)."""
 
 from __future__ import annotations
 
@@ -178,10 +178,12 @@ def _tiny_config(**overrides) -> SaeTrainingConfig:
                                 **overrides})
 
 
-def test_sparse_encoder_gradient_matches_dense_autograd():
-    """The sparse backward (only selected latents) equals autograd through a dense TopK SAE."""
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_sparse_encoder_gradient_matches_dense_autograd(batch_topk):
+    """The sparse backward (only selected latents) equals autograd through a dense TopK (or
+    BatchTopK) SAE."""
     g = torch.Generator().manual_seed(0)
-    trainer = TopKTrainer(D_IN, D_SAE, k=6, aux_k=10, generator=g)
+    trainer = TopKTrainer(D_IN, D_SAE, k=6, aux_k=10, generator=g, batch_topk=batch_topk)
     with torch.no_grad():
         trainer.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.1)
         trainer.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.1)
@@ -195,8 +197,12 @@ def test_sparse_encoder_gradient_matches_dense_autograd():
     W_enc_t, b_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in
                                     (trainer.W_enc_t, trainer.b_enc, trainer.W_dec, trainer.b_dec))
     pre = (x - b_dec) @ W_enc_t.t() + b_enc
-    top = pre.topk(6, dim=1)
-    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    if batch_topk:  # the batch's 6 * 32 largest, wherever they are
+        top = pre.reshape(-1).topk(6 * 32)
+        z = torch.zeros_like(pre).reshape(-1).scatter(0, top.indices, top.values.relu()).reshape(pre.shape)
+    else:
+        top = pre.topk(6, dim=1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
     x_hat_ref = z @ W_dec + b_dec
     error = (x - x_hat_ref).detach()
     pre_dead = pre.masked_fill(~dead, float("-inf"))
@@ -224,6 +230,43 @@ def test_tiny_sae_trains(tmp_path):
     assert explained > 0.7, float(explained)  # held-out tokens, through the exported (unit-folded) weights
     sae.save(tmp_path / "sae")
     assert SparseAutoencoder.load(tmp_path / "sae").cfg.extra_metadata[FINGERPRINT_KEY] == "abc"
+
+
+def test_batch_selection_is_the_batchs_largest_entries():
+    """_select_batch and batch_topk_threshold equal a plain top-k over the whole batch, also when
+    one token holds more of the batch's largest entries than its 4 k candidates (the fallbacks)."""
+    trainer = TopKTrainer(D_IN, D_SAE, k=3, aux_k=0, generator=torch.Generator().manual_seed(0), batch_topk=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, D_IN, generator=g)
+    x[7] *= 50  # token 7's entries dominate the batch: it takes more than 12 of the 120 slots
+    pre = trainer.pre_activation(x)
+    for scores in (pre, torch.randn(40, D_SAE, generator=g)):
+        rows, cols = trainer._select_batch(scores)
+        expected = scores.reshape(-1).topk(3 * 40).indices.sort().values
+        assert torch.equal(rows, rows.sort().values)  # tokens in order, for embedding_bag's offsets
+        assert torch.equal((rows * D_SAE + cols).sort().values, expected)
+    assert int((rows == 7).sum()) <= 12 < int((pre.reshape(-1).topk(120).indices // D_SAE == 7).sum())
+    threshold = trainer.batch_topk_threshold(x, chunk=16)
+    assert threshold == float(pre.reshape(-1).topk(3 * 40).values[-1])
+
+
+def test_batch_topk_sae_trains_and_saves_as_jumprelu(tmp_path):
+    data = _sparse_data(4096 + 512)
+    acts, heldout = data[:4096], data[4096:].float()
+    config = _tiny_config(architecture="batchtopk", dtype="float32")  # float16 would move latents across the jump
+    trainer, scale, log = train_sae(acts, config)
+    assert log["history"][-1]["explained_variance"] > 0.7, log["history"]
+    sae = export_sae(trainer, scale, config.layer, config, "tiny-model", 64, {}, log["threshold"])
+    assert sae.cfg.architecture == "jumprelu" and sae.cfg.k is None
+    z = sae.encode(heldout)
+    explained = 1 - (heldout - sae.decode(z)).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum()
+    assert explained > 0.7, float(explained)
+    l0 = (z > 0).sum(-1).float()
+    assert 0.7 * config.k < float(l0.mean()) < 1.3 * config.k and float(l0.std()) > 0  # k on average, not each
+    sae.save(tmp_path / "sae")
+    torch.testing.assert_close(SparseAutoencoder.load(tmp_path / "sae").encode(heldout), z, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="threshold"):
+        export_sae(trainer, scale, config.layer, config, "tiny-model", 64, {})
 
 
 def test_training_is_deterministic_and_resumes(tmp_path):

@@ -2,6 +2,9 @@
 
 Recipe (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
 - z = TopK(W_enc^T (x - b_dec) + b_enc), x_hat = W_dec^T z + b_dec (SAELens `topk`, apply_b_dec_to_input).
+  `--architecture batchtopk` (Bussmann et al. 2024) keeps the training batch's k * N largest
+  pre-activations instead of each token's k, and is saved as SAELens `jumprelu` with the threshold
+  that gives k latents per token on average over a sample of the training tokens.
 - Decoder rows have unit norm: the gradient component parallel to each row is removed before the
   Adam step and the rows are renormalised after it.
 - b_dec starts at the geometric median of a sample of the data; W_dec rows start as random unit
@@ -63,6 +66,8 @@ logger = logging.getLogger(__name__)
 MASSIVE_NORM_RATIO = 10.0
 
 
+TRAINED_ARCHITECTURES = ("topk", "batchtopk")
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +95,8 @@ class CorpusConfig:
 class SaeTrainingConfig:
     layer: int = 15
     width: int = 8192
-    k: int = 32
+    k: int = 32  # TopK: latents per token; BatchTopK: the batch's average
+    architecture: str = "topk"  # or "batchtopk" (saved as jumprelu)
     train_tokens: int = 3_600_000  # tokens processed (epochs = train_tokens / corpus tokens)
     batch_size: int = 1024
     lr: float = 5e-4
@@ -328,36 +334,40 @@ def load_activations(directory: Path, n_shards: int) -> torch.Tensor:
 
 
 class _SparseEncoderGrad(torch.autograd.Function):
-    """vals[n, j] = xc[n] . W_enc_t[idx[n, j]] + b_enc[idx[n, j]], forward values given (they are
-    gathered from the dense pre-activations). Backward touches only the selected entries: a sparse
-    [N, S] gradient times dense matrices, instead of a dense [N, S] gradient."""
+    """vals[j] = xc[rows[j]] . W_enc_t[cols[j]] + b_enc[cols[j]] for the selected (row, latent)
+    pairs, forward values given (they are gathered from the dense pre-activations). Backward touches
+    only the selected entries: a sparse [N, S] gradient times dense matrices, instead of a dense
+    [N, S] gradient."""
 
     @staticmethod
-    def forward(ctx, values, xc, W_enc_t, b_enc, idx):
-        ctx.save_for_backward(xc, W_enc_t, idx)
+    def forward(ctx, values, xc, W_enc_t, b_enc, rows, cols):
+        ctx.save_for_backward(xc, W_enc_t, rows, cols)
         ctx.n_latents = b_enc.shape[0]
         return values
 
     @staticmethod
-    def backward(ctx, grad):  # grad: [N, m]
-        xc, W_enc_t, idx = ctx.saved_tensors
-        N, m = idx.shape
-        rows = torch.arange(N, device=idx.device).repeat_interleave(m)
-        # indices are in range by construction (topk of [N, S]): skip the invariant checks
-        G = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), grad.reshape(-1), (N, ctx.n_latents),
+    def backward(ctx, grad):  # grad: [M], one per selected pair
+        xc, W_enc_t, rows, cols = ctx.saved_tensors
+        # indices are in range by construction (selected from [N, S]): skip the invariant checks
+        G = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, (xc.shape[0], ctx.n_latents),
                                     check_invariants=False).coalesce()  # [N, S]
         grad_W = torch.sparse.mm(G.t(), xc)  # [S, d]
         grad_x = torch.sparse.mm(G, W_enc_t)  # [N, d]
-        grad_b = torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(
-            0, idx.reshape(-1), grad.reshape(-1))
-        return None, grad_x, grad_W, grad_b, None
+        grad_b = torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        return None, grad_x, grad_W, grad_b, None, None
 
 
 class TopKTrainer(torch.nn.Module):
-    """The trainable TopK SAE, in normalised units (x / scale). W_enc is kept transposed ([S, d]) so
-    that its rows gather cheaply."""
+    """The trainable SAE, in normalised units (x / scale). W_enc is kept transposed ([S, d]) so that
+    its rows gather cheaply.
 
-    def __init__(self, d_in: int, width: int, k: int, aux_k: int, generator: torch.Generator) -> None:
+    TopK keeps each token's k largest pre-activations. BatchTopK (Bussmann et al. 2024, "BatchTopK
+    Sparse Autoencoders") keeps the batch's k * N largest, so a token uses as many latents as it
+    needs and the batch averages k; at inference a single threshold replaces the batch (see
+    `batch_topk_threshold`), which makes the saved SAE a JumpReLU one, as SAELens saves it."""
+
+    def __init__(self, d_in: int, width: int, k: int, aux_k: int, generator: torch.Generator,
+                 batch_topk: bool = False) -> None:
         super().__init__()
         W_dec = torch.randn(width, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -365,38 +375,78 @@ class TopKTrainer(torch.nn.Module):
         self.W_enc_t = torch.nn.Parameter(W_dec.clone())  # [S, d]: encoder = decoder transpose
         self.b_enc = torch.nn.Parameter(torch.zeros(width))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
-        self.k, self.aux_k = k, aux_k
+        self.k, self.aux_k, self.batch_topk = k, aux_k, batch_topk
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, d] -> [N, S] (no gradient: the selected entries get theirs in _select)."""
+        """x: [N, d] -> [N, S] (no gradient: the selected entries get theirs in _reconstruct)."""
         with torch.no_grad():
             return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc_t.t())
 
-    def _select(self, pre: torch.Tensor, xc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        values = pre.gather(1, idx)
-        return _SparseEncoderGrad.apply(values, xc, self.W_enc_t, self.b_enc, idx).relu()
+    def _select_batch(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pre: [N, S] -> (rows, cols) of the batch's k * N largest entries, rows ascending. The
+        search runs over each row's `candidates` largest (4 k), which holds the answer unless some
+        row takes all of its candidates; then it runs over the whole matrix."""
+        N, S = pre.shape
+        candidates = min(4 * self.k, S)
+        top = pre.topk(candidates, dim=1)  # [N, c]
+        chosen = top.values.reshape(-1).topk(self.k * N, sorted=False).indices.sort().values  # [k N]
+        rows = chosen // candidates
+        if int(torch.bincount(rows, minlength=N).max()) < candidates:
+            return rows, top.indices.reshape(-1)[chosen]
+        chosen = pre.reshape(-1).topk(self.k * N, sorted=False).indices.sort().values
+        return chosen // S, chosen % S
+
+    def _reconstruct(self, pre: torch.Tensor, xc: torch.Tensor, rows: torch.Tensor,
+                     cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected latents' ReLU values z [M] and W_dec^T z per token [N, d]; rows ascending."""
+        values = pre[rows, cols]
+        z = _SparseEncoderGrad.apply(values, xc, self.W_enc_t, self.b_enc, rows, cols).relu()
+        offsets = torch.searchsorted(rows, torch.arange(len(pre), device=rows.device))  # each token's first pair
+        return z, F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=z, mode="sum")
 
     def forward(self, x: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, d]; dead: [S] bool -> (x_hat [N, d], fired [S] bool, aux loss scalar)."""
         pre = self.pre_activation(x)  # [N, S]
+        N = len(x)
         xc = x - self.b_dec
-        idx = pre.topk(self.k, dim=1).indices  # [N, k]
-        z = self._select(pre, xc, idx)  # [N, k]
-        x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=z, mode="sum") + self.b_dec  # [N, d]
+        if self.batch_topk:
+            rows, cols = self._select_batch(pre)
+        else:
+            rows = torch.arange(N).repeat_interleave(self.k)
+            cols = pre.topk(self.k, dim=1).indices.reshape(-1)
+        z, decoded = self._reconstruct(pre, xc, rows, cols)
+        x_hat = decoded + self.b_dec  # [N, d]
         fired = torch.zeros(pre.shape[1], dtype=torch.bool)
-        fired[idx[z > 0]] = True
+        fired[cols[z > 0]] = True
         n_dead = int(dead.sum())
         aux = x_hat.new_zeros(())
         if n_dead > 0 and self.aux_k > 0:
-            # AuxK: the top dead latents reconstruct the main reconstruction's error.
+            # AuxK: each token's top dead latents reconstruct the main reconstruction's error.
             error = (x - x_hat).detach()  # [N, d]
             dead_idx = dead.nonzero().squeeze(1)  # [D]
-            local = pre.index_select(1, dead_idx).topk(min(self.aux_k, n_dead), dim=1).indices  # [N, k_aux]
-            aux_idx = dead_idx[local]
-            z_aux = self._select(pre, xc, aux_idx)
-            error_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=z_aux, mode="sum")
+            k_aux = min(self.aux_k, n_dead)
+            local = pre.index_select(1, dead_idx).topk(k_aux, dim=1).indices  # [N, k_aux]
+            _, error_hat = self._reconstruct(pre, xc, torch.arange(N).repeat_interleave(k_aux),
+                                             dead_idx[local].reshape(-1))
             aux = (error_hat - error).pow(2).sum(-1).mean()
         return x_hat, fired, aux
+
+    @torch.no_grad()
+    def batch_topk_threshold(self, x: torch.Tensor, chunk: int = 4096) -> float:
+        """The JumpReLU threshold that replaces BatchTopK at inference: the (k * N)-th largest
+        pre-activation over x: [N, d], so that these tokens average k active latents."""
+        candidates = min(4 * self.k, self.W_dec.shape[0])
+        while True:
+            kept, row_floor = [], []
+            for start in range(0, len(x), chunk):
+                top = self.pre_activation(x[start:start + chunk]).topk(candidates, dim=1).values  # [n, c]
+                kept.append(top.reshape(-1))
+                row_floor.append(top[:, -1])
+            threshold = float(torch.cat(kept).topk(self.k * len(x)).values[-1])
+            # exact unless some row has more entries at or above it than it has candidates
+            if candidates == self.W_dec.shape[0] or bool((torch.cat(row_floor) < threshold).all()):
+                return threshold
+            candidates = min(2 * candidates, self.W_dec.shape[0])
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
@@ -419,17 +469,23 @@ def geometric_median(x: torch.Tensor, iterations: int = 50) -> torch.Tensor:
 
 
 def export_sae(trainer: TopKTrainer, scale: float, layer: int, config: SaeTrainingConfig, model_name: str,
-               context_size: int, metadata: dict[str, Any]) -> SparseAutoencoder:
+               context_size: int, metadata: dict[str, Any], threshold: float | None = None) -> SparseAutoencoder:
     """Fold the normalisation into the weights: pre_saved = x @ W_enc + scale * b_enc equals
-    scale * pre_normalised, so latents are in model units and W_dec rows stay unit-norm."""
-    d_in = trainer.W_dec.shape[1]
-    cfg = SaeConfig(architecture="topk", d_in=d_in, d_sae=trainer.W_dec.shape[0], k=config.k,
+    scale * pre_normalised, so latents are in model units and W_dec rows stay unit-norm. A BatchTopK
+    SAE is saved as JumpReLU with `threshold` (normalised units, from training) for every latent."""
+    d_in, width = trainer.W_dec.shape[1], trainer.W_dec.shape[0]
+    batch_topk = config.architecture == "batchtopk"
+    if batch_topk and threshold is None:
+        raise ValueError("a BatchTopK SAE is saved with its inference threshold")
+    cfg = SaeConfig(architecture="jumprelu" if batch_topk else "topk", d_in=d_in, d_sae=width,
+                    k=None if batch_topk else config.k,
                     hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name,
                     apply_b_dec_to_input=True, dtype=config.dtype, context_size=context_size,
                     extra_metadata=metadata)
     with torch.no_grad():
         return SparseAutoencoder(cfg, trainer.W_enc_t.t().clone(), trainer.b_enc * scale, trainer.W_dec.clone(),
-                                 trainer.b_dec * scale)
+                                 trainer.b_dec * scale,
+                                 torch.full((width,), threshold * scale) if batch_topk else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +509,9 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
     sample = acts[torch.randperm(N, generator=generator)[:32768]].float()
     scale = float(sample.pow(2).mean().sqrt())  # rms element
     aux_k = config.aux_k if config.aux_k is not None else d_in // 2
-    trainer = TopKTrainer(d_in, config.width, config.k, aux_k, generator)
+    if config.architecture not in TRAINED_ARCHITECTURES:
+        raise ValueError(f"architecture {config.architecture!r} is not one of {TRAINED_ARCHITECTURES}")
+    trainer = TopKTrainer(d_in, config.width, config.k, aux_k, generator, config.architecture == "batchtopk")
     with torch.no_grad():
         trainer.b_dec.copy_(geometric_median(sample / scale))
     # fused: one kernel for all four tensors (10x faster than the foreach path on CPU, same update)
@@ -518,6 +576,8 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
     bar.close()
     log["final_dead_fraction"] = float((since_fired >= config.dead_window_tokens).float().mean())
     log["scale"] = scale
+    if config.architecture == "batchtopk":
+        log["threshold"] = trainer.batch_topk_threshold(sample / scale)  # normalised units, as training
     return trainer, scale, log
 
 
@@ -629,7 +689,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Model weights' dtype for collecting activations. [float32]")
     parser.add_argument("--layer", type=int, default=15, help="Residual stream after this decoder layer. [15]")
     parser.add_argument("--width", type=int, default=8192, help="Number of latents (d_sae). [8192]")
-    parser.add_argument("--k", type=int, default=32, help="Active latents per token (TopK). [32]")
+    parser.add_argument("--k", type=int, default=32,
+                        help="Active latents per token (TopK), or per token on average (BatchTopK). [32]")
+    parser.add_argument("--architecture", default="topk", choices=TRAINED_ARCHITECTURES,
+                        help="topk: each token's k largest latents; batchtopk: the training batch's k x N "
+                             "largest, a single threshold at inference (saved as SAELens jumprelu). [topk]")
     parser.add_argument("--tokens", type=int, default=3_600_000,
                         help="Training tokens processed (several epochs over the corpus when larger). [3.6M]")
     parser.add_argument("--corpus-tokens", type=int, default=1_200_000,
@@ -673,7 +737,8 @@ def run(args: argparse.Namespace) -> int:
     if not (corpus_config.data_dir / "wikitext2").is_dir():
         print(f"neuronserve: calibration data not found under {corpus_config.data_dir} (--data-dir)", file=sys.stderr)
         return 2
-    train_config = SaeTrainingConfig(layer=args.layer, width=args.width, k=args.k, train_tokens=args.tokens,
+    train_config = SaeTrainingConfig(layer=args.layer, width=args.width, k=args.k, architecture=args.architecture,
+                                     train_tokens=args.tokens,
                                      batch_size=args.batch_size, lr=args.lr, dead_window_tokens=args.dead_window,
                                      seed=args.seed)
     cache_root = settings.cache_dir
@@ -713,7 +778,8 @@ def run(args: argparse.Namespace) -> int:
     metadata: dict[str, Any] = {
         "neuronserve_model_fingerprint": loaded.fingerprint,
         "neuronserve_training": {
-            "recipe": "TopK + AuxK (Gao et al. 2024), unit-norm decoder, b_dec at geometric median, W_enc = W_dec^T init",
+            "recipe": ("BatchTopK (Bussmann et al. 2024)" if args.architecture == "batchtopk" else "TopK")
+            + " + AuxK (Gao et al. 2024), unit-norm decoder, b_dec at geometric median, W_enc = W_dec^T init",
             "corpus": described, "corpus_tokens": int(acts.shape[0]),
             "massive_tokens_left_out": int(massive.sum()), "position_0": "left out",
             "train_tokens": train_config.train_tokens, "epochs": train_config.train_tokens / acts.shape[0],
@@ -725,7 +791,10 @@ def run(args: argparse.Namespace) -> int:
             "train_seconds": round(time.time() - started),
         },
     }
-    sae = export_sae(trainer, scale, args.layer, train_config, loaded.name, args.sequence_length, metadata)
+    if "threshold" in log:
+        metadata["neuronserve_training"]["threshold_normalised"] = log["threshold"]
+    sae = export_sae(trainer, scale, args.layer, train_config, loaded.name, args.sequence_length, metadata,
+                     log.get("threshold"))
     if args.eval_sequences > 0:
         sequences_test = test_sequences(tokenizer, corpus_config.data_dir, args.sequence_length, args.eval_sequences)
         # Evaluate the weights as they will be saved (16-bit), not the float32 trainer.
