@@ -302,3 +302,28 @@ def test_default_sae_fits_default_model():
     h_hat = sae.decode(sae.encode(h))
     explained = 1 - (h - h_hat).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
     assert explained > 0.5, float(explained)
+
+
+def test_calibrate_sae_command_writes_a_loadable_sae(tmp_path, monkeypatch):
+    """`neuronserve calibrate sae` end to end on the default model, at toy sizes: corpus (with the
+    model's own samples), cached activations, training, evaluation of the 16-bit weights, SAELens
+    layout on disk. BatchTopK, the path with the most to carry (threshold) from training to disk."""
+    import argparse
+
+    from server.calibration.sae import add_arguments, run
+
+    monkeypatch.setenv("NEURONSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "sae"
+    args = parser.parse_args(["--layer", "3", "--width", "256", "--k", "4", "--architecture", "batchtopk",
+                              "--corpus-tokens", "4000", "--sample-prompts", "2", "--sequence-length", "64",
+                              "--tokens", "4096", "--batch-size", "256", "--eval-sequences", "2", "--out", str(out)])
+    assert run(args) == 0
+    sae = SparseAutoencoder.load(out)
+    assert sae.layer == 3 and sae.cfg.d_sae == 256
+    assert sae.cfg.architecture == "jumprelu"
+    figures = sae.cfg.extra_metadata["neuronserve_eval"]
+    assert figures["tokens"] == 2 * 63 and 0 < figures["l0"] and figures["ce_zero"] > figures["ce_orig"]
+    assert sae.cfg.extra_metadata["neuronserve_training"]["threshold_normalised"] > 0
+    assert bool((sae.threshold == sae.threshold[0]).all()) and float(sae.threshold[0]) > 0

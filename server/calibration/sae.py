@@ -724,8 +724,9 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.time()
+    # room for the corpus windows and for the model's own samples (a chat prompt + sample_tokens)
     settings = ServerSettings(model=args.model, device=args.device, dtype=args.dtype, wina_profile="none",
-                              max_model_len=max(args.sequence_length, 64))
+                              max_model_len=max(args.sequence_length, CorpusConfig.sample_tokens + 256))
     loaded = load_model(settings)
     model, tokenizer = loaded.model, loaded.tokenizer
     if not 0 <= args.layer < len(model.layers):
@@ -798,8 +799,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_sequences > 0:
         sequences_test = test_sequences(tokenizer, corpus_config.data_dir, args.sequence_length, args.eval_sequences)
         # Evaluate the weights as they will be saved (16-bit), not the float32 trainer.
-        rounded = SparseAutoencoder(sae.cfg, *(t.to(getattr(torch, train_config.dtype)).float()
-                                               for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)))
+        rounded = SparseAutoencoder(sae.cfg, *(None if t is None else t.to(getattr(torch, train_config.dtype)).float()
+                                               for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold)))
         figures = evaluate_sae(model, rounded, sequences_test)
         sae.cfg.extra_metadata["neuronserve_eval"] = {"data": "wikitext2/wiki.test.tokens", **figures}
         print("eval (WikiText-2 test): " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
