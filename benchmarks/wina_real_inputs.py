@@ -12,6 +12,8 @@ large channels, so they overlap more. This measures it on the default model:
    the served WINA profile's thresholds at ``--sparsity`` (0.5), for each projection: the share of
    channels one row keeps, and the share that at least one of the 8 rows keeps (the rows the
    kernel reads at batch 8), against the independent-rows value 1 - s**8.
+   Also, per projection, how often one row keeps each channel (a histogram over all layers'
+   channels): whether a static channel order could gather the kept rows into long runs.
 3. One layer's (``--layer``, default the middle one) weights, criterion factors, thresholds and
    the 8 rows of the last position go to ``--save`` (safetensors, a few MB), which
    ``benchmarks/wina_kernel_gpu.py --real-inputs FILE`` times on a GPU: batch 1 on row 0 and batch
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, block, _ in PROJECTIONS:
         union: dict[int, list[float]] = {b: [] for b in batches}  # per batch size, per layer
+        frequencies = []  # per layer: [K], the share of rows (windows x positions) keeping each channel
         for i, layer in enumerate(model.layers):
             x = recorders[i, name].inputs[0]  # [R, T, K]
             projection = sparse_projection(layer, block, name)
@@ -121,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             keep = x.abs().unsqueeze(2) * projection.col_norms > thresholds[i, lo:hi].view(1, 1, -1, 1)  # [R, T, G, K]
             for b in batches:  # the first b windows as one step's rows
                 union[b].append(keep[:b].any(dim=0).float().mean().item())
+            frequencies.append(keep.any(dim=2).reshape(-1, keep.shape[-1]).float().mean(0))  # [K]
+        # How often each channel is kept by one row: near 0 or 1 for many channels would let a
+        # static reordering of the channels turn the masks into long runs of rows (cheaper reads
+        # on a CPU whose prefetcher fetches short gaps anyway); near s for most, it cannot.
+        histogram = torch.histc(torch.cat(frequencies), bins=10, min=0, max=1) / sum(len(f) for f in frequencies)
         rows.append({"projection": name, "rows_read": {b: sum(u) / len(u) for b, u in union.items()},
-                     "rows_read_per_layer": union})
+                     "rows_read_per_layer": union, "channel_keep_frequency_deciles": histogram.tolist()})
 
     layer_index = len(model.layers) // 2 if args.layer is None else args.layer
     layer = model.layers[layer_index]
@@ -146,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.tokens} positions, {table.criterion} profile at sparsity {args.sparsity} "
                 "(means over layers and positions): share of weight rows that some row of a batch of "
                 "B windows keeps, which a sparse kernel must read\n\n" + format_table(headers, table_rows)
+                + "\n\nChannels by how often one row keeps them (share of all layers' channels per "
+                "decile of keep frequency, 0-0.1 ... 0.9-1)\n\n"
+                + format_table(["projection", *(f"{d / 10:.1f}" for d in range(10))],
+                               [[r["projection"], *(fmt(v, 3) for v in r["channel_keep_frequency_deciles"])]
+                                for r in rows])
                 + f"\n\nsaved layer {layer_index} for the GPU benchmark: {args.save}")
     report: dict[str, Any] = {
         "benchmark": "wina_real_inputs",
