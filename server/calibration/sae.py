@@ -97,7 +97,7 @@ class SaeTrainingConfig:
     width: int = 8192
     k: int = 32  # TopK: latents per token; BatchTopK: the batch's average
     architecture: str = "topk"  # or "batchtopk" (saved as jumprelu)
-    train_tokens: int = 3_600_000  # tokens processed (epochs = train_tokens / corpus tokens)
+    train_tokens: int = 28_800_000  # tokens processed (epochs = train_tokens / corpus tokens)
     batch_size: int = 1024
     lr: float = 5e-4
     warmup_steps: int = 100
@@ -694,8 +694,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", default="topk", choices=TRAINED_ARCHITECTURES,
                         help="topk: each token's k largest latents; batchtopk: the training batch's k x N "
                              "largest, a single threshold at inference (saved as SAELens jumprelu). [topk]")
-    parser.add_argument("--tokens", type=int, default=3_600_000,
-                        help="Training tokens processed (several epochs over the corpus when larger). [3.6M]")
+    parser.add_argument("--tokens", type=int, default=28_800_000,
+                        help="Training tokens processed (several epochs over the corpus when larger). [28.8M]")
     parser.add_argument("--corpus-tokens", type=int, default=1_200_000,
                         help="Tokens of text to collect activations on. [1.2M]")
     parser.add_argument("--collect-tokens", type=int, default=0,
