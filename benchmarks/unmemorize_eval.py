@@ -45,7 +45,11 @@ from bench_common import describe_machine, format_table
 from wina_quality import _subset, encode_pair
 
 from server.calibration.data import default_data_dir
-from server.calibration.memorization import encode_record, read_records
+from server.calibration.memorization import (
+    encode_record,
+    neuron_profile_stem,
+    read_records,
+)
 from server.engine.offline import OfflineGenerator
 from server.engine.request import SamplingParams
 from server.interventions.memorization import MemorizationProfile
@@ -325,12 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and profile.name not in args.only:
             continue
         params = raw.header["parameters"]
-        objective = "-logodds" if params.get("record_objective") == "logodds" and params.get("score") == "attribution" else ""
-        if params.get("retain_weight"):  # profiles with a retain cost or a layer restriction are families of their own
-            objective += f"-{params['retain_measure']}{'-ratio' if params['retain_form'] == 'ratio' else ''}{params['retain_weight']:g}"
-        if params.get("layers", "all") != "all":
-            objective += f"-layers{params['layers']}"
-        family = (f"neuron-{params.get('score')}{objective}-{params.get('allocation')}" if profile.granularity == "neuron"
+        # profiles with a retain cost or a layer restriction are families of their own
+        family = (f"{neuron_profile_stem(params)}-{params.get('allocation')}" if profile.granularity == "neuron"
                   else "weight" + ("-spared" if params.get("spared_columns") else "-paper"))
         registry.add_memorization(profile)
         profiles.append((profile.name, family, float(params["ratio"])))

@@ -602,16 +602,26 @@ def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: lis
 # The command
 # ---------------------------------------------------------------------------------------------
 
-def neuron_profile_name(config: MemorizationCalibrationConfig, ratio: float, retain_weight: float) -> str:
-    """neuron-<score>[-logodds][-<measure>[-ratio]<LAMBDA>][-layers<spec>]-<ratio>; the defaults
-    (no retain cost, all layers) give the names of profiles made before those options existed."""
-    objective = "-logodds" if config.score == "attribution" and config.record_objective == "logodds" else ""
+def neuron_profile_stem(parameters: dict) -> str:
+    """neuron-<score>[-logodds][-<measure>[-ratio]<LAMBDA>][-layers<spec>] from a neuron profile's
+    header parameters (older headers lack the retain and layer keys: no retain cost, all layers)."""
+    objective = ("-logodds" if parameters.get("score") == "attribution"
+                 and parameters.get("record_objective") == "logodds" else "")
     retain = ""
-    if retain_weight:
-        form = "-ratio" if config.retain_form == "ratio" else ""
-        retain = f"-{config.retain_measure}{form}{retain_weight:g}"
-    layers = "" if config.layers is None else f"-layers{format_layers(config.layers)}"
-    return f"neuron-{config.score}{objective}{retain}{layers}-{ratio:g}"
+    if parameters.get("retain_weight"):
+        form = "-ratio" if parameters["retain_form"] == "ratio" else ""
+        retain = f"-{parameters['retain_measure']}{form}{parameters['retain_weight']:g}"
+    layers = parameters.get("layers", "all")
+    return f"neuron-{parameters.get('score')}{objective}{retain}{'' if layers == 'all' else f'-layers{layers}'}"
+
+
+def neuron_profile_name(config: MemorizationCalibrationConfig, ratio: float, retain_weight: float) -> str:
+    """The stem and the ratio; the defaults (no retain cost, all layers) give the names of profiles
+    made before those options existed."""
+    stem = neuron_profile_stem({"score": config.score, "record_objective": config.record_objective,
+                                "retain_weight": retain_weight, "retain_form": config.retain_form,
+                                "retain_measure": config.retain_measure, "layers": format_layers(config.layers)})
+    return f"{stem}-{ratio:g}"
 
 
 def calibrate_memorization(model, tokenizer, memorized: list[dict], config: MemorizationCalibrationConfig,
@@ -625,6 +635,8 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
     torch.manual_seed(config.seed)
     layers = model.config.num_hidden_layers
     intermediate = model.config.intermediate_size
+    if config.layers is not None and not all(0 <= layer < layers for layer in config.layers):
+        raise ValueError(f"layers {format_layers(config.layers)} outside the model's 0-{layers - 1}")
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     if unseen is None:
         unseen = synthetic_records(config.unseen_records or len(memorized), config.unseen_seed + config.seed)
@@ -637,8 +649,6 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
                           pad_id, config.batch_size, layers, intermediate, config.record_objective)
     down_weights = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
     column_norms = torch.stack([w.norm(dim=0) for w in down_weights])  # [L, I]
-    if config.layers is not None and not all(0 <= layer < layers for layer in config.layers):
-        raise ValueError(f"layers {format_layers(config.layers)} outside the model's 0-{layers - 1}")
     scores = neuron_scores(stats, column_norms, config.score)
     cost = retain_cost(stats, column_norms, config.retain_measure)
     spared, spare_counts = spared_neurons(stats, column_norms, config.spare_fraction, config.massive_factor)
