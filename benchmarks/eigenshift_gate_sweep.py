@@ -81,6 +81,12 @@ def load_fit():
     return f, svd, contrast
 
 
+def parse_setting(setting):
+    """'k:alpha:q' -> (k, alpha, gate quantile)"""
+    k, alpha, q = setting.split(":")
+    return int(k), float(alpha), float(q)
+
+
 def profile_for(f, svd, contrast, k, alpha, q, name=f"{es.PROFILE_NAME}-{SCORING}-gated"):
     return es.make_profile(svd, f["ranked"], k, alpha, name, "gated", contrast, f["delta"], q)
 
@@ -112,8 +118,7 @@ def sweep(tag, settings):
         if s == "none":
             edit, row = es.RowEdit(), {"scoring": "none", "mode": "scale", "k": 0, "alpha": 1.0, "gate_quantile": None}
         else:
-            k, alpha, q = s.split(":")
-            k, alpha, q = int(k), float(alpha), float(q)
+            k, alpha, q = parse_setting(s)
             p = profile_for(f, svd, contrast, k, alpha, q)
             edit = es.RowEdit(f"{SCORING} gated", p, alpha)
             row = {"scoring": SCORING, "mode": "gated", "k": k, "alpha": alpha, "gate_quantile": q}
@@ -174,8 +179,7 @@ def assemble(out_json, max_inc=0.10):
 
 def write_candidate(report, setting, path):
     f, svd, contrast = load_fit()
-    k, alpha, q = setting.split(":")
-    k, alpha, q = int(k), float(alpha), float(q)
+    k, alpha, q = parse_setting(setting)
     p = profile_for(f, svd, contrast, k, alpha, q, name=es.PROFILE_NAME)
     sweep_rows = [{"scoring": r["scoring"], "mode": r["mode"], "k": r["k"], "alpha": r["alpha"],
                    "gate_quantile": r["gate_quantile"], "toxicity_rate": r["toxicity_rate"],
@@ -196,14 +200,6 @@ def write_candidate(report, setting, path):
 
 
 @torch.inference_mode()
-def _token_nll(model, hidden, sequences, edit):
-    """-> [windows, L - 1] next-token NLL with `edit` on the head (hidden: the final hidden states)."""
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    logits = es.apply_logit_edit(edit, flat, model.head.forward(flat).float())
-    return torch.nn.functional.cross_entropy(logits, sequences[:, 1:].reshape(-1),
-                                             reduction="none").view(sequences.shape[0], -1)
-
-
 def diagnose(out_json):
     """After the choice, never used for it: each swept setting's perplexity change on WikiText-2
     validation and TEST text (first PPL_TOKENS tokens, 512-token windows), the extra NLL by position
@@ -215,16 +211,16 @@ def diagnose(out_json):
     texts = {"valid": wikitext_valid_text(data_dir), "test": (data_dir / "wikitext2" / "wiki.test.tokens").read_text()}
     sequences = {name: es.wikitext_sequences(tok, text, PPL_TOKENS, 512) for name, text in texts.items()}
     hidden = {name: es.final_hidden(model, seq, progress=False) for name, seq in sequences.items()}
-    base = {name: _token_nll(model, hidden[name], sequences[name], es.RowEdit()) for name in sequences}
+    base = {name: es.token_nll_from_hidden(model, hidden[name], sequences[name], es.RowEdit()) for name in sequences}
     settings = {json.loads(line)["setting"] for p in DIR.glob("rows_*.jsonl") for line in p.read_text().splitlines()}
     rows = []
     for setting in sorted(settings - {"none"}):
-        k, alpha, q = setting.split(":")
-        profile = profile_for(f, svd, contrast, int(k), float(alpha), float(q))
-        edit = es.RowEdit("gated", profile, float(alpha))
+        k, alpha, q = parse_setting(setting)
+        profile = profile_for(f, svd, contrast, k, alpha, q)
+        edit = es.RowEdit("gated", profile, alpha)
         row = {"setting": setting}
         for name, seq in sequences.items():
-            extra = _token_nll(model, hidden[name], seq, edit) - base[name]  # [windows, L - 1]
+            extra = es.token_nll_from_hidden(model, hidden[name], seq, edit) - base[name]  # [windows, L - 1]
             row[f"{name}_ppl_change"] = round(float(torch.exp(extra.mean()) - 1), 4)
             row[f"{name}_extra_nll_by_pos"] = [round(float(extra[:, i:i + 128].mean()), 4) for i in range(0, 511, 128)]
             row[f"{name}_worst_window_ppl_change"] = round(float(torch.exp(extra.mean(1)).max() - 1), 4)

@@ -331,20 +331,33 @@ def final_hidden(model: LlamaDecoder, sequences: torch.Tensor, edit: RowEdit = R
 
 
 @torch.inference_mode()
+def _head_logits(model: LlamaDecoder, hidden: torch.Tensor, sequences: torch.Tensor, edit: RowEdit, chunk: int):
+    """Yield (logits [m, vocab] float32, targets [m]) for tokens 1..L-1 of hidden [N, L, hidden]
+    (final hidden states) and sequences [N, L], `chunk` positions at a time, under the head with
+    `edit`'s logit correction and bias (the trunk is whatever made `hidden`)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [M, hidden]
+    targets = sequences[:, 1:].reshape(-1)
+    for start in range(0, h.shape[0], chunk):
+        rows = h[start:start + chunk].to(model.device)
+        logits = model.head.forward(rows.to(model.head.weight.dtype)).float()  # [m, vocab]
+        yield apply_logit_edit(edit, rows, logits), targets[start:start + chunk].to(model.device)
+
+
 def perplexity_from_hidden(model: LlamaDecoder, hidden: torch.Tensor, sequences: torch.Tensor,
                            edit: RowEdit = RowEdit(), chunk: int = 512) -> float:
     """hidden [N, L, hidden] (final hidden states), sequences [N, L] -> perplexity of tokens 1..L-1
     under the head with `edit`'s logit correction and bias (the trunk is whatever made `hidden`)."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [M, hidden]
-    targets = sequences[:, 1:].reshape(-1)
-    total = 0.0
-    for start in range(0, h.shape[0], chunk):
-        rows = h[start:start + chunk].to(model.device)
-        logits = model.head.forward(rows.to(model.head.weight.dtype)).float()  # [m, vocab]
-        logits = apply_logit_edit(edit, rows, logits)
-        total += float(torch.nn.functional.cross_entropy(
-            logits, targets[start:start + chunk].to(model.device), reduction="sum"))
-    return math.exp(total / targets.numel())
+    total = sum(float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+                for logits, targets in _head_logits(model, hidden, sequences, edit, chunk))
+    return math.exp(total / (sequences.shape[0] * (sequences.shape[1] - 1)))
+
+
+def token_nll_from_hidden(model: LlamaDecoder, hidden: torch.Tensor, sequences: torch.Tensor,
+                          edit: RowEdit = RowEdit(), chunk: int = 512) -> torch.Tensor:
+    """The same tokens' NLL one by one: -> [N, L - 1] float32 (on the CPU)."""
+    return torch.cat([torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu()
+                      for logits, targets in _head_logits(model, hidden, sequences, edit, chunk)]
+                     ).view(sequences.shape[0], -1)
 
 
 # ------------------------------------------------------------------------------ decomposition
