@@ -317,13 +317,56 @@ def test_calibrate_sae_command_writes_a_loadable_sae(tmp_path, monkeypatch):
     add_arguments(parser)
     out = tmp_path / "sae"
     args = parser.parse_args(["--layer", "3", "--width", "256", "--k", "4", "--architecture", "batchtopk",
-                              "--corpus-tokens", "4000", "--sample-prompts", "2", "--sequence-length", "64",
+                              "--corpus-tokens", "4000", "--corpus-shares", "wikitext2-valid=0.5,pile-extraction=0.4",
+                              "--sample-prompts", "2", "--sample-tokens", "24", "--sequence-length", "64",
                               "--tokens", "4096", "--batch-size", "256", "--eval-sequences", "2", "--out", str(out)])
     assert run(args) == 0
     sae = SparseAutoencoder.load(out)
     assert sae.layer == 3 and sae.cfg.d_sae == 256
+    corpus = {c["source"]: c["tokens"] for c in sae.cfg.extra_metadata["neuronserve_training"]["corpus"]}
+    assert set(corpus) == {"wikitext2-valid", "pile-extraction", "model-samples"}
+    assert corpus["wikitext2-valid"] == 2000 // 64 * 64 and corpus["pile-extraction"] == 1600 // 64 * 64
     assert sae.cfg.architecture == "jumprelu"
     figures = sae.cfg.extra_metadata["neuronserve_eval"]
     assert figures["tokens"] == 2 * 63 and 0 < figures["l0"] and figures["ce_zero"] > figures["ce_orig"]
     assert sae.cfg.extra_metadata["neuronserve_training"]["threshold_normalised"] > 0
     assert bool((sae.threshold == sae.threshold[0]).all()) and float(sae.threshold[0]) > 0
+
+
+def test_corpus_shares_parse_and_refuse():
+    import argparse
+
+    from server.calibration.sae import CORPUS_SOURCES, parse_corpus_shares
+
+    assert parse_corpus_shares("wikitext2-valid=0.5, gnu-info=0.25") == {"wikitext2-valid": 0.5, "gnu-info": 0.25}
+    for bad, says in (("wiki=0.5", "wikitext2-valid"), ("tweets=half", "not a number"), ("tweets", "SOURCE=SHARE"),
+                      ("tweets=0.7,rtp=0.4", "at most 1"), ("rtp=-0.1", "between 0 and 1"), ("", "at least one")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            parse_corpus_shares(bad)
+    assert len(set(CORPUS_SOURCES)) == len(CORPUS_SOURCES)
+
+
+def test_every_corpus_source_reads_and_packs():
+    """Each named source has a reader; a source gives its share of the corpus in whole sequences, or
+    nothing when this machine lacks its text (the OS manuals, say), never another source's text."""
+    from transformers import PreTrainedTokenizerFast
+
+    from server.calibration.data import default_data_dir
+    from server.calibration.sae import CORPUS_SOURCES, CorpusConfig, build_corpus, gnu_info_texts, package_doc_texts
+
+    if not (default_data_dir() / "wikitext2").is_dir():
+        pytest.skip("needs ../shared/data")
+    from server.runtime import load_model
+    from server.settings import ServerSettings
+
+    tokenizer = load_model(ServerSettings(max_model_len=64, wina_profile="none", log_level="warning")).tokenizer
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    length, per_source = 32, 4 * 32
+    config = CorpusConfig(corpus_tokens=per_source * len(CORPUS_SOURCES), sequence_length=length, sample_prompts=0,
+                          shares={name: 1 / len(CORPUS_SOURCES) for name in CORPUS_SOURCES})
+    sequences, sources, described = build_corpus(None, tokenizer, config)
+    optional = {"gnu-info": bool(gnu_info_texts()), "package-docs": bool(package_doc_texts())}
+    assert [d["source"] for d in described] == list(CORPUS_SOURCES)  # a missing source is listed with 0 tokens
+    assert [d["tokens"] for d in described] == [per_source if optional.get(d["source"], True) else 0 for d in described]
+    assert sorted(sources) == sorted(d["source"] for d in described for _ in range(d["sequences"]))
+    assert all(len(s) == length for s in sequences)

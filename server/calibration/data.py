@@ -34,6 +34,13 @@ def wikitext_valid_text(data_dir: Path) -> str:
     return (data_dir / "wikitext2" / "wiki.valid.tokens").read_text()
 
 
+def extraction_texts(data_dir: Path) -> list[str]:
+    """The 1000 Pile slices of the extraction benchmark's validation file (extraction/extraction_val.jsonl),
+    preprefix + prefix + suffix as one text each (about 200 GPT-2 tokens of web, code and book text)."""
+    rows = [json.loads(line) for line in (data_dir / "extraction" / "extraction_val.jsonl").read_text().splitlines()]
+    return [row["preprefix"] + row["prefix"] + row["suffix"] for row in rows]
+
+
 def tweet_rows(data_dir: Path) -> list[dict[str, str]]:
     """Davidson et al. tweets (offensive/labeled_data.csv): one dict per row, with at least the
     columns "tweet" and "class" (0 hate speech, 1 offensive language, 2 neither)."""

@@ -30,6 +30,8 @@ matmul. The dense forward matmul and its top-k are the whole per-token cost.
 from __future__ import annotations
 
 import argparse
+import email
+import gzip
 import hashlib
 import html
 import json
@@ -50,6 +52,7 @@ from tqdm import tqdm
 from server.calibration.data import (
     alpaca_texts,
     default_data_dir,
+    extraction_texts,
     rtp_calibration_lines,
     tweet_rows,
     wikitext_valid_text,
@@ -115,6 +118,9 @@ class SaeTrainingConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+CORPUS_SOURCES = ("wikitext2-valid", "alpaca-chat", "tweets", "rtp", "python-stdlib", "system-docs",
+                  "pile-extraction", "gnu-info", "package-docs")
+
 SAMPLE_TOPICS = ("the ocean", "a small bakery", "black holes", "the French revolution", "machine learning",
                  "a rainy city at night", "gardening tomatoes", "chess openings", "the immune system",
                  "a dragon who is afraid of heights", "climate change", "medieval castles", "jazz music",
@@ -172,6 +178,44 @@ def system_doc_texts(max_chars_per_file: int = 8000) -> list[str]:
         if digest not in seen and len(text) > 200:
             seen.add(digest)
             texts.append(text)
+    return texts
+
+
+def gnu_info_texts(max_chars_per_node: int = 8000) -> list[str]:
+    """The nodes (sections) of the GNU Info manuals that ship with the OS (/usr/share/info/*.info*.gz:
+    coreutils, find, diffutils, ...), each without its navigation header; menus and tag tables left out."""
+    root = Path("/usr/share/info")
+    texts = []
+    for path in sorted(root.glob("*.info*.gz")) if root.is_dir() else []:
+        try:
+            with gzip.open(path, "rt", errors="replace") as f:
+                manual = f.read()
+        except OSError:
+            continue
+        for node in manual.split("\x1f")[1:]:  # Info separates nodes with ^_
+            header, _, body = node.strip("\n").partition("\n")
+            if not header.startswith("File:") or body.lstrip().startswith("* Menu:"):
+                continue
+            body = body.strip()[:max_chars_per_node]
+            if len(body) > 200:
+                texts.append(body)
+    return texts
+
+
+def package_doc_texts(max_chars_per_package: int = 8000) -> list[str]:
+    """The long descriptions (README) of the Python packages installed beside neuronserve
+    (site-packages/*.dist-info/METADATA bodies), each distinct text once."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    seen, texts = set(), []
+    for path in sorted(root.glob("*.dist-info/METADATA")):
+        body = email.message_from_string(path.read_text(errors="replace")).get_payload()
+        if not isinstance(body, str):
+            continue
+        body = body.strip()[:max_chars_per_package]
+        digest = hashlib.sha1(body.encode()).hexdigest()
+        if digest not in seen and len(body) > 200:
+            seen.add(digest)
+            texts.append(body)
     return texts
 
 
@@ -257,6 +301,12 @@ def build_corpus(model, tokenizer, config: CorpusConfig) -> tuple[list[list[int]
                           lambda: shuffled(python_stdlib_texts())),
         "system-docs": ("OS licence texts and package copyright/README files (/usr/share/common-licenses, /usr/share/doc)",
                         lambda: shuffled(system_doc_texts())),
+        "pile-extraction": ("Pile slices of the extraction benchmark (extraction/extraction_val.jsonl), 200 GPT-2 tokens each",
+                            lambda: shuffled(extraction_texts(config.data_dir))),
+        "gnu-info": ("GNU Info manuals of the OS (/usr/share/info), one text per node",
+                     lambda: shuffled(gnu_info_texts())),
+        "package-docs": ("READMEs of the installed Python packages (site-packages/*.dist-info/METADATA)",
+                         lambda: shuffled(package_doc_texts())),
     }
     sequences: list[list[int]] = []
     sources: list[str] = []
@@ -700,8 +750,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Tokens of text to collect activations on. [1.2M]")
     parser.add_argument("--collect-tokens", type=int, default=0,
                         help="Collect activations for only this many tokens of the (shuffled) corpus (0: all). [0]")
+    parser.add_argument("--corpus-shares", type=parse_corpus_shares, default=None, metavar="SOURCE=SHARE,...",
+                        help="Share of --corpus-tokens taken from each text source, e.g. "
+                             "'wikitext2-valid=0.5,pile-extraction=0.2'; sources left out give nothing. Sources: "
+                             + ", ".join(CORPUS_SOURCES) + ". [" + ",".join(f"{k}={v}" for k, v in CorpusConfig().shares.items()) + "]")
     parser.add_argument("--sample-prompts", type=int, default=96,
-                        help="Chat prompts the model answers itself for the corpus (0: none). [96]")
+                        help="Chat prompts the model answers itself for the corpus (0: none; at most "
+                             f"{len(SAMPLE_TASKS) * len(SAMPLE_TOPICS)}). [96]")
+    parser.add_argument("--sample-tokens", type=int, default=CorpusConfig.sample_tokens,
+                        help=f"Longest answer sampled per prompt. [{CorpusConfig.sample_tokens}]")
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1024, help="Tokens per training step. [1024]")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -717,6 +774,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Continue from the last checkpoint of the same run (same flags and seed).")
 
 
+def parse_corpus_shares(text: str) -> dict[str, float]:
+    shares = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in CORPUS_SOURCES:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected SOURCE=SHARE with SOURCE one of {', '.join(CORPUS_SOURCES)}")
+        try:
+            shares[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: share {value!r} is not a number") from None
+        if not 0 <= shares[name] <= 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: a share is between 0 and 1")
+    if not shares or sum(shares.values()) > 1 + 1e-9:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one source, shares summing to at most 1")
+    return shares
+
+
 def run(args: argparse.Namespace) -> int:
     from server.profiles import model_slug
     from server.runtime import load_model
@@ -726,14 +800,19 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     # room for the corpus windows and for the model's own samples (a chat prompt + sample_tokens)
     settings = ServerSettings(model=args.model, device=args.device, dtype=args.dtype, wina_profile="none",
-                              max_model_len=max(args.sequence_length, CorpusConfig.sample_tokens + 256))
+                              max_model_len=max(args.sequence_length, args.sample_tokens + 256))
     loaded = load_model(settings)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if not 0 <= args.sample_prompts <= len(SAMPLE_TASKS) * len(SAMPLE_TOPICS):
+        print(f"neuronserve: --sample-prompts {args.sample_prompts} outside 0..{len(SAMPLE_TASKS) * len(SAMPLE_TOPICS)} "
+              "(the topic x task prompts)", file=sys.stderr)
+        return 2
     if not 0 <= args.layer < len(model.layers):
         print(f"neuronserve: --layer {args.layer} outside 0..{len(model.layers) - 1}", file=sys.stderr)
         return 2
     corpus_config = CorpusConfig(corpus_tokens=args.corpus_tokens, sequence_length=args.sequence_length,
-                                 sample_prompts=args.sample_prompts, seed=args.seed,
+                                 sample_prompts=args.sample_prompts, sample_tokens=args.sample_tokens, seed=args.seed,
+                                 **({"shares": args.corpus_shares} if args.corpus_shares else {}),
                                  **({"data_dir": args.data_dir} if args.data_dir else {}))
     if not (corpus_config.data_dir / "wikitext2").is_dir():
         print(f"neuronserve: calibration data not found under {corpus_config.data_dir} (--data-dir)", file=sys.stderr)
