@@ -496,7 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--name", default="steering_eval", help="Output file stem.")
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON",
+                        help="Draw the PNG of an earlier run's JSON (beside it) and stop; nothing is rerun.")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        report = json.loads(args.plot_only.read_text())
+        plot(report, EvalConfig(methods=tuple(report["config"]["methods"])), args.plot_only.with_suffix(".png"))
+        print(f"wrote {args.plot_only.with_suffix('.png')}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(sae=args.sae, concepts_dir=args.concepts_dir, concepts=tuple(args.concepts),
