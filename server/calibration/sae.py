@@ -636,9 +636,14 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sequences(tokenizer, data_dir: Path, sequence_length: int, n_sequences: int) -> list[list[int]]:
-    """`n_sequences` pieces of the WikiText-2 *test* split, evenly spaced over it."""
-    ids = tokenizer.encode((data_dir / "wikitext2" / "wiki.test.tokens").read_text(), add_special_tokens=False)
+WIKITEXT_SPLIT_FILES = {"test": "wiki.test.tokens", "valid": "wiki.valid.tokens"}
+
+
+def wikitext_windows(tokenizer, data_dir: Path, sequence_length: int, n_sequences: int,
+                     split: str = "test") -> list[list[int]]:
+    """`n_sequences` pieces of a WikiText-2 split, evenly spaced over it: the *test* split for every
+    reported figure; the validation split (which the default corpus trains on) to measure overfitting."""
+    ids = tokenizer.encode((data_dir / "wikitext2" / WIKITEXT_SPLIT_FILES[split]).read_text(), add_special_tokens=False)
     available = len(ids) // sequence_length
     n = min(n_sequences, available)
     starts = [int(i * available / n) * sequence_length for i in range(n)]
@@ -876,7 +881,7 @@ def run(args: argparse.Namespace) -> int:
     sae = export_sae(trainer, scale, args.layer, train_config, loaded.name, args.sequence_length, metadata,
                      log.get("threshold"))
     if args.eval_sequences > 0:
-        sequences_test = test_sequences(tokenizer, corpus_config.data_dir, args.sequence_length, args.eval_sequences)
+        sequences_test = wikitext_windows(tokenizer, corpus_config.data_dir, args.sequence_length, args.eval_sequences)
         # Evaluate the weights as they will be saved (16-bit), not the float32 trainer.
         rounded = SparseAutoencoder(sae.cfg, *(None if t is None else t.to(getattr(torch, train_config.dtype)).float()
                                                for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold)))
