@@ -812,6 +812,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"neuronserve: --sample-prompts {args.sample_prompts} outside 0..{len(SAMPLE_TASKS) * len(SAMPLE_TOPICS)} "
               "(the topic x task prompts)", file=sys.stderr)
         return 2
+    if args.sample_tokens < 1:
+        print(f"neuronserve: --sample-tokens {args.sample_tokens} must be at least 1", file=sys.stderr)
+        return 2
     if not 0 <= args.layer < len(model.layers):
         print(f"neuronserve: --layer {args.layer} outside 0..{len(model.layers) - 1}", file=sys.stderr)
         return 2
