@@ -184,6 +184,12 @@ def test_collected_effects_match_per_position_gradients():
     torch.testing.assert_close(stats.effect, -per_position.sum(1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats.effect_sq, per_position.pow(2).sum(1), rtol=1e-4, atol=1e-9)
     assert stats.effect_sq.sum() > 0
+    # without per-position effects (every retain measure but taylor) the rest is the same, effect_sq 0
+    lean = collect_stats(model, {"memorized": records}, pad_id=0, batch_size=2, layers=2, intermediate=24,
+                         record_objective="nll", per_position_effects=False)["memorized"]
+    torch.testing.assert_close(lean.effect, stats.effect, atol=0, rtol=0)
+    torch.testing.assert_close(lean.sum_abs, stats.sum_abs, atol=0, rtol=0)
+    assert lean.effect_sq.abs().sum() == 0
 
 
 def test_uniform_allocation_takes_ratio_per_layer_and_skips_spared():

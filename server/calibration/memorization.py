@@ -246,7 +246,8 @@ class _MaskedRecorder:
     """Forward pre-hooks on every down_proj: record statistics of its input at the selected
     positions, and multiply it by a mask of ones whose gradient is the zeroing effect."""
 
-    def __init__(self, down_projs: list[torch.nn.Module], intermediate: int) -> None:
+    def __init__(self, down_projs: list[torch.nn.Module], intermediate: int, per_position_effects: bool) -> None:
+        self.per_position_effects = per_position_effects  # effect_sq: a backward hook per layer, only for taylor
         self.masks = [torch.ones(intermediate, requires_grad=True) for _ in down_projs]
         self.select: torch.Tensor | None = None  # [B, T] bool
         self.stats: SetStats | None = None
@@ -267,7 +268,8 @@ class _MaskedRecorder:
                 with torch.no_grad():  # every position, as the mask's gradient (later ones and padding give 0)
                     s.effect_sq[layer] += (x.detach() * grad).double().pow(2).sum((0, 1))
 
-            y.register_hook(per_position)
+            if self.per_position_effects:
+                y.register_hook(per_position)
             return (y,)
         return hook
 
@@ -303,15 +305,18 @@ def _batches(items: list, size: int) -> list[list]:
 
 
 def collect_stats(model, sets: dict[str, list], pad_id: int, batch_size: int, layers: int,
-                  intermediate: int, record_objective: str = "logodds") -> dict[str, SetStats]:
+                  intermediate: int, record_objective: str = "logodds",
+                  per_position_effects: bool = True) -> dict[str, SetStats]:
     """sets: name -> list of (prefix ids, suffix ids) records, or of equal-length token lists for
     "reference". One forward and backward per batch (no weight gradients).
     record_objective: what the effects on record sets measure. "nll": the suffix loss; but a
     memorized suffix has loss ~0, where its gradient vanishes and first-order effects see nothing.
     "logodds" (default): minus the target's log-odds, z_target - logsumexp(other logits), which
-    does not saturate. The reference set always uses its loss."""
+    does not saturate. The reference set always uses its loss.
+    per_position_effects: also sum the squared per-position effects (effect_sq, what the taylor
+    retain measure reads); off, effect_sq stays 0 and the backward pass does no extra work."""
     down = [layer.mlp.down_proj for layer in model.model.layers]
-    recorder = _MaskedRecorder(down, intermediate)
+    recorder = _MaskedRecorder(down, intermediate, per_position_effects)
     model.requires_grad_(False)
     out: dict[str, SetStats] = {}
     total = sum(math.ceil(len(v) / batch_size) for v in sets.values())
@@ -646,7 +651,8 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
         tokenizer, config.data_dir, config.reference_sequences, config.reference_length, config.seed,
         config.heldout_reference_sequences)
     stats = collect_stats(model, {"memorized": mem_enc, "unseen": unseen_enc, "reference": reference},
-                          pad_id, config.batch_size, layers, intermediate, config.record_objective)
+                          pad_id, config.batch_size, layers, intermediate, config.record_objective,
+                          per_position_effects=config.retain_measure == "taylor")
     down_weights = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
     column_norms = torch.stack([w.norm(dim=0) for w in down_weights])  # [L, I]
     scores = neuron_scores(stats, column_norms, config.score)
