@@ -41,6 +41,7 @@ import random
 import sys
 import sysconfig
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,17 @@ def python_stdlib_texts(max_chars_per_file: int = 6000) -> list[str]:
     return [p.read_text(errors="replace")[:max_chars_per_file] for p in files]
 
 
+def _distinct_long(texts: Iterable[str], min_chars: int = 200) -> list[str]:
+    """Each text once (by content), in order, those of `min_chars` characters or fewer left out."""
+    seen, kept = set(), []
+    for text in texts:
+        digest = hashlib.sha1(text.encode()).hexdigest()
+        if digest not in seen and len(text) > min_chars:
+            seen.add(digest)
+            kept.append(text)
+    return kept
+
+
 def system_doc_texts(max_chars_per_file: int = 8000) -> list[str]:
     """Licence texts and package documentation that ship with the OS (/usr/share/common-licenses,
     /usr/share/doc/*/{copyright,README*}, plain text only), each distinct text once."""
@@ -168,17 +180,14 @@ def system_doc_texts(max_chars_per_file: int = 8000) -> list[str]:
     if doc.is_dir():
         paths += sorted(p for p in doc.glob("*/*") if p.is_file() and (p.name == "copyright" or p.name.startswith("README"))
                         and p.suffix not in (".gz", ".bz2", ".xz", ".html"))
-    seen, texts = set(), []
-    for path in paths:
-        try:
-            text = path.resolve().read_text(errors="strict")[:max_chars_per_file]
-        except (UnicodeDecodeError, OSError, IsADirectoryError):
-            continue
-        digest = hashlib.sha1(text.encode()).hexdigest()
-        if digest not in seen and len(text) > 200:
-            seen.add(digest)
-            texts.append(text)
-    return texts
+
+    def read():
+        for path in paths:
+            try:
+                yield path.resolve().read_text(errors="strict")[:max_chars_per_file]
+            except (UnicodeDecodeError, OSError, IsADirectoryError):
+                continue
+    return _distinct_long(read())
 
 
 def gnu_info_texts(max_chars_per_node: int = 8000) -> list[str]:
@@ -206,17 +215,9 @@ def package_doc_texts(max_chars_per_package: int = 8000) -> list[str]:
     """The long descriptions (README) of the Python packages installed beside neuronserve
     (site-packages/*.dist-info/METADATA bodies), each distinct text once."""
     root = Path(sysconfig.get_paths()["purelib"])
-    seen, texts = set(), []
-    for path in sorted(root.glob("*.dist-info/METADATA")):
-        body = email.message_from_string(path.read_text(errors="replace")).get_payload()
-        if not isinstance(body, str):
-            continue
-        body = body.strip()[:max_chars_per_package]
-        digest = hashlib.sha1(body.encode()).hexdigest()
-        if digest not in seen and len(body) > 200:
-            seen.add(digest)
-            texts.append(body)
-    return texts
+    bodies = (email.message_from_string(path.read_text(errors="replace")).get_payload()
+              for path in sorted(root.glob("*.dist-info/METADATA")))
+    return _distinct_long(body.strip()[:max_chars_per_package] for body in bodies if isinstance(body, str))
 
 
 def _pack(token_lists: list[list[int]], eos: int, length: int, budget: int) -> list[list[int]]:
