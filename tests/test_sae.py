@@ -11,7 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.calibration.sae import SaeTrainingConfig, TopKTrainer, export_sae, train_sae
+from server.calibration.sae import (
+    SaeTrainingConfig,
+    TopKTrainer,
+    export_sae,
+    load_initial_weights,
+    train_sae,
+)
 from server.interventions.sae import (
     FINGERPRINT_KEY,
     SaeConfig,
@@ -269,6 +275,33 @@ def test_batch_topk_sae_trains_and_saves_as_jumprelu(tmp_path):
         export_sae(trainer, scale, config.layer, config, "tiny-model", 64, {})
 
 
+def test_fine_tune_starts_from_the_initial_sae():
+    """load_initial_weights moves each decoder row's norm into the encoder (the reconstruction is
+    unchanged) and train_sae(initial=...) starts where that SAE left off, not from a random init."""
+    relu_sae = _random_sae("standard")  # decoder rows of norm about 7, not 1
+    assert float((relu_sae.W_dec.norm(dim=1) - 1).abs().min()) > 1
+    trainer = TopKTrainer(D_IN, D_SAE, k=4, aux_k=0, generator=torch.Generator().manual_seed(0))
+    scale = 1.7
+    load_initial_weights(trainer, relu_sae, scale)
+    torch.testing.assert_close(trainer.W_dec.norm(dim=1), torch.ones(D_SAE))
+    x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the trainer's units are x / scale
+        ours = (trainer.pre_activation(x / scale).relu() @ trainer.W_dec + trainer.b_dec) * scale
+    torch.testing.assert_close(ours, relu_sae.decode(relu_sae.encode(x)), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="96"):
+        load_initial_weights(TopKTrainer(D_IN, 2 * D_SAE, 4, 0, torch.Generator()), relu_sae, scale)
+
+    acts = _sparse_data(4096)
+    config = _tiny_config(dtype="float32")
+    trained, trained_scale, trained_log = train_sae(acts, config)
+    initial = export_sae(trained, trained_scale, config.layer, config, "tiny-model", 64, {})
+    short = _tiny_config(dtype="float32", train_tokens=20 * 128, lr=1e-5, warmup_steps=1)
+    _, _, tuned_log = train_sae(acts, short, initial=initial)
+    _, _, fresh_log = train_sae(acts, short)
+    started = tuned_log["history"][0]["explained_variance"]  # the first 50 steps' window (all 20 here)
+    assert started > trained_log["history"][-1]["explained_variance"] - 0.02, (started, trained_log["history"][-1])
+    assert started > fresh_log["history"][0]["explained_variance"] + 0.2
+
 def test_training_is_deterministic_and_resumes(tmp_path):
     acts = _sparse_data(2048)
     config = _tiny_config(train_tokens=120 * 128, checkpoint_every=60)
@@ -332,6 +365,17 @@ def test_calibrate_sae_command_writes_a_loadable_sae(tmp_path, monkeypatch):
     assert sae.cfg.extra_metadata["neuronserve_training"]["threshold_normalised"] > 0
     assert bool((sae.threshold == sae.threshold[0]).all()) and float(sae.threshold[0]) > 0
 
+    # fine-tune it as TopK (same corpus and activations, from the cache); a width it lacks is refused
+    tuned = tmp_path / "sae-tuned"
+    common = ["--layer", "3", "--k", "4", "--corpus-tokens", "4000", "--corpus-shares",
+              "wikitext2-valid=0.5,pile-extraction=0.4", "--sample-prompts", "2", "--sample-tokens", "24",
+              "--sequence-length", "64", "--tokens", "1024", "--batch-size", "256", "--eval-sequences", "1",
+              "--init-from", str(out)]
+    assert run(parser.parse_args(common + ["--width", "128", "--out", str(tuned)])) == 2
+    assert run(parser.parse_args(common + ["--width", "256", "--out", str(tuned)])) == 0
+    recipe = SparseAutoencoder.load(tuned).cfg.extra_metadata["neuronserve_training"]["recipe"]
+    assert recipe.startswith("TopK") and "fine-tuned from sae " in recipe
+
 
 def test_corpus_shares_parse_and_refuse():
     import argparse
@@ -352,7 +396,13 @@ def test_every_corpus_source_reads_and_packs():
     from transformers import PreTrainedTokenizerFast
 
     from server.calibration.data import default_data_dir
-    from server.calibration.sae import CORPUS_SOURCES, CorpusConfig, build_corpus, gnu_info_texts, package_doc_texts
+    from server.calibration.sae import (
+        CORPUS_SOURCES,
+        CorpusConfig,
+        build_corpus,
+        gnu_info_texts,
+        package_doc_texts,
+    )
 
     if not (default_data_dir() / "wikitext2").is_dir():
         pytest.skip("needs ../shared/data")

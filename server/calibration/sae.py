@@ -58,7 +58,12 @@ from server.calibration.data import (
     tweet_rows,
     wikitext_valid_text,
 )
-from server.interventions.sae import SaeConfig, SparseAutoencoder
+from server.interventions.sae import (
+    SaeConfig,
+    SaeFormatError,
+    SparseAutoencoder,
+    check_model,
+)
 from server.model.edits import ResidualRecorder
 
 logger = logging.getLogger(__name__)
@@ -550,10 +555,29 @@ def massive_mask(acts: torch.Tensor, ratio: float = MASSIVE_NORM_RATIO) -> torch
     return norms > ratio * norms.median()
 
 
+def load_initial_weights(trainer: TopKTrainer, sae: SparseAutoencoder, scale: float) -> None:
+    """Start training from an existing SAE (a fine-tune) instead of a random init. Its decoder rows
+    are normalised to unit norm, with the norm moved into the encoder so that each latent's
+    contribution n_i * z_i is unchanged; the biases are divided by the training scale (the trainer
+    works on x / scale)."""
+    if sae.cfg.d_in != trainer.W_dec.shape[1] or sae.cfg.d_sae != trainer.W_dec.shape[0]:
+        raise ValueError(f"the initial SAE is {sae.cfg.d_in} -> {sae.cfg.d_sae}; training "
+                         f"{trainer.W_dec.shape[1]} -> {trainer.W_dec.shape[0]}")
+    if not sae.cfg.apply_b_dec_to_input:
+        raise ValueError("the initial SAE must subtract b_dec from its input (apply_b_dec_to_input)")
+    norms = sae.W_dec.norm(dim=1).clamp_min(1e-8)  # [S]
+    with torch.no_grad():
+        trainer.W_dec.copy_(sae.W_dec / norms.unsqueeze(1))
+        trainer.W_enc_t.copy_(sae.W_enc.t() * norms.unsqueeze(1))
+        trainer.b_enc.copy_(sae.b_enc * norms / scale)
+        trainer.b_dec.copy_(sae.b_dec / scale)
+
+
 def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | None = None,
-              resume: bool = False) -> tuple[TopKTrainer, float, dict[str, Any]]:
+              resume: bool = False, initial: SparseAutoencoder | None = None) -> tuple[TopKTrainer, float, dict[str, Any]]:
     """acts: [N, d] (float16 or float32; massive-norm tokens already removed) -> (trainer, scale, log).
-    Deterministic for config.seed: the batch order is a seeded permutation per epoch."""
+    Deterministic for config.seed: the batch order is a seeded permutation per epoch. `initial`:
+    fine-tune that SAE's weights instead of starting from a random init."""
     torch.manual_seed(config.seed)
     N, d_in = acts.shape
     generator = torch.Generator().manual_seed(config.seed)
@@ -563,8 +587,11 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
     if config.architecture not in TRAINED_ARCHITECTURES:
         raise ValueError(f"architecture {config.architecture!r} is not one of {TRAINED_ARCHITECTURES}")
     trainer = TopKTrainer(d_in, config.width, config.k, aux_k, generator, config.architecture == "batchtopk")
-    with torch.no_grad():
-        trainer.b_dec.copy_(geometric_median(sample / scale))
+    if initial is not None:
+        load_initial_weights(trainer, initial, scale)
+    else:
+        with torch.no_grad():
+            trainer.b_dec.copy_(geometric_median(sample / scale))
     # fused: one kernel for all four tensors (10x faster than the foreach path on CPU, same update)
     optimizer = torch.optim.Adam(trainer.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
     steps = max(config.train_tokens // config.batch_size, 1)
@@ -776,6 +803,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="WikiText-2 test sequences for the reported figures (0: skip). [64]")
     parser.add_argument("--out", type=Path, default=None,
                         help="SAE directory. Default: <cache>/profiles/<model name>/sae-l<L>-resid-<width/1024>k/.")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="SAE_DIR",
+                        help="Fine-tune this SAE (same model, layer and width) instead of starting from a random "
+                             "init, e.g. to move a TopK SAE to BatchTopK with a short, low-lr run. [off]")
     parser.add_argument("--resume", action="store_true",
                         help="Continue from the last checkpoint of the same run (same flags and seed).")
 
@@ -819,6 +849,18 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.layer < len(model.layers):
         print(f"neuronserve: --layer {args.layer} outside 0..{len(model.layers) - 1}", file=sys.stderr)
         return 2
+    initial = None
+    if args.init_from is not None:
+        try:
+            initial = SparseAutoencoder.load(args.init_from)
+            check_model(initial, model.config.hidden_size, loaded.fingerprint, len(model.layers))
+        except SaeFormatError as error:
+            print(f"neuronserve: --init-from {args.init_from}: {error}", file=sys.stderr)
+            return 2
+        if (initial.layer, initial.cfg.d_sae) != (args.layer, args.width):
+            print(f"neuronserve: --init-from {args.init_from} is layer {initial.layer}, width {initial.cfg.d_sae}; "
+                  f"this run asks for layer {args.layer}, width {args.width}", file=sys.stderr)
+            return 2
     corpus_config = CorpusConfig(corpus_tokens=args.corpus_tokens, sequence_length=args.sequence_length,
                                  sample_prompts=args.sample_prompts, sample_tokens=args.sample_tokens, seed=args.seed,
                                  **({"shares": args.corpus_shares} if args.corpus_shares else {}),
@@ -860,15 +902,19 @@ def run(args: argparse.Namespace) -> int:
     acts = acts[~massive]
     print(f"activations: {acts.shape[0]} tokens at layer {args.layer} ({int(massive.sum())} massive-norm tokens "
           f"beyond position 0 left out), cached in {act_dir}")
-    run_key = hashlib.sha256((act_dir.name + json.dumps(asdict(train_config), sort_keys=True)).encode()).hexdigest()[:16]
+    initial_digest = "" if initial is None else hashlib.sha256(initial.W_dec.numpy().tobytes()).hexdigest()[:16]
+    run_key = hashlib.sha256((act_dir.name + json.dumps(asdict(train_config), sort_keys=True) + initial_digest)
+                             .encode()).hexdigest()[:16]
     checkpoint = cache_root / "sae-train" / f"{run_key}.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    trainer, scale, log = train_sae(acts, train_config, checkpoint, resume=args.resume)
+    trainer, scale, log = train_sae(acts, train_config, checkpoint, resume=args.resume, initial=initial)
     metadata: dict[str, Any] = {
         "neuronserve_model_fingerprint": loaded.fingerprint,
         "neuronserve_training": {
             "recipe": ("BatchTopK (Bussmann et al. 2024)" if args.architecture == "batchtopk" else "TopK")
-            + " + AuxK (Gao et al. 2024), unit-norm decoder, b_dec at geometric median, W_enc = W_dec^T init",
+            + " + AuxK (Gao et al. 2024), unit-norm decoder, "
+            + ("b_dec at geometric median, W_enc = W_dec^T init" if initial is None
+               else f"fine-tuned from {args.init_from.resolve().name} (weights sha256 {initial_digest})"),
             "corpus": described, "corpus_tokens": int(acts.shape[0]),
             "massive_tokens_left_out": int(massive.sum()), "position_0": "left out",
             "train_tokens": train_config.train_tokens, "epochs": train_config.train_tokens / acts.shape[0],
