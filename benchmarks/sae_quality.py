@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     met = {}  # the targets are judged on test text only
     for key, (op, bound) in TARGETS.items() if args.split == "test" else ():
         value = figures.get(key)
-        met[key] = value is not None and {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+        # None: not recorded (an SAE from elsewhere, or a conversion without training steps tracks no dead latents)
+        met[key] = None if value is None else {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
     report = {
         "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv_list]),
         "argv": argv_list,
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 def _rows(report: dict) -> list[list[str]]:
     f, met = report["figures"], report["targets_met"]
     def mark(key: str) -> str:
-        return {True: "met", False: "NOT met"}.get(met.get(key), "not judged: validation text")
+        if key not in met:
+            return "not judged: validation text"
+        return {True: "met", False: "NOT met", None: "not judged: not recorded"}[met[key]]
     return [
         ["explained variance, positions >= 1 without massive-norm tokens", fmt(f["explained_variance_without_massive"], 4),
          f">= 0.88 ({mark('explained_variance_without_massive')})"],

@@ -301,6 +301,15 @@ def test_fine_tune_starts_from_the_initial_sae():
     started = tuned_log["history"][0]["explained_variance"]  # the first 50 steps' window (all 20 here)
     assert started > trained_log["history"][-1]["explained_variance"] - 0.02, (started, trained_log["history"][-1])
     assert started > fresh_log["history"][0]["explained_variance"] + 0.2
+    # no training step: a TopK SAE becomes a BatchTopK one with the same weights and a fitted threshold
+    converted, converted_scale, converted_log = train_sae(acts, _tiny_config(architecture="batchtopk", train_tokens=0),
+                                                          initial=initial)
+    assert converted_log["history"] == [] and converted_log["final_dead_fraction"] is None
+    jump = export_sae(converted, converted_scale, config.layer, _tiny_config(architecture="batchtopk"), "tiny-model",
+                      64, {}, converted_log["threshold"])
+    torch.testing.assert_close(jump.W_dec, initial.W_dec)
+    l0 = float((jump.encode(acts[:1024].float()) > 0).sum(-1).float().mean())
+    assert 0.8 * config.k < l0 < 1.2 * config.k, l0
 
 def test_training_is_deterministic_and_resumes(tmp_path):
     acts = _sparse_data(2048)

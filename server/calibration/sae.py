@@ -594,7 +594,8 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
             trainer.b_dec.copy_(geometric_median(sample / scale))
     # fused: one kernel for all four tensors (10x faster than the foreach path on CPU, same update)
     optimizer = torch.optim.Adam(trainer.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
-    steps = max(config.train_tokens // config.batch_size, 1)
+    # a fine-tune may take no step at all: a TopK SAE converted to BatchTopK then only gets its threshold
+    steps = max(config.train_tokens // config.batch_size, 0 if initial is not None else 1)
     batches_per_epoch = N // config.batch_size
     decay_start = int(steps * (1 - config.decay_fraction))
 
@@ -652,7 +653,8 @@ def train_sae(acts: torch.Tensor, config: SaeTrainingConfig, checkpoint: Path | 
                         "since_fired": since_fired, "step": step + 1, "log": log, "scale": scale}, tmp)
             tmp.rename(checkpoint)
     bar.close()
-    log["final_dead_fraction"] = float((since_fired >= config.dead_window_tokens).float().mean())
+    # not tracked without training steps
+    log["final_dead_fraction"] = float((since_fired >= config.dead_window_tokens).float().mean()) if steps else None
     log["scale"] = scale
     if config.architecture == "batchtopk":
         log["threshold"] = trainer.batch_topk_threshold(sample / scale)  # normalised units, as training
@@ -778,7 +780,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="topk: each token's k largest latents; batchtopk: the training batch's k x N "
                              "largest, a single threshold at inference (saved as SAELens jumprelu). [topk]")
     parser.add_argument("--tokens", type=int, default=28_800_000,
-                        help="Training tokens processed (several epochs over the corpus when larger). [28.8M]")
+                        help="Training tokens processed (several epochs over the corpus when larger); 0 with "
+                             "--init-from and --architecture batchtopk: no training, only the threshold. [28.8M]")
     parser.add_argument("--corpus-tokens", type=int, default=1_200_000,
                         help="Tokens of text to collect activations on. [1.2M]")
     parser.add_argument("--collect-tokens", type=int, default=0,
@@ -848,6 +851,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not 0 <= args.layer < len(model.layers):
         print(f"neuronserve: --layer {args.layer} outside 0..{len(model.layers) - 1}", file=sys.stderr)
+        return 2
+    if args.tokens < 0 or (args.tokens == 0 and args.init_from is None):
+        print(f"neuronserve: --tokens {args.tokens}: give a positive number (0 only with --init-from)", file=sys.stderr)
         return 2
     initial = None
     if args.init_from is not None:
