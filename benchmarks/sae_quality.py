@@ -41,7 +41,12 @@ import torch
 from bench_common import describe_machine, fmt, format_table
 
 from server.calibration.data import default_data_dir
-from server.calibration.sae import WIKITEXT_SPLIT_FILES, evaluate_sae, wikitext_windows
+from server.calibration.sae import (
+    WIKITEXT_SPLIT_FILES,
+    evaluate_sae,
+    massive_mask,
+    wikitext_windows,
+)
 from server.interventions.sae import CONFIG_FILE, SparseAutoencoder, check_model
 from server.runtime import load_model
 from server.settings import ServerSettings
@@ -67,7 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=tuple(WIKITEXT_SPLIT_FILES),
                         help="WikiText-2 split scored: test (the reported figures) or valid (text the default corpus "
                              "trains on: its gap to test measures overfitting; targets do not apply). [test]")
+    parser.add_argument("--match-l0", type=float, default=None, metavar="L",
+                        help="JumpReLU SAEs: shift every threshold by one amount so that the scored tokens average "
+                             "L active latents (a check of how much of a difference comes from L0; it reads the "
+                             "scored text, so the targets are not judged). [off]")
     return parser
+
+
+@torch.inference_mode()
+def shift_thresholds_to_l0(model, sae: SparseAutoencoder, sequences: list[list[int]], l0: float) -> float:
+    """Add one offset to a JumpReLU SAE's thresholds so that positions >= 1 of `sequences` (massive-norm
+    tokens left out, as in the explained-variance figure) average `l0` active latents. -> the offset."""
+    residuals = torch.cat([model.residual_stream(torch.tensor(sequences[i:i + 4]), sae.layer)[:, 1:]
+                           .reshape(-1, sae.cfg.d_in).float() for i in range(0, len(sequences), 4)])
+    residuals = residuals[~massive_mask(residuals)]
+    pre = sae.pre_activation(residuals)  # [N, S]
+    # a latent fires where pre > max(threshold, 0); thresholds are assumed to stay >= 0 after the shift
+    floor = sae.threshold.clamp_min(0)
+    largest = (pre - floor).reshape(-1).topk(round(l0 * len(residuals)) + 1).values
+    offset = float(largest[-2] + largest[-1]) / 2  # between the last margin kept and the first left out
+    sae.threshold = floor + offset
+    return offset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if args.write_metadata and args.split != "test":
         parser.error("--write-metadata records test-split figures only")
+    if args.match_l0 is not None and args.write_metadata:
+        parser.error("--match-l0 changes the thresholds for this measurement only; it cannot go into cfg.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
@@ -85,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     sae = SparseAutoencoder.load(args.sae)
     check_model(sae, loaded.model.config.hidden_size, loaded.fingerprint, len(loaded.model.layers))
     sequences = wikitext_windows(loaded.tokenizer, data_dir, args.sequence_length, args.sequences, args.split)
+    threshold_offset = None
+    if args.match_l0 is not None:
+        if sae.cfg.architecture != "jumprelu":
+            parser.error(f"--match-l0 needs a jumprelu SAE; {args.sae} is {sae.cfg.architecture}")
+        threshold_offset = shift_thresholds_to_l0(loaded.model, sae, sequences, args.match_l0)
     figures = evaluate_sae(loaded.model, sae, sequences, batch_size=args.batch_size)
     training = sae.cfg.extra_metadata.get("neuronserve_training", {})
     figures["dead_fraction"] = training.get("final_dead_fraction")
     met = {}  # the targets are judged on test text only
-    for key, (op, bound) in TARGETS.items() if args.split == "test" else ():
+    judged = args.split == "test" and args.match_l0 is None
+    for key, (op, bound) in TARGETS.items() if judged else ():
         value = figures.get(key)
         # None: not recorded (an SAE from elsewhere, or a conversion without training steps tracks no dead latents)
         met[key] = None if value is None else {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
@@ -100,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"sae": str(args.sae), "model": loaded.name, "model_fingerprint": loaded.fingerprint,
                      "model_dtype": "float32", "sae_weights_dtype": sae.cfg.dtype,
                      "data": f"wikitext2/{WIKITEXT_SPLIT_FILES[args.split]}", "sequences": len(sequences),
-                     "sequence_length": args.sequence_length},
+                     "sequence_length": args.sequence_length, "match_l0": args.match_l0,
+                     "threshold_offset": threshold_offset},
         "sae": {"layer": sae.layer, "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k},
         "training": training,
         "figures": figures,
@@ -129,7 +163,8 @@ def _rows(report: dict) -> list[list[str]]:
     f, met = report["figures"], report["targets_met"]
     def mark(key: str) -> str:
         if key not in met:
-            return "not judged: validation text"
+            return ("not judged: thresholds fitted on this text" if report["settings"].get("match_l0") is not None
+                    else "not judged: validation text")
         return {True: "met", False: "NOT met", None: "not judged: not recorded"}[met[key]]
     return [
         ["explained variance, positions >= 1 without massive-norm tokens", fmt(f["explained_variance_without_massive"], 4),

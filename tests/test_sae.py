@@ -335,7 +335,7 @@ def test_default_sae_fits_default_model():
     sae = SparseAutoencoder.load(DEFAULT_SAE)
     loaded = load_model(ServerSettings(max_model_len=64, wina_profile="none", log_level="warning"))
     check_model(sae, loaded.model.config.hidden_size, loaded.fingerprint, len(loaded.model.layers))
-    assert sae.cfg.architecture == "topk" and sae.layer == 15 and sae.cfg.d_sae == 8192
+    assert sae.cfg.architecture == "jumprelu" and sae.layer == 15 and sae.cfg.d_sae == 8192
     assert sae.cfg.extra_metadata[FINGERPRINT_KEY] == loaded.fingerprint
     # the residual after layer 15 of a real prompt is reconstructed with most of its variance
     ids = torch.tensor([loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog because it was late "
