@@ -11,7 +11,10 @@ each matrix to fill 256 MB are read in turn, so the rows come from DRAM, as in a
 
 ``speedup`` = time to read every row / time to read the kept rows: the most a row-skipping kernel
 can gain over a dense one that streams the same matrix on this machine (1 / kept when skipping is
-free). Best of ``--repeats`` passes, with and without software prefetch ``--prefetch`` rows ahead.
+free). Best of ``--repeats`` passes, with and without software prefetch ``--prefetch`` rows ahead, and
+with each row's cache lines read in ascending or in a scrambled order (a coprime stride through the
+row: if the prefetcher runs on from one kept row into the next, skipped one because it sees an
+ascending stream, a scrambled order should stop it; the ratio shows whether it does).
 
     python benchmarks/row_skip_bandwidth.py [--out benchmarks/out/row_skip_bandwidth.json]
 """
@@ -48,13 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def best_seconds(lib, matrices: list, row_bytes: int, kept_rows, prefetch: int, repeats: int) -> float:
+def best_seconds(lib, matrices: list, row_bytes: int, kept_rows, prefetch: int, repeats: int,
+                 scrambled: bool = False) -> float:
     """Seconds to read `kept_rows` of one matrix: best of `repeats` passes over all the copies."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for m in matrices:
-            lib.read_rows(m.data_ptr(), row_bytes, kept_rows.data_ptr(), kept_rows.numel(), prefetch)
+            lib.read_rows(m.data_ptr(), row_bytes, kept_rows.data_ptr(), kept_rows.numel(), prefetch, int(scrambled))
         best = min(best, time.perf_counter() - start)
     return best / len(matrices)
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lib = ctypes.CDLL(str(build_library(PROJECT_ROOT / "benchmarks" / "csrc" / "row_skip.c", default_cache_dir())))
     lib.read_rows.restype = ctypes.c_int64
-    lib.read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     rng = random.Random(0)
     results = []
     for name, (row_bytes, rows) in SHAPES.items():
@@ -78,15 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         dense = best_seconds(lib, matrices, row_bytes, every, 0, args.repeats)
         for kept in args.kept:
             chosen = torch.tensor(sorted(rng.sample(range(rows), round(kept * rows))), dtype=torch.int32)
-            for prefetch in (0, args.prefetch):
-                t = best_seconds(lib, matrices, row_bytes, chosen, prefetch, args.repeats)
+            for prefetch, scrambled in ((0, False), (args.prefetch, False), (0, True), (args.prefetch, True)):
+                t = best_seconds(lib, matrices, row_bytes, chosen, prefetch, args.repeats, scrambled)
                 results.append({"rows": name, "row_bytes": row_bytes, "kept": kept, "prefetch": prefetch,
+                                "line_order": "scrambled" if scrambled else "ascending",
                                 "dense_us": dense * 1e6, "sparse_us": t * 1e6, "speedup": dense / t,
                                 "ideal": 1 / kept, "dense_gb_s": row_bytes * rows / dense / 1e9,
                                 "kept_gb_s": chosen.numel() * row_bytes / t / 1e9})
 
-    headers = ["rows", "kept", "prefetch", "every row us", "kept rows us", "speedup", "ideal", "kept GB/s"]
-    table = [[r["rows"], fmt(r["kept"], 2), str(r["prefetch"]), fmt(r["dense_us"]), fmt(r["sparse_us"]),
+    headers = ["rows", "kept", "prefetch", "line order", "every row us", "kept rows us", "speedup", "ideal", "kept GB/s"]
+    table = [[r["rows"], fmt(r["kept"], 2), str(r["prefetch"]), r["line_order"], fmt(r["dense_us"]), fmt(r["sparse_us"]),
               fmt(r["speedup"], 2), fmt(r["ideal"], 1), fmt(r["kept_gb_s"], 1)] for r in results]
     text = ("Reading only the kept rows of a W^T matrix from DRAM (one thread, no arithmetic) against "
             "reading every row\n\n" + format_table(headers, table))

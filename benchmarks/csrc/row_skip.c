@@ -2,19 +2,38 @@
 // reads happen) the listed rows of a row-major matrix, in ascending order, optionally prefetching
 // the rows `prefetch` entries ahead in software. benchmarks/row_skip_bandwidth.py times it on
 // every kept fraction against reading every row, the bound for any sparse GEMV that skips rows.
+// `scrambled` visits each row's 64-byte lines (demand loads and prefetches alike) in a coprime-stride
+// order instead of ascending, so that no ascending stream inside a page trains the hardware
+// prefetcher to run on into the next, skipped row.
 #include <immintrin.h>
 #include <stdint.h>
 
-int64_t read_rows(const char *base, int64_t row_bytes, const int32_t *rows, int64_t count, int64_t prefetch) {
+static int64_t line_stride(int64_t lines, int scrambled) {
+    if (!scrambled || lines < 2) return 1;
+    int64_t step = 7;
+    while (lines % step == 0) step += 2;  // odd and not a divisor: visits every line once
+    return step % lines ? step % lines : 1;
+}
+
+// j + step wrapped into [0, lines) without a division (one per 64-byte line would be the probe's cost)
+static inline int64_t next_line(int64_t j, int64_t step, int64_t lines) {
+    j += step;
+    return j >= lines ? j - lines : j;
+}
+
+int64_t read_rows(const char *base, int64_t row_bytes, const int32_t *rows, int64_t count, int64_t prefetch,
+                  int scrambled) {
     __m256i acc = _mm256_setzero_si256();
+    const int64_t lines = row_bytes / 64, step = line_stride(lines, scrambled);
     for (int64_t k = 0; k < count; ++k) {
         if (prefetch > 0 && k + prefetch < count) {
             const char *ahead = base + (int64_t)rows[k + prefetch] * row_bytes;
-            for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+            for (int64_t l = 0, j = 0; l < lines; ++l, j = next_line(j, step, lines)) _mm_prefetch(ahead + j * 64, _MM_HINT_T0);
         }
         const char *row = base + (int64_t)rows[k] * row_bytes;
-        for (int64_t off = 0; off + 32 <= row_bytes; off += 32) {
-            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + off)));
+        for (int64_t l = 0, j = 0; l < lines; ++l, j = next_line(j, step, lines)) {
+            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + j * 64)));
+            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + j * 64 + 32)));
         }
     }
     return _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
