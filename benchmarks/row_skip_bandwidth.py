@@ -16,6 +16,10 @@ with each row's cache lines read in ascending or in a scrambled order (a coprime
 row: if the prefetcher runs on from one kept row into the next, skipped one because it sees an
 ascending stream, a scrambled order should stop it; the ratio shows whether it does).
 
+A second table uses both cores, as a decode step does: two threads split each matrix either by
+columns (each reads its half of every kept row, the WINA CPU kernel's split) or by rows (each reads
+whole rows of half of the kept list); the reference is the faster of the two over every row.
+
     python benchmarks/row_skip_bandwidth.py [--out benchmarks/out/row_skip_bandwidth.json]
 """
 
@@ -63,6 +67,18 @@ def best_seconds(lib, matrices: list, row_bytes: int, kept_rows, prefetch: int, 
     return best / len(matrices)
 
 
+def two_thread_seconds(lib, pointers, row_bytes: int, kept_rows, prefetch: int, split_rows: bool,
+                       repeats: int) -> float:
+    """Seconds per matrix for two threads to read `kept_rows` of every matrix in `pointers` in turn."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lib.read_rows_two_threads(pointers, len(pointers), row_bytes, kept_rows.data_ptr(), kept_rows.numel(),
+                                  prefetch, int(split_rows))
+        best = min(best, time.perf_counter() - start)
+    return best / len(pointers)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -72,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     lib = ctypes.CDLL(str(build_library(PROJECT_ROOT / "benchmarks" / "csrc" / "row_skip.c", default_cache_dir())))
     lib.read_rows.restype = ctypes.c_int64
     lib.read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.read_rows_two_threads.restype = ctypes.c_int64
+    lib.read_rows_two_threads.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     rng = random.Random(0)
-    results = []
+    results, two_threads = [], []
     for name, (row_bytes, rows) in SHAPES.items():
         copies = max(1, args.megabytes * 2**20 // (row_bytes * rows))
         matrices = [torch.randint(0, 127, (rows * row_bytes,), dtype=torch.uint8) for _ in range(copies)]
@@ -90,11 +109,30 @@ def main(argv: list[str] | None = None) -> int:
                                 "ideal": 1 / kept, "dense_gb_s": row_bytes * rows / dense / 1e9,
                                 "kept_gb_s": chosen.numel() * row_bytes / t / 1e9})
 
+        pointers = (ctypes.c_void_p * len(matrices))(*[m.data_ptr() for m in matrices])
+
+        dense2 = min(two_thread_seconds(lib, pointers, row_bytes, every, prefetch, split, args.repeats)
+                     for prefetch in (0, args.prefetch) for split in (False, True))
+        for kept in args.kept:
+            chosen = torch.tensor(sorted(rng.sample(range(rows), round(kept * rows))), dtype=torch.int32)
+            for split_rows in (False, True):
+                for prefetch in (0, args.prefetch):
+                    t = two_thread_seconds(lib, pointers, row_bytes, chosen, prefetch, split_rows, args.repeats)
+                    two_threads.append({"rows": name, "row_bytes": row_bytes, "kept": kept, "prefetch": prefetch,
+                                        "split": "rows" if split_rows else "columns", "dense_us": dense2 * 1e6,
+                                        "sparse_us": t * 1e6, "speedup": dense2 / t, "ideal": 1 / kept,
+                                        "dense_gb_s": row_bytes * rows / dense2 / 1e9})
+
     headers = ["rows", "kept", "prefetch", "line order", "every row us", "kept rows us", "speedup", "ideal", "kept GB/s"]
     table = [[r["rows"], fmt(r["kept"], 2), str(r["prefetch"]), r["line_order"], fmt(r["dense_us"]), fmt(r["sparse_us"]),
               fmt(r["speedup"], 2), fmt(r["ideal"], 1), fmt(r["kept_gb_s"], 1)] for r in results]
+    headers2 = ["rows", "kept", "split", "prefetch", "every row us", "kept rows us", "speedup", "ideal", "every row GB/s"]
+    table2 = [[r["rows"], fmt(r["kept"], 2), r["split"], str(r["prefetch"]), fmt(r["dense_us"]), fmt(r["sparse_us"]),
+               fmt(r["speedup"], 2), fmt(r["ideal"], 1), fmt(r["dense_gb_s"], 1)] for r in two_threads]
     text = ("Reading only the kept rows of a W^T matrix from DRAM (one thread, no arithmetic) against "
-            "reading every row\n\n" + format_table(headers, table))
+            "reading every row\n\n" + format_table(headers, table)
+            + "\n\nTwo threads, split by columns or by rows; 'every row' is the faster way over every row\n\n"
+            + format_table(headers2, table2))
     report = {
         "benchmark": "row_skip_bandwidth",
         "command": command_line(argv),
@@ -102,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine(("torch",)),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
+        "two_threads": two_threads,
     }
     write_report(report, text, args.out)
     return 0

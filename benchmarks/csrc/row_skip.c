@@ -6,6 +6,7 @@
 // order instead of ascending, so that no ascending stream inside a page trains the hardware
 // prefetcher to run on into the next, skipped row.
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
 static int64_t line_stride(int64_t lines, int scrambled) {
@@ -37,4 +38,45 @@ int64_t read_rows(const char *base, int64_t row_bytes, const int32_t *rows, int6
         }
     }
     return _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
+}
+
+// Bytes [col0, col0 + width) of each listed row of a matrix whose rows are `stride` bytes apart.
+static int64_t read_pieces(const char *base, int64_t stride, int64_t col0, int64_t width, const int32_t *rows,
+                           int64_t count, int64_t prefetch) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t k = 0; k < count; ++k) {
+        if (prefetch > 0 && k + prefetch < count) {
+            const char *ahead = base + (int64_t)rows[k + prefetch] * stride + col0;
+            for (int64_t off = 0; off < width; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+        }
+        const char *row = base + (int64_t)rows[k] * stride + col0;
+        for (int64_t off = 0; off + 32 <= width; off += 32)
+            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + off)));
+    }
+    return _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
+}
+
+// Two threads read the listed rows of each of `n_matrices` matrices in turn (a barrier after each,
+// as a decode step's projections follow one another), split either by columns (each thread reads its
+// half of every listed row: the WINA CPU kernel's split, which keeps one float32 sum order for any
+// thread count) or by rows (each thread reads whole rows of its half of the list).
+int64_t read_rows_two_threads(const char *const *matrices, int64_t n_matrices, int64_t row_bytes, const int32_t *rows,
+                              int64_t count, int64_t prefetch, int split_rows) {
+    int64_t out = 0;
+    #pragma omp parallel num_threads(2) reduction(^ : out)
+    {
+        const int t = omp_get_thread_num();
+        const int64_t half_bytes = (row_bytes / 2 + 63) & ~(int64_t)63;  // whole cache lines per thread
+        for (int64_t m = 0; m < n_matrices; ++m) {
+            if (split_rows) {
+                const int64_t lo = count * t / 2, hi = count * (t + 1) / 2;
+                out ^= read_pieces(matrices[m], row_bytes, 0, row_bytes, rows + lo, hi - lo, prefetch);
+            } else {
+                out ^= read_pieces(matrices[m], row_bytes, t ? half_bytes : 0, t ? row_bytes - half_bytes : half_bytes,
+                                   rows, count, prefetch);
+            }
+            #pragma omp barrier
+        }
+    }
+    return out;
 }
