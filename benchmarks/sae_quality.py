@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.inference_mode()
 def shift_thresholds_to_l0(model, sae: SparseAutoencoder, sequences: list[list[int]], l0: float) -> float:
-    """Add one offset to a JumpReLU SAE's thresholds so that positions >= 1 of `sequences` (massive-norm
-    tokens left out, as in the explained-variance figure) average `l0` active latents. -> the offset."""
+    """Shift a JumpReLU SAE's thresholds (a negative one taken as 0, where the ReLU cuts anyway) by one
+    offset so that positions >= 1 of `sequences` (massive-norm tokens left out, as in the
+    explained-variance figure) average `l0` active latents. -> the offset."""
     residuals = torch.cat([model.residual_stream(torch.tensor(sequences[i:i + 4]), sae.layer)[:, 1:]
                            .reshape(-1, sae.cfg.d_in).float() for i in range(0, len(sequences), 4)])
     residuals = residuals[~massive_mask(residuals)]

@@ -22,16 +22,18 @@ static inline int64_t next_line(int64_t j, int64_t step, int64_t lines) {
     return j >= lines ? j - lines : j;
 }
 
-int64_t read_rows(const char *base, int64_t row_bytes, const int32_t *rows, int64_t count, int64_t prefetch,
-                  int scrambled) {
+// The 64-byte lines of bytes [col0, col0 + width) of each listed row (rows `stride` bytes apart),
+// visited `step` lines at a time around the piece (1: ascending), prefetching `prefetch` rows ahead.
+static int64_t read_lines(const char *base, int64_t stride, int64_t col0, int64_t width, const int32_t *rows,
+                          int64_t count, int64_t prefetch, int64_t step) {
     __m256i acc = _mm256_setzero_si256();
-    const int64_t lines = row_bytes / 64, step = line_stride(lines, scrambled);
+    const int64_t lines = width / 64;
     for (int64_t k = 0; k < count; ++k) {
         if (prefetch > 0 && k + prefetch < count) {
-            const char *ahead = base + (int64_t)rows[k + prefetch] * row_bytes;
+            const char *ahead = base + (int64_t)rows[k + prefetch] * stride + col0;
             for (int64_t l = 0, j = 0; l < lines; ++l, j = next_line(j, step, lines)) _mm_prefetch(ahead + j * 64, _MM_HINT_T0);
         }
-        const char *row = base + (int64_t)rows[k] * row_bytes;
+        const char *row = base + (int64_t)rows[k] * stride + col0;
         for (int64_t l = 0, j = 0; l < lines; ++l, j = next_line(j, step, lines)) {
             acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + j * 64)));
             acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + j * 64 + 32)));
@@ -40,20 +42,9 @@ int64_t read_rows(const char *base, int64_t row_bytes, const int32_t *rows, int6
     return _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
 }
 
-// Bytes [col0, col0 + width) of each listed row of a matrix whose rows are `stride` bytes apart.
-static int64_t read_pieces(const char *base, int64_t stride, int64_t col0, int64_t width, const int32_t *rows,
-                           int64_t count, int64_t prefetch) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t k = 0; k < count; ++k) {
-        if (prefetch > 0 && k + prefetch < count) {
-            const char *ahead = base + (int64_t)rows[k + prefetch] * stride + col0;
-            for (int64_t off = 0; off < width; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
-        }
-        const char *row = base + (int64_t)rows[k] * stride + col0;
-        for (int64_t off = 0; off + 32 <= width; off += 32)
-            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + off)));
-    }
-    return _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
+int64_t read_rows(const char *base, int64_t row_bytes, const int32_t *rows, int64_t count, int64_t prefetch,
+                  int scrambled) {
+    return read_lines(base, row_bytes, 0, row_bytes, rows, count, prefetch, line_stride(row_bytes / 64, scrambled));
 }
 
 // Two threads read the listed rows of each of `n_matrices` matrices in turn (a barrier after each,
@@ -70,10 +61,10 @@ int64_t read_rows_two_threads(const char *const *matrices, int64_t n_matrices, i
         for (int64_t m = 0; m < n_matrices; ++m) {
             if (split_rows) {
                 const int64_t lo = count * t / 2, hi = count * (t + 1) / 2;
-                out ^= read_pieces(matrices[m], row_bytes, 0, row_bytes, rows + lo, hi - lo, prefetch);
+                out ^= read_lines(matrices[m], row_bytes, 0, row_bytes, rows + lo, hi - lo, prefetch, 1);
             } else {
-                out ^= read_pieces(matrices[m], row_bytes, t ? half_bytes : 0, t ? row_bytes - half_bytes : half_bytes,
-                                   rows, count, prefetch);
+                out ^= read_lines(matrices[m], row_bytes, t ? half_bytes : 0, t ? row_bytes - half_bytes : half_bytes,
+                                  rows, count, prefetch, 1);
             }
             #pragma omp barrier
         }
