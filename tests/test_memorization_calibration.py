@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from server.calibration.memorization import (
+    MemorizationCalibrationConfig,
     SetStats,
     _batch_records,
+    ablation_costs,
     add_arguments,
     choose_neurons,
+    choose_verified_neurons,
     collect_stats,
     format_layers,
     neuron_scores,
     parse_layers,
+    reference_loss,
     retain_adjusted,
     retain_cost,
     run,
@@ -146,6 +150,15 @@ def test_candidate_layers_restrict_the_choice(allocation):
     assert choose_neurons(scores, spared, 0.03, allocation, 4.0, candidate_layers=None).equal(everywhere)
 
 
+def test_global_budget_is_rounded_over_all_layers():
+    """A ratio below one neuron per layer still means ratio x all neurons, not one per layer."""
+    scores = torch.arange(30 * 100, dtype=torch.float64).reshape(30, 100)
+    spared = torch.zeros(30, 100, dtype=torch.bool)
+    assert choose_neurons(scores, spared, 0.002, "global", layer_cap=4.0).sum() == 6
+    assert choose_neurons(scores, spared, 0.0115, "global", layer_cap=4.0).sum() == 34  # not 30 x 1
+    assert choose_neurons(scores, spared, 0.002, "uniform").sum() == 30  # uniform: one per layer at least
+
+
 def test_layer_specs():
     assert parse_layers("all") is None
     assert parse_layers("10-29", 30) == tuple(range(10, 30))
@@ -190,6 +203,56 @@ def test_collected_effects_match_per_position_gradients():
     torch.testing.assert_close(lean.effect, stats.effect, atol=0, rtol=0)
     torch.testing.assert_close(lean.sum_abs, stats.sum_abs, atol=0, rtol=0)
     assert lean.effect_sq.abs().sum() == 0
+
+
+def test_verified_choice_replaces_the_neurons_that_cost_too_much():
+    scores = torch.arange(2 * 50, dtype=torch.float64).reshape(2, 50).flip(1)  # neuron 0 of each layer best
+    spared = torch.zeros(2, 50, dtype=torch.bool)
+    costly = {(0, 0), (1, 0), (1, 2)}
+    asked = []
+
+    def cost_of(neurons):
+        asked.append(list(neurons))
+        return [0.5 if n in costly else 0.0 for n in neurons]
+
+    config = MemorizationCalibrationConfig(allocation="uniform", verify_cost=0.1)
+    measured: dict = {}
+    chosen, spared_now = choose_verified_neurons(scores, spared, 0.06, config, cost_of, measured)
+    assert chosen.sum(1).tolist() == [3, 3]  # the budget is kept
+    assert not any(chosen[n] for n in costly)
+    assert chosen[0, :4].tolist() == [False, True, True, True]
+    assert chosen[1, :6].tolist() == [False, True, False, True, True, False]
+    assert spared_now.sum() == 3 and not spared.any()  # the caller's mask is not changed
+    # each neuron is measured once; a second choice reuses the measurements
+    flat = [n for call in asked for n in call]
+    assert len(flat) == len(set(flat))
+    calls = len(asked)
+    choose_verified_neurons(scores, spared, 0.06, config, cost_of, measured)
+    assert len(asked) == calls
+
+
+def test_ablation_costs_are_the_measured_loss_rise():
+    """A neuron's cost equals the reference loss of a copy with its down_proj column zeroed, minus
+    the plain loss; the weights are restored afterwards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).float().eval()
+    pieces = [torch.randint(0, 40, (12,)).tolist() for _ in range(3)]
+    before = [p.detach().clone() for p in model.parameters()]
+    neurons = [(0, 3), (1, 7)]
+    costs = ablation_costs(model, pieces, 2, neurons)
+    assert all(a.equal(b) for a, b in zip(before, model.parameters()))
+    base = reference_loss(model, pieces, 2)
+    for (layer, neuron), cost in zip(neurons, costs):
+        pruned = LlamaForCausalLM(config).float().eval()
+        pruned.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            pruned.model.layers[layer].mlp.down_proj.weight[:, neuron] = 0.0
+        assert cost == pytest.approx(reference_loss(pruned, pieces, 2) - base, abs=1e-6)
+        assert cost != 0.0
 
 
 def test_uniform_allocation_takes_ratio_per_layer_and_skips_spared():
@@ -261,12 +324,12 @@ def test_calibration_run_writes_a_loadable_profile(tmp_path):
     assert neuron.granularity == "neuron"
     assert neuron_raw.header["parameters"]["retain_weight"] == 0.0
     assert neuron_raw.header["parameters"]["layers"] == "all"
-    # global allocation keeps the total budget: round(0.01 * 1536) per layer on average
-    assert neuron.pruned_count == 15 * 30
+    # global allocation keeps the total budget: round(0.01 * 30 * 1536) = 461
+    assert neuron.pruned_count == 461
     # a strong retain cost moves the choice away from the neurons ordinary text uses
     other = MemorizationProfile.from_profile(retained)
-    assert other.pruned_count == 15 * 30
-    assert (other.pruned_neurons & neuron.pruned_neurons).sum() < 15 * 30
+    assert other.pruned_count == 461
+    assert (other.pruned_neurons & neuron.pruned_neurons).sum() < 461
 
 
 def test_calibration_run_keeps_to_the_named_layers(tmp_path):
@@ -277,9 +340,28 @@ def test_calibration_run_keeps_to_the_named_layers(tmp_path):
     assert raw.header["parameters"]["layers"] == "10-29"
     per_layer = MemorizationProfile.from_profile(raw).pruned_neurons.sum(1)
     assert per_layer[:10].sum() == 0
-    assert per_layer.sum() == 15 * 30  # the global budget stays ratio x all neurons
+    assert per_layer.sum() == 461  # the global budget stays ratio x all neurons
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     bad = parser.parse_args(["--memorized", str(tmp_path / "leaked.jsonl"), "--layers", "12-10",
                              "--granularity", "neuron", "--out", str(tmp_path / "q")])
     assert run(bad) == 2  # not a range (checked before the model loads)
+
+
+def test_calibration_run_verifies_the_chosen_neurons(tmp_path):
+    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0")
+    [path] = (tmp_path / "p").glob("memorization-*.safetensors")
+    assert path.name == "memorization-neuron-attribution-logodds-verified0-0.0002.safetensors"
+    raw = load_profile(path)
+    assert raw.header["parameters"]["verify_cost"] == 0.0
+    # at 0 nats every neuron whose removal raises the reference loss at all is refused and replaced
+    refused = raw.header["parameters"]["refused_for_cost"]
+    assert refused and all(r["cost_nats"] > 0 for r in refused)
+    pruned = MemorizationProfile.from_profile(raw).pruned_neurons
+    assert not any(pruned[r["layer"], r["neuron"]] for r in refused)
+    assert MemorizationProfile.from_profile(raw).pruned_count == 9  # round(0.0002 x 30 x 1536)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bad = parser.parse_args(["--memorized", str(tmp_path / "leaked.jsonl"), "--verify-cost", "-1",
+                             "--out", str(tmp_path / "q")])
+    assert run(bad) == 2

@@ -51,6 +51,7 @@ import math
 import random
 import string
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,8 @@ class MemorizationCalibrationConfig:
     retain_form: str = "difference"     # difference | ratio (see retain_adjusted)
     retain_measure: str = "effect"      # effect | taylor | activation (see retain_cost)
     layers: tuple[int, ...] | None = None  # layers whose neurons may be chosen; None: all
+    verify_cost: float | None = None    # nats: chosen neurons whose own ablation raises the reference
+                                        # loss more than this are spared and replaced; None: off
     weight_spare: bool = True           # weight masks also leave the spared neurons' columns alone
     seed: int = 0
     data_dir: Path = field(default_factory=lambda: _default_data_dir())
@@ -479,7 +482,8 @@ def choose_neurons(scores: torch.Tensor, spared: torch.Tensor, ratio: float, all
         raise ValueError(f"unknown allocation {allocation!r}")
     z = _zscore_rows(scores.double().masked_fill(spared, float("nan")).nan_to_num(0.0)).masked_fill(spared, float("-inf"))
     cap = max(1, round(layer_cap * ratio * intermediate))
-    budget = per_layer * layers
+    # Rounded once over all neurons, not per layer: a budget below one neuron per layer is allowed.
+    budget = max(1, round(ratio * layers * intermediate))
     order = z.flatten().argsort(descending=True)
     taken = torch.zeros(layers, dtype=torch.long)
     for flat in order.tolist():
@@ -603,6 +607,56 @@ def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: lis
             "heldout_reference_ppl": math.exp(loss / max(count, 1))}
 
 
+@torch.no_grad()
+def reference_loss(model, pieces: list[list[int]], batch_size: int) -> float:
+    """Mean next-token loss (nats) on equal-length pieces of ordinary text, position 0 not predicted from."""
+    loss, count = 0.0, 0
+    for chunk in _batches(pieces, batch_size):
+        ids, select, targets = _batch_text(chunk)
+        logits = model(input_ids=ids).logits[select]
+        loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        count += int(targets.numel())
+    return loss / max(count, 1)
+
+
+@torch.no_grad()
+def ablation_costs(model, pieces: list[list[int]], batch_size: int,
+                   neurons: list[tuple[int, int]]) -> list[float]:
+    """The rise of the reference loss (nats) when each neuron alone is zeroed (its down_proj column
+    set to 0, then restored): measured, not the first-order estimate the scores use, which misses
+    neurons whose removal is far from linear."""
+    base = reference_loss(model, pieces, batch_size)
+    costs = []
+    for layer, neuron in tqdm(neurons, desc="verify cost", unit="neuron", leave=False):
+        column = model.model.layers[layer].mlp.down_proj.weight[:, neuron]
+        saved = column.clone()
+        column.zero_()
+        try:
+            costs.append(reference_loss(model, pieces, batch_size) - base)
+        finally:
+            column.copy_(saved)
+    return costs
+
+
+def choose_verified_neurons(scores: torch.Tensor, spared: torch.Tensor, ratio: float,
+                            config: MemorizationCalibrationConfig,
+                            cost_of: Callable[[list[tuple[int, int]]], list[float]],
+                            measured: dict[tuple[int, int], float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """choose_neurons, then measure each chosen neuron's own ablation cost with `cost_of` (cached in
+    `measured`), spare those above config.verify_cost and choose again until every chosen neuron
+    passed. -> (chosen [layers, intermediate] bool, spared including the neurons refused for their cost)."""
+    spared = spared.clone()
+    while True:
+        chosen = choose_neurons(scores, spared, ratio, config.allocation, config.layer_cap, config.layers)
+        new = [tuple(x) for x in chosen.nonzero().tolist() if tuple(x) not in measured]
+        if not new:
+            return chosen, spared
+        measured.update(zip(new, cost_of(new)))
+        for layer, neuron in new:
+            if measured[(layer, neuron)] > config.verify_cost:
+                spared[layer, neuron] = True
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +671,9 @@ def neuron_profile_stem(parameters: dict) -> str:
         form = "-ratio" if parameters["retain_form"] == "ratio" else ""
         retain = f"-{parameters['retain_measure']}{form}{parameters['retain_weight']:g}"
     layers = parameters.get("layers", "all")
-    return f"neuron-{parameters.get('score')}{objective}{retain}{'' if layers == 'all' else f'-layers{layers}'}"
+    verified = f"-verified{parameters['verify_cost']:g}" if parameters.get("verify_cost") is not None else ""
+    return (f"neuron-{parameters.get('score')}{objective}{retain}"
+            f"{'' if layers == 'all' else f'-layers{layers}'}{verified}")
 
 
 def neuron_profile_name(config: MemorizationCalibrationConfig, ratio: float, retain_weight: float) -> str:
@@ -625,7 +681,8 @@ def neuron_profile_name(config: MemorizationCalibrationConfig, ratio: float, ret
     made before those options existed."""
     stem = neuron_profile_stem({"score": config.score, "record_objective": config.record_objective,
                                 "retain_weight": retain_weight, "retain_form": config.retain_form,
-                                "retain_measure": config.retain_measure, "layers": format_layers(config.layers)})
+                                "retain_measure": config.retain_measure, "layers": format_layers(config.layers),
+                                "verify_cost": config.verify_cost})
     return f"{stem}-{ratio:g}"
 
 
@@ -672,12 +729,21 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
     report["before"] = before
     report["heldout_reference"] = {"pieces": len(heldout_text), "scored_tokens": sum(len(t) - 2 for t in heldout_text)}
     results = []
+    measured_costs: dict[tuple[int, int], float] = {}  # (layer, neuron) -> measured ablation cost, shared by all profiles
     runs = [(g, r, w) for g in config.granularities for r in config.ratios
             for w in (config.retain_weights if g == "neuron" else (0.0,))]
     for granularity, ratio, retain_weight in tqdm(runs, desc="profiles", unit="profile"):
         if granularity == "neuron":
             adjusted = retain_adjusted(scores, cost, retain_weight, config.retain_form)
-            pruned = choose_neurons(adjusted, spared, ratio, config.allocation, config.layer_cap, config.layers)
+            refused: list[dict] = []
+            if config.verify_cost is None:
+                pruned = choose_neurons(adjusted, spared, ratio, config.allocation, config.layer_cap, config.layers)
+            else:
+                pruned, spared_now = choose_verified_neurons(
+                    adjusted, spared, ratio, config,
+                    lambda neurons: ablation_costs(model, reference, config.batch_size, neurons), measured_costs)
+                refused = [{"layer": layer, "neuron": neuron, "cost_nats": round(measured_costs[(layer, neuron)], 5)}
+                           for layer, neuron in (spared_now & ~spared).nonzero().tolist()]
             name = neuron_profile_name(config, ratio, retain_weight)
             profile = MemorizationProfile(name, "neuron", layers, intermediate, pruned_neurons=pruned)
             parameters = {"ratio": ratio, "score": config.score, "allocation": config.allocation,
@@ -687,6 +753,8 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
                           "retain_form": config.retain_form, "retain_measure": config.retain_measure,
                           "layers": format_layers(config.layers),
                           "per_layer": pruned.sum(1).tolist()}
+            if config.verify_cost is not None:
+                parameters.update(verify_cost=config.verify_cost, refused_for_cost=refused)
         else:
             index = weight_mask_indices(down_weights, stats["memorized"].input_norm,
                                         stats["reference"].input_norm, ratio,
@@ -736,6 +804,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "per-position effects (taylor), or mean |activation| x column norm. [effect]")
     parser.add_argument("--layers", default="all",
                         help="Layers whose neurons may be pruned, e.g. 10-29 or 0-3,10-29. [all]")
+    parser.add_argument("--verify-cost", type=float, default=None, metavar="NATS",
+                        help="Neuron masks: zero each chosen neuron alone on the reference text and refuse (spare, "
+                             "then choose the next) those that raise its loss by more than NATS, e.g. 0.002. "
+                             "About a second per neuron checked. [off]")
     parser.add_argument("--spare-fraction", type=float, default=d.spare_fraction)
     parser.add_argument("--massive-factor", type=float, default=d.massive_factor)
     parser.add_argument("--paper-weights", action="store_true",
@@ -766,6 +838,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"neuronserve: {e}", file=sys.stderr)
         return 2
+    if args.verify_cost is not None and args.verify_cost < 0:
+        print("neuronserve: --verify-cost must be >= 0", file=sys.stderr)
+        return 2
     if any(w < 0 for w in args.retain_weight):
         print("neuronserve: --retain-weight must be >= 0", file=sys.stderr)
         return 2
@@ -774,7 +849,7 @@ def run(args: argparse.Namespace) -> int:
         score=args.score, allocation=args.allocation, record_objective=args.record_objective, spare_fraction=args.spare_fraction,
         massive_factor=args.massive_factor, reference_sequences=args.reference_sequences,
         heldout_reference_sequences=args.heldout_reference_sequences, retain_weights=tuple(args.retain_weight),
-        retain_form=args.retain_form, retain_measure=args.retain_measure, layers=layers,
+        retain_form=args.retain_form, retain_measure=args.retain_measure, layers=layers, verify_cost=args.verify_cost,
         batch_size=args.batch_size, weight_spare=not args.paper_weights, seed=args.seed,
         **({"data_dir": args.data_dir} if args.data_dir else {}))
     if not args.memorized.is_file():
