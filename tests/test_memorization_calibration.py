@@ -227,8 +227,11 @@ def test_verified_choice_replaces_the_neurons_that_cost_too_much():
     flat = [n for call in asked for n in call]
     assert len(flat) == len(set(flat))
     calls = len(asked)
-    choose_verified_neurons(scores, spared, 0.06, config, cost_of, measured)
+    again, _ = choose_verified_neurons(scores, spared, 0.06, config, cost_of, measured)
     assert len(asked) == calls
+    assert again.equal(chosen)  # the neurons refused before are refused again without a new measurement
+    larger, _ = choose_verified_neurons(scores, spared, 0.1, config, cost_of, measured)  # a later, larger ratio
+    assert larger.sum(1).tolist() == [5, 5] and not any(larger[n] for n in costly)
 
 
 def test_ablation_costs_are_the_measured_loss_rise():

@@ -648,13 +648,16 @@ def choose_verified_neurons(scores: torch.Tensor, spared: torch.Tensor, ratio: f
     spared = spared.clone()
     while True:
         chosen = choose_neurons(scores, spared, ratio, config.allocation, config.layer_cap, config.layers)
-        new = [tuple(x) for x in chosen.nonzero().tolist() if tuple(x) not in measured]
-        if not new:
+        picked = [tuple(x) for x in chosen.nonzero().tolist()]
+        new = [n for n in picked if n not in measured]
+        if new:
+            measured.update(zip(new, cost_of(new)))
+        # every chosen neuron, not only the new ones: `measured` may come from an earlier ratio
+        over = [n for n in picked if measured[n] > config.verify_cost]
+        if not over:
             return chosen, spared
-        measured.update(zip(new, cost_of(new)))
-        for layer, neuron in new:
-            if measured[(layer, neuron)] > config.verify_cost:
-                spared[layer, neuron] = True
+        for layer, neuron in over:
+            spared[layer, neuron] = True
 
 
 # ---------------------------------------------------------------------------------------------
