@@ -1,18 +1,21 @@
-"""Zero- or mean-ablation of a memorization profile's neurons (issue 6): does replacing a pruned
-neuron's activation by its mean on ordinary text, instead of 0, cost less perplexity for the same
-cut in extraction?
+"""What a memorization profile's pruned neurons are set to (issue 6): zero, their mean on ordinary
+text, or a bound of the range they have on ordinary text.
 
 Mean-ablation keeps each pruned neuron's average contribution to the residual stream (a constant
-`W_down[:, j] * mean_j`), which zero-ablation removes; where that average matters to ordinary
-text, mean-ablation should cost less. Measured here on the leaky model, for the given neuron
+`W_down[:, j] * mean_j`), which zero-ablation removes. The bounded modes leave a neuron alone while
+its activation stays within the [1-Q, Q] quantiles it has on ordinary text: `clamp:Q` clips it to
+them, `zero-outside:Q` zeroes it where it leaves them, `gate:Q` zeroes all of a layer's pruned
+neurons at a position where any leaves them. Measured here on the leaky model, for the given neuron
 profiles, with forward pre-hooks on transformers' `down_proj` (an experiment, not the serving path):
-  mean activation  per neuron, over 64 reference pieces of 64 tokens (WikiText-2 validation and
-                   Alpaca, the calibration's own reference text; position 0 left out)
+  means, bounds    per neuron, over --reference-pieces pieces of 64 tokens (WikiText-2 validation
+                   and Alpaca, the calibration's own reference text; position 0 left out)
   perplexity       WikiText-2 test, the first --wikitext-tokens tokens in windows of 512
   extraction       greedy suffix of each held-out record (transformers' generate) equals the secret
 
     python benchmarks/unmemorize_fill.py --profiles neuron-attribution-logodds-0.0025 \\
         neuron-attribution-logodds-0.005 neuron-attribution-logodds-0.01
+    python benchmarks/unmemorize_fill.py --profiles neuron-attribution-logodds-0.0025 \\
+        --fills zero clamp:0.999 zero-outside:0.999 gate:0.999 --reference-pieces 256
 
 Prints a table, writes JSON and text (default benchmarks/out/unmemorize_fill.{json,txt}).
 """
@@ -43,35 +46,61 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "unmemorize_fill.json"
 
 
 class DownProjInputs:
-    """Forward pre-hooks on every layer's down_proj: sum the inputs (to take means), or replace the
-    pruned neurons' inputs by 0 or by a fill value."""
+    """Forward pre-hooks on every layer's down_proj: record the watched neurons' inputs on
+    reference text, then rewrite the pruned neurons' inputs as the fill mode says."""
 
-    def __init__(self, layers) -> None:
+    def __init__(self, layers, watched: torch.Tensor) -> None:
+        self.watched = watched  # [layers, intermediate] bool: every neuron some profile prunes
         self.collecting = False
-        self.sums: list[torch.Tensor | None] = [None] * len(layers)
-        self.count = 0
+        self.samples: list[list[torch.Tensor]] = [[] for _ in layers]
         self.pruned: torch.Tensor | None = None  # [layers, intermediate] bool
-        self.fill: torch.Tensor | None = None  # [layers, intermediate], None: zeros
+        self.mode = "zero"
+        self.mean: torch.Tensor | None = None  # [layers, intermediate]
+        self.low: torch.Tensor | None = None  # [layers, intermediate]
+        self.high: torch.Tensor | None = None
         self.handles = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
     def _hook(self, index: int):
         def hook(module, args):
             act = args[0]  # [B, T, intermediate]
-            if self.collecting:
-                flat = act[:, 1:].reshape(-1, act.shape[-1]).double()
-                self.sums[index] = flat.sum(0) if self.sums[index] is None else self.sums[index] + flat.sum(0)
-                if index == 0:
-                    self.count += flat.shape[0]
+            if self.collecting and bool(self.watched[index].any()):
+                self.samples[index].append(act[:, 1:, self.watched[index]].reshape(-1, int(self.watched[index].sum())))
             if self.pruned is None or not bool(self.pruned[index].any()):
                 return None
-            keep = self.pruned[index]
+            cols = self.pruned[index]
             act = act.clone()
-            act[..., keep] = 0.0 if self.fill is None else self.fill[index][keep].to(act.dtype)
+            values = act[..., cols]  # [B, T, pruned]
+            if self.mode == "zero":
+                values = torch.zeros_like(values)
+            elif self.mode == "mean":
+                values = self.mean[index][cols].expand_as(values).clone()
+            else:
+                low, high = self.low[index][cols], self.high[index][cols]
+                outside = (values < low) | (values > high)
+                if self.mode == "clamp":
+                    values = torch.maximum(torch.minimum(values, high), low)
+                elif self.mode == "zero-outside":
+                    values = torch.where(outside, 0.0, values)
+                else:  # gate: every pruned neuron of the layer off where any leaves its range
+                    values = torch.where(outside.any(-1, keepdim=True), 0.0, values)
+            act[..., cols] = values
             return (act,)
         return hook
 
-    def means(self) -> torch.Tensor:
-        return torch.stack([(s / self.count).float() for s in self.sums])  # [layers, intermediate]
+    def fit(self, quantile: float) -> None:
+        """Means and [1 - quantile, quantile] bounds of each watched neuron on the recorded text."""
+        shape = self.watched.shape
+        self.mean, self.low, self.high = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        for index, chunks in enumerate(self.samples):
+            if not chunks:
+                continue
+            flat = torch.cat(chunks).float()  # [tokens, watched]
+            cols = self.watched[index]
+            self.mean[index, cols] = flat.mean(0)
+            ordered = flat.sort(0).values
+            last = ordered.shape[0] - 1
+            self.low[index, cols] = ordered[round((1 - quantile) * last)]
+            self.high[index, cols] = ordered[round(quantile * last)]
 
 
 @torch.inference_mode()
@@ -94,26 +123,48 @@ def extraction_rate(model, records: list[tuple[list[int], list[int]]]) -> float:
     return exact / len(records)
 
 
+FILL_MODES = ("zero", "mean", "clamp", "zero-outside", "gate")
+
+
+def parse_fill(text: str, parser: argparse.ArgumentParser) -> str:
+    mode, _, quantile = text.partition(":")
+    bounded = mode in ("clamp", "zero-outside", "gate")
+    if mode not in FILL_MODES or bool(quantile) != bounded:
+        parser.error(f"--fills: {text!r} is not one of zero, mean, clamp:Q, zero-outside:Q, gate:Q")
+    if bounded and not 0.5 < float(quantile) <= 1.0:
+        parser.error(f"--fills: the quantile of {text!r} must be in (0.5, 1]")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(default_cache_dir() / "leaky-smollm2"))
     parser.add_argument("--profile-dir", type=Path, default=default_cache_dir() / "profiles" / "leaky-smollm2")
     parser.add_argument("--profiles", nargs="+", required=True, help="neuron profile names (memorization-<name>)")
+    parser.add_argument("--fills", nargs="+", default=["zero", "mean"],
+                        help="zero | mean | clamp:Q | zero-outside:Q | gate:Q, where Q bounds each neuron to its "
+                             "[1-Q, Q] quantiles on the reference text [zero mean]")
+    parser.add_argument("--reference-pieces", type=int, default=64, help="64-token pieces of reference text [64]")
     parser.add_argument("--wikitext-tokens", type=int, default=8192)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    fills = [parse_fill(f, parser) for f in args.fills]
     data_dir = args.data_dir or default_data_dir()
     started = time.time()
     model, tokenizer, fingerprint, name = load_float32_model(args.model)
-    hooks = DownProjInputs(model.model.layers)
-    reference, _ = reference_pieces(tokenizer, data_dir, 64, 64, 0)
+    masks = {}
+    for profile in args.profiles:
+        raw = load_profile(args.profile_dir / f"memorization-{profile}.safetensors")
+        raw.check_model(fingerprint, name)
+        masks[profile] = raw.tensors["pruned"].bool()  # [layers, intermediate]
+    hooks = DownProjInputs(model.model.layers, torch.stack(list(masks.values())).any(0))
+    reference, _ = reference_pieces(tokenizer, data_dir, args.reference_pieces, 64, 0)
     hooks.collecting = True
     with torch.inference_mode():
         for start in range(0, len(reference), 16):
             model(torch.tensor(reference[start:start + 16]))
     hooks.collecting = False
-    means = hooks.means()
     test_ids = tokenizer((data_dir / "wikitext2" / "wiki.test.tokens").read_text(), add_special_tokens=False)["input_ids"]
     windows = [test_ids[i:i + 512] for i in range(0, min(args.wikitext_tokens, len(test_ids)) - 511, 512)]
     records = [encode_record(tokenizer, r) for r in read_records(Path(args.model) / "records_heldout.jsonl")]
@@ -121,18 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def measure(profile: str, fill: str, pruned: torch.Tensor | None) -> None:
-        hooks.pruned, hooks.fill = pruned, (means if fill == "mean" else None)
+        mode, quantile = fill.split(":")[0], (float(fill.split(":")[1]) if ":" in fill else 1.0)
+        hooks.fit(quantile)
+        hooks.pruned, hooks.mode = pruned, mode
         row = {"profile": profile, "fill": fill, "pruned": 0 if pruned is None else int(pruned.sum()),
                "wikitext2_ppl": perplexity(model, windows), "extracted": extraction_rate(model, records)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     measure("none", "-", None)
-    for profile in args.profiles:
-        raw = load_profile(args.profile_dir / f"memorization-{profile}.safetensors")
-        raw.check_model(fingerprint, name)
-        pruned = raw.tensors["pruned"].bool()
-        for fill in ("zero", "mean"):
+    for profile, pruned in masks.items():
+        for fill in fills:
             measure(profile, fill, pruned)
     base = rows[0]
     for row in rows:
@@ -146,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             f"WikiText-2 test tokens scored, float32\n{table}")
     report = {"benchmark": "unmemorize_fill", "command": " ".join(["python", *sys.argv]), "model": args.model,
               "heldout_records": len(records), "wikitext2_tokens_scored": sum(len(w) - 1 for w in windows),
-              "reference": "64 x 64 tokens, reference_pieces(seed 0)", "rows": rows,
+              "reference": f"{args.reference_pieces} x 64 tokens, reference_pieces(seed 0)", "rows": rows,
               "seconds": round(time.time() - started), "machine": describe_machine()}
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
