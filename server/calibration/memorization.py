@@ -571,6 +571,18 @@ def load_float32_model(model: str):
 
 
 @torch.no_grad()
+def reference_loss(model, pieces: list[list[int]], batch_size: int) -> float:
+    """Mean next-token loss (nats) on equal-length pieces of ordinary text, position 0 not predicted from."""
+    loss, count = 0.0, 0
+    for chunk in _batches(pieces, batch_size):
+        ids, select, targets = _batch_text(chunk)
+        logits = model(input_ids=ids).logits[select]
+        loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        count += int(targets.numel())
+    return loss / max(count, 1)
+
+
+@torch.no_grad()
 def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: list[list[int]], pad_id: int,
             batch_size: int, profile=None) -> dict[str, float]:
     """Exact extraction (every suffix token is the argmax, i.e. greedy decoding reproduces it),
@@ -593,30 +605,13 @@ def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: lis
             for _, s in chunk:
                 exact += bool(hits[offset:offset + len(s)].all())
                 offset += len(s)
-        loss, count = 0.0, 0
-        for chunk in _batches(heldout_text, batch_size):
-            ids, select, targets = _batch_text(chunk)
-            logits = model(input_ids=ids).logits[select]
-            loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-            count += int(targets.numel())
+        heldout_loss = reference_loss(model, heldout_text, batch_size)
     finally:
         if saved is not None:
             for d, w in zip(down, saved):
                 d.weight.data.copy_(w)
     return {"exact_extraction": exact / max(len(encoded), 1), "teacher_forced_accuracy": correct / max(total, 1),
-            "heldout_reference_ppl": math.exp(loss / max(count, 1))}
-
-
-@torch.no_grad()
-def reference_loss(model, pieces: list[list[int]], batch_size: int) -> float:
-    """Mean next-token loss (nats) on equal-length pieces of ordinary text, position 0 not predicted from."""
-    loss, count = 0.0, 0
-    for chunk in _batches(pieces, batch_size):
-        ids, select, targets = _batch_text(chunk)
-        logits = model(input_ids=ids).logits[select]
-        loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        count += int(targets.numel())
-    return loss / max(count, 1)
+            "heldout_reference_ppl": math.exp(heldout_loss)}
 
 
 @torch.no_grad()
