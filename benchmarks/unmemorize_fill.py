@@ -38,7 +38,12 @@ sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 from bench_common import describe_machine, format_table
 
 from server.calibration.data import default_data_dir
-from server.calibration.memorization import encode_record, load_float32_model, read_records, reference_pieces
+from server.calibration.memorization import (
+    encode_record,
+    load_float32_model,
+    read_records,
+    reference_pieces,
+)
 from server.profiles import load_profile
 from server.settings import default_cache_dir
 
@@ -126,14 +131,15 @@ def extraction_rate(model, records: list[tuple[list[int], list[int]]]) -> float:
 FILL_MODES = ("zero", "mean", "clamp", "zero-outside", "gate")
 
 
-def parse_fill(text: str, parser: argparse.ArgumentParser) -> str:
+def parse_fill(text: str, parser: argparse.ArgumentParser) -> tuple[str, float]:
+    """'clamp:0.999' -> ('clamp', 0.999); a mode without bounds gets quantile 1.0 (unused)."""
     mode, _, quantile = text.partition(":")
     bounded = mode in ("clamp", "zero-outside", "gate")
     if mode not in FILL_MODES or bool(quantile) != bounded:
         parser.error(f"--fills: {text!r} is not one of zero, mean, clamp:Q, zero-outside:Q, gate:Q")
     if bounded and not 0.5 < float(quantile) <= 1.0:
         parser.error(f"--fills: the quantile of {text!r} must be in (0.5, 1]")
-    return text
+    return mode, float(quantile) if bounded else 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    fills = [parse_fill(f, parser) for f in args.fills]
+    fills = {f: parse_fill(f, parser) for f in args.fills}  # label -> (mode, quantile)
     data_dir = args.data_dir or default_data_dir()
     started = time.time()
     model, tokenizer, fingerprint, name = load_float32_model(args.model)
@@ -171,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
 
-    def measure(profile: str, fill: str, pruned: torch.Tensor | None) -> None:
-        mode, quantile = fill.split(":")[0], (float(fill.split(":")[1]) if ":" in fill else 1.0)
+    def measure(profile: str, fill: str, pruned: torch.Tensor | None, mode: str = "zero", quantile: float = 1.0) -> None:
         hooks.fit(quantile)
         hooks.pruned, hooks.mode = pruned, mode
         row = {"profile": profile, "fill": fill, "pruned": 0 if pruned is None else int(pruned.sum()),
@@ -182,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     measure("none", "-", None)
     for profile, pruned in masks.items():
-        for fill in fills:
-            measure(profile, fill, pruned)
+        for fill, (mode, quantile) in fills.items():
+            measure(profile, fill, pruned, mode, quantile)
     base = rows[0]
     for row in rows:
         row["ppl_change"] = row["wikitext2_ppl"] / base["wikitext2_ppl"] - 1

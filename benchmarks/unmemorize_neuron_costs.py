@@ -2,7 +2,8 @@
 
 For each neuron of the profile: zero it alone (transformers' forward, a pre-hook on down_proj);
 cost = rise of the mean next-token loss on 32 x 64 tokens of the calibration's reference text
-(WikiText-2 validation + Alpaca, position 0 not predicted from), effect = fall of the mean log-prob
+(WikiText-2 validation + Alpaca, every next token, the one predicted from position 0 included; the
+calibration's reference_loss leaves that one out), effect = fall of the mean log-prob
 of the calibration records' suffix tokens (teacher forced). Then the neurons are added in
 effect / cost order and the joint figures printed; a profile per size is written (rescored-N).
 This is how the two neurons that carry most of the profiles' perplexity cost were found; the
@@ -29,6 +30,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from server.calibration.data import default_data_dir
 from server.calibration.memorization import (
+    _batch_records,
     encode_record,
     load_float32_model,
     read_records,
@@ -81,15 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     zeroer = NeuronZeroer(model.model.layers)
     reference = torch.tensor(reference_pieces(tokenizer, default_data_dir(), 32, 64, 0)[0])  # [32, 64]
     records = [encode_record(tokenizer, r) for r in read_records(Path(args.model) / "records_calibration.jsonl")]
-    width = max(len(p) + len(s) for p, s in records)
-    ids = torch.zeros(len(records), width, dtype=torch.long)
-    attention = torch.zeros(len(records), width, dtype=torch.long)
-    is_target = torch.zeros(len(records), width, dtype=torch.bool)
-    for row, (prefix, suffix) in enumerate(records):
-        seq = prefix + suffix
-        ids[row, :len(seq)] = torch.tensor(seq)
-        attention[row, :len(seq)] = 1
-        is_target[row, len(prefix):len(seq)] = True
+    ids, select, targets = _batch_records(records, pad_id=0)  # right-padded: causal attention never sees the pads
 
     @torch.inference_mode()
     def reference_nll() -> float:
@@ -103,11 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     @torch.inference_mode()
     def record_logprob() -> tuple[float, float]:
         """(mean log-prob of the suffix tokens, share of them still the argmax)."""
-        logprobs = model(ids, attention_mask=attention).logits.float().log_softmax(-1)[:, :-1]
-        picked = logprobs.gather(2, ids[:, 1:, None])[..., 0]
-        targets = is_target[:, 1:]
-        argmax_hits = (logprobs.argmax(-1) == ids[:, 1:])[targets].float().mean()
-        return float(picked[targets].mean()), float(argmax_hits)
+        logprobs = model(ids).logits[select].float().log_softmax(-1)  # [suffix tokens, vocab]
+        picked = logprobs.gather(1, targets[:, None])
+        return float(picked.mean()), float((logprobs.argmax(-1) == targets).float().mean())
 
     pool = load_profile(args.pool_profile).tensors["pruned"].bool()  # [layers, intermediate]
     candidates = [tuple(x) for x in pool.nonzero().tolist()]
