@@ -226,6 +226,7 @@ def test_verified_choice_replaces_the_neurons_that_cost_too_much():
     # each neuron is measured once; a second choice reuses the measurements
     flat = [n for call in asked for n in call]
     assert len(flat) == len(set(flat))
+    assert all([n for _, n in call] == sorted(n for _, n in call) for call in asked)  # best score first
     calls = len(asked)
     again, _ = choose_verified_neurons(scores, spared, 0.06, config, cost_of, measured)
     assert len(asked) == calls
@@ -234,18 +235,34 @@ def test_verified_choice_replaces_the_neurons_that_cost_too_much():
     assert larger.sum(1).tolist() == [5, 5] and not any(larger[n] for n in costly)
 
 
+def test_a_refused_neuron_lets_only_the_next_in_line_in():
+    """Global allocation on per-layer z-scores: refusing a layer's outlier must not re-standardise
+    the layer and push the other chosen neurons out (the joint check has already zeroed them)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 40, generator=g, dtype=torch.float64)
+    scores[0, 0] = 50.0  # an outlier whose removal would shift layer 0's mean and spread
+    spared = torch.zeros(3, 40, dtype=torch.bool)
+    config = MemorizationCalibrationConfig(allocation="global", verify_cost=0.1)
+    plain = choose_neurons(scores, spared, 0.1, "global")
+    chosen, _ = choose_verified_neurons(scores, spared, 0.1, config,
+                                        lambda neurons: [0.5 if n == (0, 0) else 0.0 for n in neurons], {})
+    assert plain[0, 0] and not chosen[0, 0]
+    assert chosen.sum() == plain.sum()
+    assert (chosen & plain).sum() == plain.sum() - 1  # everyone else stays; one newcomer
+
+
 def test_ablation_costs_are_the_measured_loss_rise():
     """A neuron's cost equals the reference loss of a copy with its down_proj column zeroed, minus
     the plain loss; the weights are restored afterwards."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).float().eval()
     pieces = [torch.randint(0, 40, (12,)).tolist() for _ in range(3)]
     before = [p.detach().clone() for p in model.parameters()]
-    neurons = [(0, 3), (1, 7)]
+    neurons = [(0, 3), (1, 7), (2, 11)]  # a run resumed at each layer, the first one included
     costs = ablation_costs(model, pieces, 2, neurons)
     assert all(a.equal(b) for a, b in zip(before, model.parameters()))
     base = reference_loss(model, pieces, 2)
@@ -256,6 +273,41 @@ def test_ablation_costs_are_the_measured_loss_rise():
             pruned.model.layers[layer].mlp.down_proj.weight[:, neuron] = 0.0
         assert cost == pytest.approx(reference_loss(pruned, pieces, 2) - base, abs=1e-6)
         assert cost != 0.0
+
+
+def test_joint_check_measures_each_neuron_on_top_of_the_accepted_ones():
+    """--verify-mode joint: walking the neurons in order, each cost is the loss rise of zeroing it
+    with the earlier zeroed ones (given `zeroed`, and those at most the threshold) already zeroed;
+    the weights are restored afterwards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).float().eval()
+    pieces = [torch.randint(0, 40, (12,)).tolist() for _ in range(3)]
+    before = [p.detach().clone() for p in model.parameters()]
+    zeroed, neurons = [(1, 0)], [(2, 5), (0, 3), (1, 7), (2, 11), (0, 20), (1, 9)]
+    single = ablation_costs(model, pieces, 2, neurons)
+    threshold = sorted(single)[len(single) // 2]
+    costs = ablation_costs(model, pieces, 2, neurons, threshold, zeroed)
+    assert all(a.equal(b) for a, b in zip(before, model.parameters()))
+
+    def loss_without(removed):
+        pruned = LlamaForCausalLM(config).float().eval()
+        pruned.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for layer, neuron in removed:
+                pruned.model.layers[layer].mlp.down_proj.weight[:, neuron] = 0.0
+        return reference_loss(pruned, pieces, 2)
+
+    accepted = list(zeroed)
+    for neuron, cost in zip(neurons, costs):
+        assert cost == pytest.approx(loss_without(accepted + [neuron]) - loss_without(accepted), abs=1e-6)
+        if cost <= threshold:
+            accepted.append(neuron)
+    assert len(zeroed) < len(accepted) < len(zeroed) + len(neurons)  # some passed, some were refused
+    assert costs != pytest.approx(single, abs=1e-6)  # the removals interact
 
 
 def test_uniform_allocation_takes_ratio_per_layer_and_skips_spared():
@@ -352,11 +404,15 @@ def test_calibration_run_keeps_to_the_named_layers(tmp_path):
 
 
 def test_calibration_run_verifies_the_chosen_neurons(tmp_path):
-    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0")
+    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0",
+                     "--verify-sequences", "3")
     [path] = (tmp_path / "p").glob("memorization-*.safetensors")
     assert path.name == "memorization-neuron-attribution-logodds-verified0-0.0002.safetensors"
     raw = load_profile(path)
     assert raw.header["parameters"]["verify_cost"] == 0.0
+    # the check ran on the 2 scoring pieces and one more
+    assert raw.header["parameters"]["verify_sequences"] == 3
+    assert raw.header["data"]["report"]["verify_text"]["pieces"] == 3
     # at 0 nats every neuron whose removal raises the reference loss at all is refused and replaced
     refused = raw.header["parameters"]["refused_for_cost"]
     assert refused and all(r["cost_nats"] > 0 for r in refused)
@@ -368,3 +424,40 @@ def test_calibration_run_verifies_the_chosen_neurons(tmp_path):
     bad = parser.parse_args(["--memorized", str(tmp_path / "leaked.jsonl"), "--verify-cost", "-1",
                              "--out", str(tmp_path / "q")])
     assert run(bad) == 2
+    bad = parser.parse_args(["--memorized", str(tmp_path / "leaked.jsonl"), "--verify-cost", "0.001",
+                             "--verify-sequences", "0", "--out", str(tmp_path / "q")])
+    assert run(bad) == 2
+
+
+def test_calibration_run_checks_jointly(tmp_path):
+    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0",
+                     "--verify-mode", "joint", "--verify-sequences", "2")
+    [path] = (tmp_path / "p").glob("memorization-*.safetensors")
+    assert path.name == "memorization-neuron-attribution-logodds-verified-joint0-0.0002.safetensors"
+    raw = load_profile(path)
+    assert raw.header["parameters"]["verify_mode"] == "joint"
+    refused = raw.header["parameters"]["refused_for_cost"]
+    assert refused and all(r["cost_nats"] > 0 for r in refused)
+    pruned = MemorizationProfile.from_profile(raw).pruned_neurons
+    assert not any(pruned[r["layer"], r["neuron"]] for r in refused)
+    assert MemorizationProfile.from_profile(raw).pruned_count == 9
+    # each accepted neuron's rise on top of the earlier ones was <= 0, so the whole mask's is too
+    assert raw.header["parameters"]["verify_text_mask_cost_nats"] <= 1e-5
+
+
+def test_more_reference_pieces_start_with_the_fewer(tmp_path):
+    """The cost check's text extends the scoring text: the first k of a larger draw are the same k
+    pieces, and none of them is a held-out piece."""
+    from server.calibration.memorization import _default_data_dir, reference_pieces
+    from server.model.loader import load_checkpoint
+    from server.settings import default_cache_dir
+
+    data_dir = _default_data_dir()
+    if not (data_dir / "wikitext2").is_dir():
+        pytest.skip(f"no reference data under {data_dir}")
+    tokenizer = load_checkpoint("default", default_cache_dir()).tokenizer
+    few, held_few = reference_pieces(tokenizer, data_dir, 4, 32, 0, heldout=2)
+    many, _ = reference_pieces(tokenizer, data_dir, 10, 32, 0, heldout=2)
+    assert many[:4] == few and len(many) == 10 and len({tuple(p) for p in many}) == 10
+    assert all(len(p) == 32 for p in many)
+    assert not {tuple(p) for p in held_few} & {tuple(p) for p in many}
