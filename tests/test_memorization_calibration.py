@@ -431,18 +431,24 @@ def test_calibration_run_verifies_the_chosen_neurons(tmp_path):
 
 def test_calibration_run_checks_jointly(tmp_path):
     _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0",
-                     "--verify-mode", "joint", "--verify-sequences", "2")
-    [path] = (tmp_path / "p").glob("memorization-*.safetensors")
-    assert path.name == "memorization-neuron-attribution-logodds-verified-joint0-0.0002.safetensors"
-    raw = load_profile(path)
-    assert raw.header["parameters"]["verify_mode"] == "joint"
-    refused = raw.header["parameters"]["refused_for_cost"]
-    assert refused and all(r["cost_nats"] > 0 for r in refused)
-    pruned = MemorizationProfile.from_profile(raw).pruned_neurons
-    assert not any(pruned[r["layer"], r["neuron"]] for r in refused)
-    assert MemorizationProfile.from_profile(raw).pruned_count == 9
-    # each accepted neuron's rise on top of the earlier ones was <= 0, so the whole mask's is too
-    assert raw.header["parameters"]["verify_text_mask_cost_nats"] <= 1e-5
+                     "--verify-mode", "joint", "--verify-sequences", "2", "--retain-weight", "0", "4")
+    paths = sorted((tmp_path / "p").glob("memorization-*.safetensors"))
+    assert [p.name for p in paths] == [
+        "memorization-neuron-attribution-logodds-effect4-verified-joint0-0.0002.safetensors",
+        "memorization-neuron-attribution-logodds-verified-joint0-0.0002.safetensors"]
+    masks = []
+    for path in paths:
+        raw = load_profile(path)
+        assert raw.header["parameters"]["verify_mode"] == "joint"
+        refused = raw.header["parameters"]["refused_for_cost"]
+        assert refused and all(r["cost_nats"] > 0 for r in refused)
+        profile = MemorizationProfile.from_profile(raw)
+        assert not any(profile.pruned_neurons[r["layer"], r["neuron"]] for r in refused)
+        assert profile.pruned_count == 9
+        # each accepted neuron's rise on top of the earlier ones was <= 0, so the whole mask's is too
+        assert raw.header["parameters"]["verify_text_mask_cost_nats"] <= 1e-5
+        masks.append(profile.pruned_neurons)
+    assert not masks[0].equal(masks[1])
 
 
 def test_more_reference_pieces_start_with_the_fewer(tmp_path):

@@ -823,16 +823,28 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
     if verify_text is not None:
         report["verify_text"] = {"pieces": len(verify_text), "scored_tokens": sum(len(t) - 2 for t in verify_text)}
     results = []
-    measured_costs: dict[tuple[int, int], float] = {}  # (layer, neuron) -> measured ablation cost, shared by all profiles
-    accepted: list[tuple[int, int]] = []  # joint check: neurons that passed, zeroed under the later ones
+    # (layer, neuron) -> measured cost. A single neuron's cost holds for every profile; a joint cost
+    # only for the ranking it was measured in (the ratios of one retain weight share one).
+    single_costs: dict[tuple[int, int], float] = {}
+    joint_checks: dict[float, tuple[dict[tuple[int, int], float], list[tuple[int, int]]]] = {}
     verify_base = reference_loss(model, verify_text, config.batch_size) if verify_text is not None else None
 
-    def cost_of(neurons: list[tuple[int, int]]) -> list[float]:
+    def verified_choice(adjusted: torch.Tensor, ratio: float, retain_weight: float):
+        """-> (chosen, spared now, the measured costs it was chosen by)."""
         if config.verify_mode == "single":
-            return ablation_costs(model, verify_text, config.batch_size, neurons)
-        costs = ablation_costs(model, verify_text, config.batch_size, neurons, config.verify_cost, accepted)
-        accepted.extend(n for n, c in zip(neurons, costs) if c <= config.verify_cost)
-        return costs
+            measured = single_costs
+
+            def cost_of(neurons):
+                return ablation_costs(model, verify_text, config.batch_size, neurons)
+        else:
+            measured, accepted = joint_checks.setdefault(retain_weight, ({}, []))  # accepted: zeroed under later ones
+
+            def cost_of(neurons):
+                costs = ablation_costs(model, verify_text, config.batch_size, neurons, config.verify_cost, accepted)
+                accepted.extend(n for n, c in zip(neurons, costs) if c <= config.verify_cost)
+                return costs
+        return (*choose_verified_neurons(adjusted, spared, ratio, config, cost_of, measured), measured)
+
     runs = [(g, r, w) for g in config.granularities for r in config.ratios
             for w in (config.retain_weights if g == "neuron" else (0.0,))]
     for granularity, ratio, retain_weight in tqdm(runs, desc="profiles", unit="profile"):
@@ -842,8 +854,8 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
             if config.verify_cost is None:
                 pruned = choose_neurons(adjusted, spared, ratio, config.allocation, config.layer_cap, config.layers)
             else:
-                pruned, spared_now = choose_verified_neurons(adjusted, spared, ratio, config, cost_of, measured_costs)
-                refused = [{"layer": layer, "neuron": neuron, "cost_nats": round(measured_costs[(layer, neuron)], 5)}
+                pruned, spared_now, measured = verified_choice(adjusted, ratio, retain_weight)
+                refused = [{"layer": layer, "neuron": neuron, "cost_nats": round(measured[(layer, neuron)], 5)}
                            for layer, neuron in (spared_now & ~spared).nonzero().tolist()]
             name = neuron_profile_name(config, ratio, retain_weight)
             profile = MemorizationProfile(name, "neuron", layers, intermediate, pruned_neurons=pruned)
