@@ -203,28 +203,44 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     base = next(r for r in results if r["profile"] == NONE)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     groups: dict[str, list[dict]] = {}
     for r in results:
         if r["profile"] != NONE:
             groups.setdefault(r["family"], []).append(r)
+    changes = []
     for family, rows in groups.items():
         rows = sorted(rows, key=lambda r: r["ratio"])
         style = "--" if family.startswith("random") else "-"
         xs = [100 * r["ratio"] for r in rows]
-        axes[0].plot(xs, [100 * r["heldout"]["exact_extraction"] for r in rows], style, marker="o", label=family)
-        axes[1].plot(xs, [100 * (r["wikitext2_ppl"] / base["wikitext2_ppl"] - 1) for r in rows], style, marker="o",
-                     label=family)
+        extracted = [100 * r["heldout"]["exact_extraction"] for r in rows]
+        change = [100 * (r["wikitext2_ppl"] / base["wikitext2_ppl"] - 1) for r in rows]
+        changes += change
+        axes[0].plot(xs, extracted, style, marker="o", label=family)
+        axes[1].plot(xs, change, style, marker="o", label=family)
+        axes[2].plot(change, extracted, style if family.startswith("random") else ":", marker="o", label=family)
     axes[0].axhline(100 * base["heldout"]["exact_extraction"], color="gray", lw=0.8, label="no profile")
     axes[0].axhline(20 * base["heldout"]["exact_extraction"], color="red", lw=0.8, ls=":", label="target (-80%)")
     axes[1].axhline(3, color="red", lw=0.8, ls=":", label="target (+3%)")
+    # the target corner: at most 20% of the unpruned extraction, at most +3% perplexity
+    axes[2].fill_between([min(0.0, *changes), 3], 0, 20 * base["heldout"]["exact_extraction"], color="green",
+                         alpha=0.12, label="target")
     axes[0].set(xlabel="pruned ratio (%)", ylabel="held-out secrets extracted exactly (%)", xscale="log")
     axes[1].set(xlabel="pruned ratio (%)", ylabel="WikiText-2 test perplexity change (%)", xscale="log")
-    axes[1].set_yscale("symlog", linthresh=10)
+    axes[2].set(xlabel="WikiText-2 test perplexity change (%)", ylabel="held-out secrets extracted exactly (%)",
+                title="trade-off (each point a profile)")
+    if max(changes, default=0.0) > 10:  # a linear axis hides the small changes beside +100% ones
+        axes[1].set_yscale("symlog", linthresh=10)
+        axes[2].set_xscale("symlog", linthresh=10)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # not 2x10^-1 on a narrow log range
     for ax in axes:
         ax.grid(alpha=0.3)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
     axes[0].legend(fontsize=7)
     fig.suptitle("Memorization pruning on the leaky SmolLM2-135M (held-out records)")
     fig.tight_layout()

@@ -632,14 +632,16 @@ def _zeroed_columns(model, neurons: list[tuple[int, int]]):
     """down_proj columns of `neurons` set to 0 inside the block, restored after it."""
     saved = []
     try:
-        for layer, neuron in neurons:
-            column = model.model.layers[layer].mlp.down_proj.weight[:, neuron]
-            saved.append((column, column.clone()))
-            column.zero_()
+        with torch.no_grad():
+            for layer, neuron in neurons:
+                column = model.model.layers[layer].mlp.down_proj.weight[:, neuron]
+                saved.append((column, column.clone()))
+                column.zero_()
         yield
     finally:
-        for column, value in reversed(saved):
-            column.copy_(value)
+        with torch.no_grad():
+            for column, value in reversed(saved):
+                column.copy_(value)
 
 
 class _ReferenceRun:
