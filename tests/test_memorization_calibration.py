@@ -251,27 +251,39 @@ def test_a_refused_neuron_lets_only_the_next_in_line_in():
     assert (chosen & plain).sum() == plain.sum() - 1  # everyone else stays; one newcomer
 
 
+def _tiny_llama(seed: int):
+    """-> (a random 3-layer Llama in float32, three 12-token pieces of its vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).float().eval(), [torch.randint(0, 40, (12,)).tolist() for _ in range(3)]
+
+
+def _loss_without(model, pieces, removed) -> float:
+    """Reference loss of an offline-pruned copy: the listed neurons' down_proj columns zeroed."""
+    from transformers import LlamaForCausalLM
+
+    pruned = LlamaForCausalLM(model.config).float().eval()
+    pruned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer, neuron in removed:
+            pruned.model.layers[layer].mlp.down_proj.weight[:, neuron] = 0.0
+    return reference_loss(pruned, pieces, 2)
+
+
 def test_ablation_costs_are_the_measured_loss_rise():
     """A neuron's cost equals the reference loss of a copy with its down_proj column zeroed, minus
     the plain loss; the weights are restored afterwards."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).float().eval()
-    pieces = [torch.randint(0, 40, (12,)).tolist() for _ in range(3)]
+    model, pieces = _tiny_llama(0)
     before = [p.detach().clone() for p in model.parameters()]
     neurons = [(0, 3), (1, 7), (2, 11)]  # a run resumed at each layer, the first one included
     costs = ablation_costs(model, pieces, 2, neurons)
     assert all(a.equal(b) for a, b in zip(before, model.parameters()))
     base = reference_loss(model, pieces, 2)
-    for (layer, neuron), cost in zip(neurons, costs):
-        pruned = LlamaForCausalLM(config).float().eval()
-        pruned.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            pruned.model.layers[layer].mlp.down_proj.weight[:, neuron] = 0.0
-        assert cost == pytest.approx(reference_loss(pruned, pieces, 2) - base, abs=1e-6)
+    for neuron, cost in zip(neurons, costs):
+        assert cost == pytest.approx(_loss_without(model, pieces, [neuron]) - base, abs=1e-6)
         assert cost != 0.0
 
 
@@ -279,31 +291,17 @@ def test_joint_check_measures_each_neuron_on_top_of_the_accepted_ones():
     """--verify-mode joint: walking the neurons in order, each cost is the loss rise of zeroing it
     with the earlier zeroed ones (given `zeroed`, and those at most the threshold) already zeroed;
     the weights are restored afterwards."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).float().eval()
-    pieces = [torch.randint(0, 40, (12,)).tolist() for _ in range(3)]
+    model, pieces = _tiny_llama(1)
     before = [p.detach().clone() for p in model.parameters()]
     zeroed, neurons = [(1, 0)], [(2, 5), (0, 3), (1, 7), (2, 11), (0, 20), (1, 9)]
     single = ablation_costs(model, pieces, 2, neurons)
     threshold = sorted(single)[len(single) // 2]
     costs = ablation_costs(model, pieces, 2, neurons, threshold, zeroed)
     assert all(a.equal(b) for a, b in zip(before, model.parameters()))
-
-    def loss_without(removed):
-        pruned = LlamaForCausalLM(config).float().eval()
-        pruned.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            for layer, neuron in removed:
-                pruned.model.layers[layer].mlp.down_proj.weight[:, neuron] = 0.0
-        return reference_loss(pruned, pieces, 2)
-
     accepted = list(zeroed)
     for neuron, cost in zip(neurons, costs):
-        assert cost == pytest.approx(loss_without(accepted + [neuron]) - loss_without(accepted), abs=1e-6)
+        expected = _loss_without(model, pieces, accepted + [neuron]) - _loss_without(model, pieces, accepted)
+        assert cost == pytest.approx(expected, abs=1e-6)
         if cost <= threshold:
             accepted.append(neuron)
     assert len(zeroed) < len(accepted) < len(zeroed) + len(neurons)  # some passed, some were refused
