@@ -1,9 +1,9 @@
 """What a memorization profile's neurons cost on ordinary text, measured (issue 6, a diagnostic).
 
 For each profile: the rise of the mean next-token loss (nats) when all its neurons are zeroed at
-once, on the text `calibrate memorization --verify-cost` checks on (the calibration's reference
-pieces: WikiText-2 validation and Alpaca, 64 tokens each, `--pieces` of them, seed 0; position 0
-not predicted from), and with `--singles` also each neuron's cost alone (the calibration's own
+once, on the calibration's reference pieces (WikiText-2 validation and Alpaca, 64 tokens each,
+seed 0, `--pieces` of them: 64 by default, of which `calibrate memorization --verify-cost` checks on
+the first 16 unless given `--verify-sequences`; position 0 not predicted from), and with `--singles` also each neuron's cost alone (the calibration's own
 `ablation_costs`) and their sum: is the whole mask's cost the sum of its neurons' costs?
 
     python benchmarks/unmemorize_mask_costs.py PROFILE [PROFILE ...] --singles --out results/NAME

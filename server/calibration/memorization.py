@@ -928,11 +928,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-cost", type=float, default=None, metavar="NATS",
                         help="Neuron masks: zero each chosen neuron on ordinary text (--verify-mode) and refuse "
                              "(spare, then choose the next) those that raise its loss by more than NATS, e.g. 0.002. "
-                             "A few seconds per neuron checked (--verify-sequences). [off]")
+                             "About a second per neuron checked per 16 pieces of --verify-sequences on 2 cores. [off]")
     parser.add_argument("--verify-mode", default=d.verify_mode, choices=["single", "joint"],
                         help="single: each neuron zeroed alone; joint: the candidates in score order, each "
                              "zeroed on top of those accepted before it (removals interact: on our test model "
-                             "92 neurons cost 1.8x the sum of their single costs). [single]")
+                             "92 neurons cost 1.8x the sum of their single costs; held out it was no better "
+                             "than single there: docs/unmemorization.md). [single]")
     parser.add_argument("--verify-sequences", type=int, default=d.verify_sequences, metavar="N",
                         help=f"Pieces of ordinary text ({d.reference_length} tokens each) the cost check runs on: "
                              f"the scoring pieces, then more of the same text. [{d.verify_sequences}]")
