@@ -1,6 +1,6 @@
 """Measured single-neuron ablation costs of a memorization profile's neurons (issue 6, a diagnostic).
 
-For each neuron of the profile: zero it alone (transformers' forward, a pre-hook on down_proj);
+For each neuron of the profile: zero it alone (its down_proj column, as the calibration does);
 cost = rise of the mean next-token loss on 32 x 64 tokens of the calibration's reference text
 (WikiText-2 validation + Alpaca, every next token, the one predicted from position 0 included; the
 calibration's reference_loss leaves that one out), effect = fall of the mean log-prob
@@ -31,6 +31,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from server.calibration.data import default_data_dir
 from server.calibration.memorization import (
     _batch_records,
+    _zeroed_columns,
     encode_record,
     load_float32_model,
     read_records,
@@ -46,30 +47,6 @@ from server.settings import default_cache_dir
 JOINT_SIZES = (5, 10, 20, 30, 45, 60, 90)
 
 
-class NeuronZeroer:
-    """Forward pre-hooks on every down_proj that zero the listed neurons' inputs."""
-
-    def __init__(self, layers) -> None:
-        self.zeroed: dict[int, list[int]] = {}
-        for index, layer in enumerate(layers):
-            layer.mlp.down_proj.register_forward_pre_hook(self._hook(index))
-
-    def _hook(self, index: int):
-        def hook(module, args):
-            cols = self.zeroed.get(index)
-            if not cols:
-                return None
-            act = args[0].clone()  # [B, T, intermediate]
-            act[..., cols] = 0.0
-            return (act,)
-        return hook
-
-    def set(self, neurons: list[tuple[int, int]]) -> None:
-        self.zeroed = {}
-        for layer, neuron in neurons:
-            self.zeroed.setdefault(layer, []).append(neuron)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pool_profile", type=Path, help="memorization-*.safetensors whose neurons are measured")
@@ -80,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, fingerprint, name = load_float32_model(args.model)
-    zeroer = NeuronZeroer(model.model.layers)
     reference = torch.tensor(reference_pieces(tokenizer, default_data_dir(), 32, 64, 0)[0])  # [32, 64]
     records = [encode_record(tokenizer, r) for r in read_records(Path(args.model) / "records_calibration.jsonl")]
     ids, select, targets = _batch_records(records, pad_id=0)  # right-padded: causal attention never sees the pads
@@ -109,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(candidates)} neurons", flush=True)
     rows = []
     for n, (layer, neuron) in enumerate(candidates):
-        zeroer.set([(layer, neuron)])
-        ref, (lp, acc) = reference_nll(), record_logprob()
+        with _zeroed_columns(model, [(layer, neuron)]):
+            ref, (lp, acc) = reference_nll(), record_logprob()
         rows.append({"layer": layer, "neuron": neuron, "cost": ref - base_ref, "effect": base_lp - lp,
                      "acc_drop": base_acc - acc})
         if n % 10 == 0:
@@ -123,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                            for r in sorted(rows, key=lambda r: -r["cost"])[:10]])
     for size in (s for s in JOINT_SIZES if s <= len(order)):
         chosen = [(r["layer"], r["neuron"]) for r in order[:size]]
-        zeroer.set(chosen)
-        ref, (lp, acc) = reference_nll(), record_logprob()
+        with _zeroed_columns(model, chosen):
+            ref, (lp, acc) = reference_nll(), record_logprob()
         print(f"effect/cost order, {size} neurons: reference ppl {100 * (math.exp(ref - base_ref) - 1):+.2f}%, "
               f"record log-prob {lp:.3f} (base {base_lp:.3f}), argmax {acc:.3f}", flush=True)
         mask = torch.zeros_like(pool)
