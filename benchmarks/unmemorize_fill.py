@@ -63,6 +63,7 @@ class DownProjInputs:
         self.mean: torch.Tensor | None = None  # [layers, intermediate]
         self.low: torch.Tensor | None = None  # [layers, intermediate]
         self.high: torch.Tensor | None = None
+        self.fitted_quantile: float | None = None  # the quantile mean/low/high were fitted for
         self.handles = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
     def _hook(self, index: int):
@@ -93,7 +94,10 @@ class DownProjInputs:
         return hook
 
     def fit(self, quantile: float) -> None:
-        """Means and [1 - quantile, quantile] bounds of each watched neuron on the recorded text."""
+        """Means and [1 - quantile, quantile] bounds of each watched neuron on the recorded text
+        (kept from the last call for the same quantile)."""
+        if quantile == self.fitted_quantile:
+            return
         shape = self.watched.shape
         self.mean, self.low, self.high = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
         for index, chunks in enumerate(self.samples):
@@ -106,6 +110,7 @@ class DownProjInputs:
             last = ordered.shape[0] - 1
             self.low[index, cols] = ordered[round((1 - quantile) * last)]
             self.high[index, cols] = ordered[round(quantile * last)]
+        self.fitted_quantile = quantile
 
 
 @torch.inference_mode()
