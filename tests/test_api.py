@@ -213,6 +213,29 @@ def test_client_disconnect_frees_slot_within_a_step(server):
     assert engine.steps - steps_at_close <= 3
 
 
+def _drop_non_streaming_request(server, headers: dict) -> None:
+    engine = server.state.serving.engine
+    with httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(60, read=1.0), headers=headers) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/completions", json={"prompt": "Tell me a long story.", "max_tokens": 240,
+                                            "ignore_eos": True, **GREEDY})
+    assert engine.num_unfinished == 1  # still generating when the client left (240 tokens take seconds)
+    deadline = time.monotonic() + 1.5  # the disconnect poll runs every 0.25 s
+    while engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_unfinished == 0, "the dropped request is still generating"
+
+
+def test_client_disconnect_frees_slot_of_a_non_streaming_request(server):
+    _drop_non_streaming_request(server, {})
+
+
+def test_client_disconnect_frees_slot_behind_the_api_key_check():
+    """The key check once ran as Starlette's BaseHTTPMiddleware, which hides disconnects."""
+    with live_server(api_key="sekrit", warmup=False) as s:
+        _drop_non_streaming_request(s, {"Authorization": "Bearer sekrit"})
+
+
 def test_long_prompt_prefill_is_chunked_and_does_not_stall_streams(server, client):
     running_times, stop = [], threading.Event()
 

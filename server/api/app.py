@@ -126,6 +126,24 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
 
+class ApiKeyGuard:
+    """401 on /v1/* without `Authorization: Bearer <key>`. A plain ASGI middleware, not
+    `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides the client's disconnect from
+    `Request.is_disconnected()`, so a dropped non-streaming request would run to the end."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope.get("headers") or []).get(b"authorization", b"") != self.expected:
+                response = error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     state = ServerState(settings)
 
@@ -141,13 +159,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and settings.api_key is not None:
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
-                return error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
 
     @app.get("/health")
     async def health():
