@@ -274,20 +274,22 @@ def test_several_entries_compose(loaded, registry):
 
 
 @pytest.mark.parametrize("entries, param, words", [
-    ([{"type": "steer", "sae": "nope", "feature": 1, "strength": 1.0}], "interventions[0].sae", "nope"),
-    ([{"type": "steer", "sae": "test-sae", "feature": 256, "strength": 1.0}], "interventions[0].feature", "256"),
-    ([{"type": "steer", "vector": "missing-vec", "strength": 1.0}], "interventions[0].vector", "missing-vec"),
-    ([{"type": "eigenshift", "profile": "toxic?"}], "interventions[0].profile", "toxic?"),
-    ([{"type": "unmemorize", "profile": "canaries"}], "interventions[0].profile", "canaries"),
+    ([{"type": "steer", "sae": "nope", "feature": 1, "strength": 1.0}], "interventions.0.sae", "nope"),
+    ([{"type": "steer", "sae": "test-sae", "feature": 256, "strength": 1.0}], "interventions.0.feature", "256"),
+    ([{"type": "steer", "vector": "missing-vec", "strength": 1.0}], "interventions.0.vector", "missing-vec"),
+    ([{"type": "eigenshift", "profile": "toxic?"}], "interventions.0.profile", "toxic?"),
+    ([{"type": "unmemorize", "profile": "canaries"}], "interventions.0.profile", "canaries"),
     ([{"type": "unmemorize", "profile": "mem-neuron"}, {"type": "unmemorize", "profile": "mem-neuron"}],
-     "interventions[1]", "twice"),
+     "interventions.1", "twice"),
     ([{"type": "steer", "sae": "test-sae", "vector": "two-layer", "feature": 1, "strength": 1.0}],
-     "interventions.0.steer", "exactly one"),
+     "interventions.0", "exactly one"),
     ([{"type": "steer", "sae": "test-sae", "feature": 1, "strength": 1.0, "clamp": 2.0}],
-     "interventions.0.steer", "exactly one"),
+     "interventions.0", "exactly one"),
     ([{"type": "steer", "sae": "test-sae", "feature": 1, "strength": float("nan")}],
-     "interventions.0.steer.strength", "finite"),
-    ([{"type": "eigenshift", "profile": "test-eig", "alpha": 1.5}], "interventions.0.eigenshift.alpha", "1"),
+     "interventions.0.strength", "10000"),
+    ([{"type": "steer", "sae": "test-sae", "feature": 1, "strength": 1e38}], "interventions.0.strength", "10000"),
+    ([{"type": "steer", "sae": "test-sae", "feature": 1, "clamp": -1e30}], "interventions.0.clamp", "10000"),
+    ([{"type": "eigenshift", "profile": "test-eig", "alpha": 1.5}], "interventions.0.alpha", "1"),
     ([{"type": "prune-everything"}], "interventions.0", "type"),
 ])
 def test_bad_entries_name_what_is_wrong(registry, entries, param, words):

@@ -92,11 +92,12 @@ def test_applied_interventions_are_echoed(http):
 
 
 @pytest.mark.parametrize("entry, param, words", [
-    ({"type": "steer", "sae": "sae-narrow", "feature": 1, "strength": 1.0}, "interventions[0].sae", "sae-narrow"),
-    ({"type": "steer", "sae": "sae-test", "feature": 9999, "strength": 1.0}, "interventions[0].feature", "9999"),
-    ({"type": "steer", "vector": "angry", "strength": 1.0}, "interventions[0].vector", "angry"),
-    ({"type": "unmemorize", "profile": "secrets"}, "interventions[0].profile", "secrets"),
+    ({"type": "steer", "sae": "sae-narrow", "feature": 1, "strength": 1.0}, "interventions.0.sae", "sae-narrow"),
+    ({"type": "steer", "sae": "sae-test", "feature": 9999, "strength": 1.0}, "interventions.0.feature", "9999"),
+    ({"type": "steer", "vector": "angry", "strength": 1.0}, "interventions.0.vector", "angry"),
+    ({"type": "unmemorize", "profile": "secrets"}, "interventions.0.profile", "secrets"),
     ({"type": "steer", "sae": "sae-test", "feature": 1}, None, "strength"),
+    ({"type": "steer", "sae": "sae-test", "feature": 1, "strength": 1e38}, "interventions.0.strength", "10000"),
     ({"type": "teleport"}, None, "type"),
 ])
 def test_bad_interventions_are_400_naming_them(http, entry, param, words):

@@ -7,7 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api.protocol import ErrorInfo, ErrorResponse
+from server.api.protocol import ErrorInfo, ErrorResponse, FieldConflict
+from server.interventions.spec import entry_location
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -55,11 +56,16 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if kind == "json_invalid":
         return f"request body is not valid JSON: {msg}", None
     loc = []
-    for part in first.get("loc", ())[1:]:  # [0] is "body"
+    for part in entry_location(first.get("loc", ())[1:]):  # [0] is "body"
         if _is_type_tag(part):
             break
         loc.append(str(part))
     param = ".".join(loc) or None
+    if kind == "missing" and param is None:
+        return "the request body is empty: send a JSON object", None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldConflict):
+        param = ".".join([*loc, cause.param])
     if kind == "extra_forbidden":
         message = f"unknown field '{param}': this server does not accept it"
     elif kind == "model_attributes_type" and param is None:
@@ -80,6 +86,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if request.method == "POST" and media != "application/json" and not media.endswith("+json"):
+            # FastAPI reads such a body as bytes, which would be reported as "not a JSON object"
+            return error_response(415, f"send the body as JSON with Content-Type: application/json "
+                                       f"(got {content_type or 'no Content-Type'!r})", None, "unsupported_media_type")
         message, param = _describe_validation(exc)
         return error_response(400, message, param, "invalid_value")
 

@@ -16,6 +16,15 @@ from server.interventions.spec import MAX_INTERVENTIONS, InterventionSpec
 TokenId = Annotated[int, Field(ge=0)]
 
 
+
+class FieldConflict(ValueError):
+    """A check across fields that fails: names the field the error's `param` reports (a model
+    validator's error has no location of its own)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,7 +41,7 @@ class SamplingFields(StrictModel):
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # larger than the vocabulary = off
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
@@ -86,9 +95,9 @@ class SamplingFields(StrictModel):
     @model_validator(mode="after")
     def _consistent(self):
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise FieldConflict("best_of", "best_of other than n is not supported")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
+            raise FieldConflict("stream_options", "stream_options is only allowed with stream: true")
         return self
 
 
@@ -144,11 +153,11 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _chat_consistent(self):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("set max_tokens or max_completion_tokens, not both")
+            raise FieldConflict("max_completion_tokens", "set max_tokens or max_completion_tokens, not both")
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldConflict("top_logprobs", "top_logprobs needs logprobs: true")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message needs add_generation_prompt: false")
+            raise FieldConflict("continue_final_message", "continue_final_message needs add_generation_prompt: false")
         return self
 
 
@@ -162,7 +171,7 @@ class TokenizeRequest(StrictModel):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise FieldConflict("prompt" if self.prompt is None else "messages", "give exactly one of prompt or messages")
         return self
 
 

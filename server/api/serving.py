@@ -333,8 +333,10 @@ def _sse(payload: dict | str) -> str:
 
 
 def _abort_error(out: StepOutput) -> APIError:
-    return APIError(503 if out.error is None or "shut" in out.error else 500,
-                    out.error or "request aborted by the server")
+    if out.error is None or "shut" in out.error:
+        return APIError(503, out.error or "request aborted by the server")
+    # the engine's only request-caused failure: logits overflowed by the row's interventions
+    return APIError(out.error_status, out.error, "interventions" if out.error_status == 400 else None)
 
 
 @dataclass

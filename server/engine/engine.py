@@ -31,6 +31,9 @@ from server.model.llama import LlamaDecoder
 
 logger = logging.getLogger(__name__)
 
+NON_FINITE_LOGITS_ERROR = ("the model's logits for this request became infinite or NaN; an intervention's "
+                           "strength or clamp value is most likely too large for the residual stream")
+
 
 class RequestStream:
     """The outputs of one sequence, in order. Closing it before the end aborts the sequence."""
@@ -234,7 +237,7 @@ class Engine:
             self._apply_aborts(aborts)
             try:
                 self.step()
-            except Exception as exc:  # a failed step fails its sequences, not the server
+            except Exception as exc:  # last resort; step() already fails only the rows involved
                 logger.exception("engine step failed")
                 for seq in list(self._prefilling) + self._running:
                     self._finish(seq, "abort", error=f"internal error: {exc}")
@@ -252,9 +255,20 @@ class Engine:
         self.steps += 1
         self._admit()
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            seq = self._prefilling[0]
+            try:
+                self._prefill_chunk(seq)
+            except Exception as exc:  # one request's prefill failing must not touch the running rows
+                logger.exception("prefill of %s failed", seq.request.request_id)
+                self._finish(seq, "abort", error=f"internal error: {exc}")
         if self._running:
-            self._decode()
+            rows = list(self._running)
+            try:
+                self._decode()
+            except Exception as exc:
+                logger.exception("decode step failed")
+                for seq in rows:
+                    self._finish(seq, "abort", error=f"internal error: {exc}")
         self._update_gauges()
 
     def _admit(self) -> None:
@@ -360,6 +374,18 @@ class Engine:
         return counts, seen
 
     def _sample_and_emit(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]
+        if not bool(finite.all()):
+            # A row's own interventions (e.g. a huge steering strength) overflowed its logits:
+            # fail that request alone, the batch's other rows sample as usual.
+            keep = finite.tolist()
+            for seq, ok in zip(rows, keep):
+                if not ok:
+                    self._finish(seq, "abort", error=NON_FINITE_LOGITS_ERROR, error_status=400)
+            rows = [seq for seq, ok in zip(rows, keep) if ok]
+            if not rows:
+                return
+            logits = logits[finite]
         params = [s.request.params for s in rows]
         controls = BatchControls.build(params, [s.generator for s in rows],
                                        [self._banned_tokens(s) for s in rows], logits.device)
@@ -407,7 +433,8 @@ class Engine:
         self._emit(seq, finished=False)
 
     def _emit(self, seq: _Sequence, finished: bool, reason: str | None = None,
-              stop_reason: str | int | None = None, error: str | None = None) -> None:
+              stop_reason: str | int | None = None, error: str | None = None,
+              error_status: int = 500) -> None:
         out = StepOutput(
             request_id=seq.request.request_id,
             text=seq.detok.release(finished),
@@ -420,6 +447,7 @@ class Engine:
             num_generated_tokens=len(seq.output_ids),
             prompt_logprobs=seq.prompt_logprobs,
             error=error,
+            error_status=error_status,
             sparsity_achieved=seq.sparsity_achieved() if finished else None,
         )
         seq.prompt_logprobs = None  # sent once
@@ -428,7 +456,7 @@ class Engine:
         seq.deliver(out)
 
     def _finish(self, seq: _Sequence, reason: str, stop_reason: str | int | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, error_status: int = 500) -> None:
         if seq.finished:
             return
         seq.finished = True
@@ -444,7 +472,8 @@ class Engine:
         self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         self.metrics.generation_len.observe(len(seq.output_ids))
         self.metrics.request_sparsity.observe(seq.sparsity_achieved())
-        self._emit(seq, finished=True, reason=reason, stop_reason=stop_reason, error=error)
+        self._emit(seq, finished=True, reason=reason, stop_reason=stop_reason, error=error,
+                   error_status=error_status)
 
     def _update_gauges(self) -> None:
         used = sum(s.num_cached for s in self._running) + sum(s.num_cached for s in self._prefilling)

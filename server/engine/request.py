@@ -70,5 +70,6 @@ class StepOutput:
     num_generated_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only
     error: str | None = None
+    error_status: int = 500  # the HTTP status an error maps to: 400 when the request itself caused it
     sparsity_achieved: float | None = None  # on the finishing output: share of weights skipped
     extra: dict = field(default_factory=dict)

@@ -34,6 +34,7 @@ from server.interventions.spec import (
     EigenShiftSpec,
     SteerSpec,
     UnmemorizeSpec,
+    entry_location,
     parse_specs,
 )
 from server.interventions.vectors import METHOD as VECTOR
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 class InterventionError(ValueError):
-    """A request entry that cannot be applied; `param` names it (e.g. "interventions[1].feature")."""
+    """A request entry that cannot be applied; `param` names it (e.g. "interventions.1.feature", as pydantic names fields)."""
 
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
@@ -148,12 +149,12 @@ class InterventionRegistry:
             specs = parse_specs(entries)
         except ValidationError as error:
             first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            where = ".".join(entry_location(first["loc"]))
             raise InterventionError(f"{param}.{where}: {first['msg']}", f"{param}.{where}") from None
         adds, clamps, eigen, unmem, applied = [], [], [], [], []
         seen_profiles: set[tuple[str, str]] = set()
         for i, spec in enumerate(specs):
-            at = f"{param}[{i}]"
+            at = f"{param}.{i}"
             if isinstance(spec, SteerSpec):
                 generated_only = spec.positions == "generated"
                 if spec.vector is not None:

@@ -10,7 +10,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Residual streams of Llama-family models have norms of tens to hundreds at middle layers (SmolLM2:
+# median ~170 at layer 15); a steering value 100x beyond that only overflows half precision.
+SteerValue = Annotated[float, Field(ge=-1e4, le=1e4)]
 
 
 class _Entry(BaseModel):
@@ -24,8 +26,8 @@ class SteerSpec(_Entry):
     type: Literal["steer"]
     sae: str | None = None
     feature: int | None = Field(None, ge=0)
-    strength: FiniteFloat | None = None
-    clamp: FiniteFloat | None = None
+    strength: SteerValue | None = None
+    clamp: SteerValue | None = None
     vector: str | None = None
     positions: Literal["all", "generated"] = "all"
 
@@ -61,6 +63,15 @@ class UnmemorizeSpec(_Entry):
 
 InterventionSpec = Annotated[Union[SteerSpec, EigenShiftSpec, UnmemorizeSpec], Field(discriminator="type")]
 MAX_INTERVENTIONS = 32
+# pydantic puts the discriminator's value into an error's location ("interventions.0.steer.feature");
+# error messages leave it out so that every error names an entry as "interventions.0.feature"
+ENTRY_TYPES = frozenset(m.model_fields["type"].annotation.__args__[0] for m in (SteerSpec, EigenShiftSpec, UnmemorizeSpec))
+
+
+def entry_location(loc: tuple) -> list[str]:
+    """A validation error's location with the discriminator tags left out."""
+    return [str(part) for i, part in enumerate(loc)
+            if not (part in ENTRY_TYPES and i > 0 and isinstance(loc[i - 1], int))]
 
 _SPEC_LIST = TypeAdapter(list[InterventionSpec])
 
