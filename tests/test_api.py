@@ -168,10 +168,18 @@ def test_echo_with_prompt_logprobs_for_lm_eval(client):
         assert all(v < 0 for v in lp["token_logprobs"][1:])
         assert "".join(lp["tokens"]) == body["choices"][0]["text"]
         assert lp["text_offset"][1] == len(lp["tokens"][0])
-    for value, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+    for token, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
         assert max(top.values()) >= value - 1e-6  # the top-1 alternative is at least as likely
+        assert top[token] == value  # the scored token is always among them (OpenAI: up to logprobs+1)
+        assert 1 <= len(top) <= 2
     # The generated token is greedy, so it is its own top-1 alternative.
     assert lp["top_logprobs"][-1] == {lp["tokens"][-1]: lp["token_logprobs"][-1]}
+
+
+def test_completion_top_logprobs_hold_the_sampled_token(client):
+    choice = complete(client, prompt="Once upon a", max_tokens=6, logprobs=0, temperature=1.0, seed=7)["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
 
 
 def test_chat_logprobs(client):
@@ -215,10 +223,10 @@ def test_client_disconnect_frees_slot_within_a_step(server):
 
 def _drop_non_streaming_request(server, headers: dict) -> None:
     engine = server.state.serving.engine
-    with httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(60, read=1.0), headers=headers) as c:
-        with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json={"prompt": "Tell me a long story.", "max_tokens": 240,
-                                            "ignore_eos": True, **GREEDY})
+    with (httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(60, read=1.0), headers=headers) as c,
+          pytest.raises(httpx.ReadTimeout)):
+        c.post("/v1/completions", json={"prompt": "Tell me a long story.", "max_tokens": 240,
+                                        "ignore_eos": True, **GREEDY})
     assert engine.num_unfinished == 1  # still generating when the client left (240 tokens take seconds)
     deadline = time.monotonic() + 1.5  # the disconnect poll runs every 0.25 s
     while engine.num_unfinished and time.monotonic() < deadline:

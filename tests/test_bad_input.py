@@ -111,6 +111,8 @@ CASES = [
     pytest.param("POST", C, cmpl(prompt=[1, VOCAB]), {}, 400, "prompt", id="cmpl-prompt-id-out-of-vocab"),
     pytest.param("POST", C, cmpl(prompt=[-1, 5]), {}, 400, "prompt", id="cmpl-prompt-id-negative"),
     pytest.param("POST", C, cmpl(prompt=[[5], [VOCAB]]), {}, 400, "prompt.1", id="cmpl-prompt-batch-id-out-of-vocab"),
+    pytest.param("POST", C, cmpl(prompt=["Hi", "hello " * 1000]), {}, 400, "prompt.1", id="cmpl-prompt-batch-second-over-max_model_len"),
+    pytest.param("POST", C, cmpl(prompt=[[5], [5] * MAX_MODEL_LEN]), {}, 400, "prompt.1", id="cmpl-prompt-batch-ids-second-over-max_model_len"),
     pytest.param("POST", C, cmpl(prompt=[1.5]), {}, 400, None, id="cmpl-prompt-float-ids"),
     # ---- /v1/completions: sampling ranges ------------------------------------------------------------
     pytest.param("POST", C, cmpl(temperature=-0.5), {}, 400, "temperature", id="cmpl-temperature-negative"),
@@ -154,6 +156,8 @@ CASES = [
     pytest.param("POST", C, b'{"prompt": "\\ud800", "max_tokens": 2}', JSON, 400, None, id="cmpl-prompt-lone-surrogate"),
     # ---- /v1/chat/completions ---------------------------------------------------------------------------
     pytest.param("POST", CH, chat(messages=[]), {}, 400, "messages", id="chat-messages-empty"),
+    pytest.param("POST", CH, chat(messages=[{"role": "user", "content": "hello " * 1000}]), {}, 400, "messages",
+                 id="chat-messages-over-max_model_len"),
     pytest.param("POST", CH, without(chat(), "messages"), {}, 400, "messages", id="chat-messages-missing"),
     pytest.param("POST", CH, chat(messages="Hi"), {}, 400, "messages", id="chat-messages-string"),
     pytest.param("POST", CH, chat(messages=[{"role": "robot", "content": "Hi"}]), {}, 400, "messages.0.role", id="chat-role-robot"),
@@ -192,6 +196,8 @@ CASES = [
                  id="tokenize-both-prompt-and-messages"),
     pytest.param("POST", TOK, {"prompt": 5}, {}, 400, "prompt", id="tokenize-prompt-int"),
     pytest.param("POST", TOK, {"text": "Hi"}, {}, 400, "text", id="tokenize-unknown-field"),
+    pytest.param("POST", TOK, {"messages": [{"role": "user", "content": "hello " * 100000}]}, {}, 400, "messages",
+                 id="tokenize-messages-too-long"),
     pytest.param("POST", TOK, {"messages": [{"role": "robot", "content": "Hi"}]}, {}, 400, "messages.0.role", id="tokenize-role-robot"),
     pytest.param("POST", TOK, {"prompt": "Hi", "model": "no-such-model"}, {}, 404, "model", id="tokenize-unknown-model"),
     pytest.param("POST", TOK, b'{"prompt": "\\ud800"}', JSON, 400, None, id="tokenize-lone-surrogate"),

@@ -145,6 +145,19 @@ def test_compare_returns_both_sides_of_one_batch(http):
     assert both["default"]["text"] != both["steered"]["text"]
     assert both["interventions"][0]["sae"] == "sae-test"
     assert http.post("/v1/steer/compare", json={"prompt": "x"}).status_code == 400
+    for field, value in (("n", 2), ("echo", True), ("stream", True)):
+        r = http.post("/v1/steer/compare", json={**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_compare_returns_logprobs_when_asked(http):
+    body = {"prompt": "My favourite food is", "max_tokens": 4, "temperature": 0, "logprobs": 2,
+            "interventions": [STEER]}
+    both = http.post("/v1/steer/compare", json=body).json()
+    for side, entries in (("default", {}), ("steered", {"interventions": [STEER]})):
+        alone = complete(http, **{k: v for k, v in body.items() if k != "interventions"}, **entries)
+        assert both[side]["logprobs"] == alone["choices"][0]["logprobs"]
+    assert http.post("/v1/steer/compare", json={**body, "logprobs": None}).json()["default"]["logprobs"] is None
 
 
 def test_streaming_carries_interventions_on_the_finishing_chunk(http):

@@ -136,11 +136,11 @@ class ApiKeyGuard:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            if dict(scope.get("headers") or []).get(b"authorization", b"") != self.expected:
-                response = error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                          code="invalid_api_key")
-                return await response(scope, receive, send)
+        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
+                and dict(scope.get("headers") or []).get(b"authorization", b"") != self.expected):
+            response = error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                      code="invalid_api_key")
+            return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 

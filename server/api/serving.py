@@ -73,13 +73,13 @@ class ServingContext:
 
     def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None,
                         logprobs: int | None, prompt_logprobs: int | None, allow_zero: bool,
-                        logprobs_param: str = "logprobs") -> SamplingParams:
+                        logprobs_param: str = "logprobs", prompt_param: str = "prompt") -> SamplingParams:
         s = self.settings
         if prompt_len == 0:
-            raise APIError(400, "the prompt is empty", "prompt")
+            raise APIError(400, "the prompt is empty", prompt_param)
         if prompt_len >= s.max_model_len:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this server's max_model_len is "
-                           f"{s.max_model_len}, which leaves no room to generate", "prompt",
+                           f"{s.max_model_len}, which leaves no room to generate", prompt_param,
                            "context_length_exceeded")
         room = s.max_model_len - prompt_len
         if max_tokens is None:
@@ -374,8 +374,9 @@ class CompletionServing:
         prompts = self._prompts(req.prompt)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         max_tokens = req.max_tokens if req.max_tokens is not None else OPENAI_DEFAULT_MAX_TOKENS
-        params = [ctx.sampling_params(req, len(ids), max_tokens, req.logprobs, prompt_logprobs,
-                                      allow_zero=req.echo) for ids in prompts]
+        params = [ctx.sampling_params(req, len(ids), max_tokens, req.logprobs, prompt_logprobs, allow_zero=req.echo,
+                                      prompt_param="prompt" if len(prompts) == 1 else f"prompt.{i}")
+                  for i, ids in enumerate(prompts)]
         controls = request_controls(ctx, req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = ctx.submit(expand_requests(request_id, prompts, params, req.n, controls))
@@ -416,7 +417,11 @@ class CompletionServing:
             text = ctx.token_text(entry.token_id)
             tokens.append(text)
             token_lps.append(entry.logprob)
-            tops.append({ctx.token_text(t): lp for t, lp in entry.top} if entry.top else None)
+            # OpenAI: "the logprob of the sampled token is always returned, so there may be up to
+            # logprobs+1 elements" (vLLM does the same); lm-eval reads its own token from here
+            top = {ctx.token_text(t): lp for t, lp in entry.top}
+            top.setdefault(text, entry.logprob)
+            tops.append(top)
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -512,7 +517,7 @@ class ChatServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.sampling_params(req, len(ids), max_tokens, logprobs, None, allow_zero=False,
-                                     logprobs_param="top_logprobs")
+                                     logprobs_param="top_logprobs", prompt_param="messages")
         controls = request_controls(ctx, req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = ctx.submit(expand_requests(request_id, [ids], [params], req.n, controls))
@@ -601,9 +606,11 @@ async def compare_steering(ctx: ServingContext, req: CompletionRequest, raw: Req
     if not req.interventions:
         raise APIError(400, "compare needs `interventions` (what to compare against no intervention)",
                        "interventions")
-    if req.stream or req.n != 1 or req.echo:
-        raise APIError(400, "compare takes one prompt with n=1, no stream and no echo", "stream")
-    prompts = CompletionServing(ctx)._prompts(req.prompt)
+    for param, unsupported in (("stream", req.stream), ("n", req.n != 1), ("echo", req.echo)):
+        if unsupported:
+            raise APIError(400, f"{param}: compare takes one prompt with n=1, no stream and no echo", param)
+    serving = CompletionServing(ctx)
+    prompts = serving._prompts(req.prompt)
     if len(prompts) != 1:
         raise APIError(400, "compare takes one prompt", "prompt")
     max_tokens = req.max_tokens if req.max_tokens is not None else OPENAI_DEFAULT_MAX_TOKENS
@@ -613,10 +620,12 @@ async def compare_steering(ctx: ServingContext, req: CompletionRequest, raw: Req
     request_id = f"cmp-{uuid.uuid4().hex}"
     rows = (expand_requests(request_id + "-default", prompts, [params], 1, plain)
             + expand_requests(request_id + "-steered", prompts, [params], 1, steered))
-    choices = await run_unless_disconnected(raw, CompletionServing(ctx)._collect(ctx.submit(rows), 2))
+    choices = await run_unless_disconnected(raw, serving._collect(ctx.submit(rows), 2))
 
     def side(c: _Choice) -> dict:
-        return {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.generated}
+        logprobs = serving._logprobs_block(c.logprobs, 0) if req.logprobs is not None else None
+        return {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.generated,
+                "logprobs": logprobs}
 
     return JSONResponse({
         "id": request_id, "object": "steer.compare", "created": int(time.time()), "model": ctx.model_name,
@@ -630,7 +639,8 @@ async def compare_steering(ctx: ServingContext, req: CompletionRequest, raw: Req
 def tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     ctx.check_model(req.model)
     if req.messages is not None:
-        ids = ctx.encode(ctx.chat_prompt(req.messages, req.add_generation_prompt, False), add_special_tokens=False)
+        ids = ctx.encode(ctx.chat_prompt(req.messages, req.add_generation_prompt, False), add_special_tokens=False,
+                         param="messages")
     else:
         ids = ctx.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": ctx.settings.max_model_len}
