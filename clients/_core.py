@@ -39,8 +39,8 @@ API_KEY_ENV = "NEURONSERVE_API_KEY"
 # Generations can take minutes; connecting should not.
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
-Prompt = Union[str, Sequence[int]]
-"""A text prompt, or a list of token ids."""
+Prompt = Union[str, Sequence[int], Sequence[str], Sequence[Sequence[int]]]
+"""A text prompt, a list of token ids, or a batch of either (one choice per prompt and ``n``)."""
 Messages = Union[str, Sequence[Union[Mapping[str, Any], ChatMessage]]]
 """Chat messages: dicts / :class:`ChatMessage` with ``role`` and ``content``; a bare string
 is shorthand for one user message."""
@@ -65,9 +65,18 @@ class GenerationParams(TypedDict, total=False):
     frequency_penalty: float | None
     repetition_penalty: float | None
     logprobs: int | bool | None
+    """Completions: the number of alternatives per token; chat: ``True`` (with ``top_logprobs``)."""
+    top_logprobs: int | None
+    max_completion_tokens: int | None
     ignore_eos: bool | None
     min_tokens: int | None
     echo: bool | None
+    include_stop_str_in_output: bool | None
+    skip_special_tokens: bool | None
+    user: str | None
+    response_format: Mapping[str, Any] | None
+    add_generation_prompt: bool | None
+    continue_final_message: bool | None
     # neuronserve's own fields, sent at the top level of the body
     sparsity: float | None
     """WINA sparsity target (the server accepts 0 .. 0.9)."""
@@ -155,13 +164,24 @@ def build_params(params: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
     return body
 
 
-def _prompt(prompt: Prompt) -> str | list[int]:
+def _token_ids(values: Any) -> list[int] | None:
+    ids = list(values)
+    return ids if all(isinstance(t, int) and not isinstance(t, bool) for t in ids) else None
+
+
+def _prompt(prompt: Prompt) -> str | list[int] | list[str] | list[list[int]]:
     if isinstance(prompt, str):
         return prompt
-    tokens = list(prompt)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise TypeError("prompt must be a string or a list of token ids (ints)")
-    return tokens
+    items = list(prompt)
+    ids = _token_ids(items)
+    if ids is not None:
+        return ids
+    if all(isinstance(p, str) for p in items):
+        return items
+    batch = [_token_ids(p) if isinstance(p, Sequence) and not isinstance(p, str) else None for p in items]
+    if all(b is not None for b in batch):
+        return batch
+    raise TypeError("prompt must be a string, a list of token ids, or a list of either")
 
 
 def _messages(messages: Messages) -> list[dict[str, Any]]:
@@ -413,7 +433,8 @@ class ClientCore:
                 health = yield from self._op_health()
                 if health.ready:
                     return health
-                last = f"HTTP {health.status}"
+                reason = health.detail.get("status") if isinstance(health.detail, Mapping) else health.detail
+                last = f"HTTP {health.status}: {reason}" if reason else f"HTTP {health.status}"
             except NeuronServeConnectionError as exc:
                 last = exc.message
             except NeuronServeError as exc:
@@ -429,15 +450,20 @@ class ClientCore:
         response = yield Request("GET", "/version")
         return _json_object(response)
 
-    def _op_tokenize(self, text: Prompt, model: str | None) -> Op[Tokenized]:
-        body = yield from self._op_model({"model": model, "prompt": _prompt(text)})
+    def _op_tokenize(self, text: str, model: str | None) -> Op[Tokenized]:
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize takes a string, got {type(text).__name__}")
+        body = yield from self._op_model({"model": model, "prompt": text})
         data = _json_object((yield Request("POST", "/tokenize", body)))
         tokens = [int(t) for t in data.get("tokens") or []]
         count = data.get("count")
         return Tokenized(tokens=tokens, count=count if isinstance(count, int) else len(tokens), raw=data)
 
     def _op_detokenize(self, tokens: Sequence[int], model: str | None) -> Op[str]:
-        body = yield from self._op_model({"model": model, "tokens": _prompt(tokens)})
+        ids = _token_ids(tokens)
+        if ids is None:
+            raise TypeError("detokenize takes a list of token ids (ints)")
+        body = yield from self._op_model({"model": model, "tokens": ids})
         data = _json_object((yield Request("POST", "/detokenize", body)))
         return str(data.get("prompt") or "")
 

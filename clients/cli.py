@@ -18,7 +18,7 @@ import sys
 from typing import Any, Callable, Sequence, TextIO
 
 from .client import NeuronServeClient
-from .types import NeuronServeError, StreamChunk, Usage
+from .types import NeuronServeError, Usage
 
 ClientFactory = Callable[..., NeuronServeClient]
 """Called with keyword args ``base_url``, ``api_key``, ``model``, ``timeout``."""
@@ -136,6 +136,8 @@ def _report(
 
 def _generate(client: NeuronServeClient, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
     params = {k: getattr(args, k) for k in _GEN_FIELDS if getattr(args, k, None) is not None}
+    if args.command == "chat" and "logprobs" in params:  # chat spells "N alternatives" this way
+        params["logprobs"], params["top_logprobs"] = True, params["logprobs"]
     if args.command == "complete":
         payload: Any = _text_arg(args.prompt, stdin)
         call, stream_call = client.complete, client.stream_complete
@@ -164,10 +166,12 @@ def _generate(client: NeuronServeClient, args: argparse.Namespace, out: TextIO, 
         params["stream_options"] = {"include_usage": True}
     finish: dict[int, str | None] = {}
     others: dict[int, list[str]] = {}  # choices other than 0 are printed when the stream ends
-    last: StreamChunk | None = None
     usage: Usage | None = None
+    sparsity, interventions = None, None  # on each choice's finishing chunk, not the usage-only last one
     for chunk in stream_call(payload, **params):
-        last, usage = chunk, chunk.usage or usage
+        usage = chunk.usage or usage
+        sparsity = chunk.sparsity or sparsity
+        interventions = chunk.interventions if chunk.interventions is not None else interventions
         if raw_json:
             _dump(chunk.raw, out, indent=None)
         for c in chunk.choices:
@@ -185,7 +189,7 @@ def _generate(client: NeuronServeClient, args: argparse.Namespace, out: TextIO, 
         for i in sorted(others):
             out.write(f"--- choice {i} ---\n{''.join(others[i])}\n")
     if args.verbose:
-        _report(err, finish, usage, last.sparsity if last else None, last.interventions if last else None)
+        _report(err, finish, usage, sparsity, interventions)
     return 0
 
 
@@ -207,7 +211,9 @@ def _run(client: NeuronServeClient, args: argparse.Namespace, out: TextIO, err: 
         if raw_json:
             _dump({"ready": health.ready, "status": health.status, "detail": health.detail}, out)
         else:
-            out.write(("ok" if health.ready else f"not ready (HTTP {health.status})") + "\n")
+            reason = health.detail.get("status") if isinstance(health.detail, dict) else health.detail
+            why = f"HTTP {health.status}: {reason}" if reason else f"HTTP {health.status}"
+            out.write(("ok" if health.ready else f"not ready ({why})") + "\n")
         return 0 if health.ready else 1
     if cmd == "tokenize":
         tok = client.tokenize(_text_arg(args.text, stdin))

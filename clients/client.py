@@ -131,7 +131,7 @@ class NeuronServeClient(ClientCore):
     def version(self) -> dict[str, Any]:
         return self._run(self._op_version())
 
-    def tokenize(self, text: Prompt, *, model: str | None = None) -> Tokenized:
+    def tokenize(self, text: str, *, model: str | None = None) -> Tokenized:
         return self._run(self._op_tokenize(text, model))
 
     def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
@@ -254,7 +254,7 @@ class AsyncNeuronServeClient(ClientCore):
     async def version(self) -> dict[str, Any]:
         return await self._run(self._op_version())
 
-    async def tokenize(self, text: Prompt, *, model: str | None = None) -> Tokenized:
+    async def tokenize(self, text: str, *, model: str | None = None) -> Tokenized:
         return await self._run(self._op_tokenize(text, model))
 
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:

@@ -1,4 +1,6 @@
-"""`neuronserve` command line. Every `serve` flag is generated from ServerSettings."""
+"""`neuronserve`: serve a Llama-family model over an OpenAI-compatible API, or calibrate profiles for it."""
+
+# Every `serve` flag is generated from ServerSettings.
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import typing
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from server.profiles import model_slug
 from server.settings import ServerSettings
@@ -56,6 +59,18 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**given)
 
 
+def _settings_problem(exc: ValidationError) -> str:
+    """One line per invalid setting, named as its flag: `--port: Input should be ...`."""
+    return "; ".join(f"{_flag(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg']}" for e in exc.errors())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def serve(settings: ServerSettings) -> int:
     import uvicorn
 
@@ -70,9 +85,22 @@ def serve(settings: ServerSettings) -> int:
         print(f"neuronserve: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_timeout) + 1)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=int(settings.shutdown_timeout) + 1))
+    state = app.state.server
+
+    def stop() -> None:
+        server.should_exit = True
+
+    state.on_load_failure = stop
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if state.load_error is not None:
+        print(f"neuronserve: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3  # uvicorn.run exits 3 when it cannot bind
 
 
 def add_calibrate_parsers(commands, interventions: bool = True) -> None:
@@ -96,8 +124,8 @@ def add_calibrate_parsers(commands, interventions: bool = True) -> None:
     wina.add_argument("--allocation", default="uniform", choices=["uniform", "greedy", "both"],
                       help="uniform: every projection at the target; greedy: TEAL-style allocation "
                       "within each layer by projection output error.")
-    wina.add_argument("--sequences", type=int, default=48, help="Sequences per source (Alpaca, WikiText).")
-    wina.add_argument("--sequence-length", type=int, default=256)
+    wina.add_argument("--sequences", type=_positive_int, default=48, help="Sequences per source (Alpaca, WikiText).")
+    wina.add_argument("--sequence-length", type=_positive_int, default=256)
     wina.add_argument("--seed", type=int, default=0)
     wina.add_argument("--data-dir", type=Path, default=None, help="Default: ../shared/data.")
     wina.add_argument("--out", type=Path, default=None,
@@ -110,7 +138,7 @@ def add_calibrate_parsers(commands, interventions: bool = True) -> None:
 # add_arguments(parser) and run(args) -> exit code.
 INTERVENTION_CALIBRATIONS = {
     "sae": ("server.calibration.sae",
-            "Train a TopK sparse autoencoder on the served model's residual stream (SAELens layout)."),
+            "Train a TopK or BatchTopK sparse autoencoder on the served model's residual stream (SAELens layout)."),
     "vector": ("server.calibration.vector",
                "A difference-in-means steering vector from two sets of texts, or a llama.cpp control vector converted."),
     "eigenshift": ("server.calibration.eigenshift",
@@ -129,6 +157,20 @@ def _add_intervention_calibrations(methods) -> None:
 
 
 def calibrate(args: argparse.Namespace) -> int:
+    """Runs a calibration; a bad model path or setting is one line and exit 2, not a traceback."""
+    from server.model.loader import ModelLoadError, resolve_model_path
+
+    try:
+        resolve_model_path(args.model)  # before reading any data or loading anything
+        return _calibrate(args)
+    except ModelLoadError as exc:
+        print(f"neuronserve: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"neuronserve: invalid settings: {_settings_problem(exc)}", file=sys.stderr)
+    return 2
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     if args.method in INTERVENTION_CALIBRATIONS:
         import importlib
 
@@ -144,7 +186,6 @@ def calibrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(model=args.model, device=args.device, dtype=args.dtype,
                               max_model_len=max(args.sequence_length, 16), wina_profile="none")
-    loaded = load_model(settings)
     config = WinaCalibrationConfig(
         criteria={"both": ("wina", "teal"), "all": ("wina", "teal", "wina_official")}.get(args.criterion,
                                                                                         (args.criterion,)),
@@ -156,6 +197,7 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"neuronserve: calibration data not found: {', '.join(map(str, missing))} (--data-dir)",
               file=sys.stderr)
         return 2
+    loaded = load_model(settings)
     profiles = calibrate_wina(loaded.model, loaded.tokenizer, config)
     out = args.out or settings.cache_dir / "profiles" / model_slug(loaded.name)
     for path in write_profiles(profiles, out, loaded.fingerprint, loaded.name):
@@ -181,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings = settings_from_args(args)
         except ValidationError as exc:
-            print(f"neuronserve: invalid settings:\n{exc}", file=sys.stderr)
+            print(f"neuronserve: invalid settings: {_settings_problem(exc)}", file=sys.stderr)
+            return 2
+        except SettingsError as exc:  # an environment variable that does not parse
+            print(f"neuronserve: invalid settings: {exc}", file=sys.stderr)
             return 2
         return serve(settings)
     return 2

@@ -108,9 +108,11 @@ def find_wina_profile(settings: ServerSettings, fingerprint: str, model_name: st
         if profile.name == wanted:
             logger.info("WINA sparsity profile %r from %s", wanted, path)
             return profile
+    where = ", ".join(map(str, settings.profiles))
+    if "wina_profile" in settings.model_fields_set:  # a name the user gave: a typo must not pass quietly
+        raise ProfileError(f"no WINA profile {wanted!r} for this model in {where} (found: {', '.join(seen) or 'none'})")
     logger.warning("no WINA profile %r for this model in %s (found: %s); requests asking for sparsity "
-                   "get 400. Make one with `neuronserve calibrate wina`.", wanted,
-                   ", ".join(map(str, settings.profiles)), ", ".join(seen) or "none")
+                   "get 400. Make one with `neuronserve calibrate wina`.", wanted, where, ", ".join(seen) or "none")
     return None
 
 

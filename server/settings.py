@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "default"
@@ -97,7 +97,9 @@ class ServerSettings(BaseSettings):
     profiles: list[Path] = Field(
         default_factory=default_profile_dirs,
         description="Directories searched (with their subdirectories) for calibration profiles; the "
-        "profiles made for the served model are loaded. Repeat the flag to give several.",
+        "profiles made for the served model are loaded. Giving the flag replaces the default list "
+        "(the package's default_profiles, then <cache>/profiles): repeat it for several, and name "
+        "those too to keep them. Environment variable: a JSON list of paths.",
     )
     wina_profile: str = Field(
         "wina-uniform", description="The WINA sparsity profile to serve with: a profile name found "
@@ -123,6 +125,30 @@ class ServerSettings(BaseSettings):
         "'[{\"type\": \"eigenshift\", \"profile\": \"toxicity\"}]'. Empty: none.",
     )
     warmup: bool = Field(True, description="Run one generation step before /health turns 200.")
+
+    @field_validator("default_interventions")
+    @classmethod
+    def _entries_parse(cls, value: str) -> str:
+        """The shape is checked here, before the model loads; the names of profiles, SAEs and
+        vectors once they are loaded (serving.parse_default_interventions)."""
+        if not value.strip():
+            return value
+        import json
+
+        from server.interventions.spec import parse_specs
+
+        try:
+            entries = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON: {error}") from None
+        if not isinstance(entries, list):
+            raise ValueError("must be a JSON list of intervention entries")
+        try:
+            parse_specs(entries)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"entry {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return value
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Server log level."
     )

@@ -318,6 +318,30 @@ def test_health_tokenize_detokenize_interventions(server: FakeServer) -> None:
     assert server.bodies("/detokenize") == [{"model": MODEL, "tokens": [5, 6]}]
 
 
+def test_batch_prompts_and_chat_fields(server: FakeServer) -> None:
+    server.routes[("POST", "/v1/chat/completions")] = lambda r: httpx.Response(
+        200, json={"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yo"}, "finish_reason": "stop"}]}
+    )
+    with server.sync_client(model=MODEL) as client:
+        client.complete(["a", "b"], max_tokens=2)
+        client.complete([[1, 2], [3]])
+        client.chat("Hi", logprobs=True, top_logprobs=2, max_completion_tokens=3)
+        with pytest.raises(TypeError, match="prompt must be"):
+            client.complete(["a", 1])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="tokenize takes a string"):
+            client.tokenize([1, 2])  # type: ignore[arg-type]
+    assert [b["prompt"] for b in server.bodies("/v1/completions")] == [["a", "b"], [[1, 2], [3]]]
+    (chat,) = server.bodies("/v1/chat/completions")
+    assert (chat["logprobs"], chat["top_logprobs"], chat["max_completion_tokens"]) == (True, 2, 3)
+
+
+def test_wait_until_healthy_says_why_the_server_is_not_ready(server: FakeServer) -> None:
+    reason = "ModelLoadError: could not read /ckpt"
+    server.routes[("GET", "/health")] = lambda r: httpx.Response(503, json={"status": reason})
+    with server.sync_client() as client, pytest.raises(TimeoutError, match=reason):
+        client.wait_until_healthy(timeout=0.05, interval=0.01)
+
+
 def test_wait_until_healthy_times_out() -> None:
     def refuse(r: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=r)
@@ -423,6 +447,28 @@ def test_cli_stream_json_and_chat(server: FakeServer, capsys: pytest.CaptureFixt
     ]
 
 
+def test_cli_stream_verbose_reports_what_the_finishing_chunk_carries(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    applied = [{"type": "steer", "vector": "ocean", "strength": 1.0, "positions": "all", "layers": [15]}]
+    finishing = _chunk("lo", "length", sparsity={"target": 0.3, "achieved": 0.31}, interventions=applied)
+    usage_only = _chunk(usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+    server.routes[("POST", "/v1/completions")] = lambda r: httpx.Response(
+        200, content=_sse(_chunk("Hel"), finishing, usage_only))
+    assert main(["--model", MODEL, "complete", "Hi", "--stream", "-v"], client_factory=_factory(server)) == 0
+    err = capsys.readouterr().err
+    assert "sparsity: target=0.3 achieved=0.31" in err and '"vector": "ocean"' in err
+
+
+def test_cli_chat_logprobs_ask_for_top_logprobs(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    server.routes[("POST", "/v1/chat/completions")] = lambda r: httpx.Response(
+        200, json={"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yo"}, "finish_reason": "stop"}]}
+    )
+    assert main(["--model", MODEL, "chat", "Hi", "--logprobs", "2"], client_factory=_factory(server)) == 0
+    (body,) = server.bodies("/v1/chat/completions")
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 2)
+
+
 def test_cli_error_exit_and_other_commands(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     server.routes[("POST", "/v1/completions")] = lambda r: httpx.Response(
         400, json={"error": {"message": "unknown SAE 'nope'", "type": "invalid_request_error", "param": "interventions", "code": None}}
@@ -433,7 +479,10 @@ def test_cli_error_exit_and_other_commands(server: FakeServer, capsys: pytest.Ca
 
     server.routes[("GET", "/health")] = lambda r: httpx.Response(503)
     assert main(["health"], client_factory=_factory(server)) == 1
-    assert "not ready" in capsys.readouterr().out
+    assert capsys.readouterr().out == "not ready (HTTP 503)\n"
+    server.routes[("GET", "/health")] = lambda r: httpx.Response(503, json={"status": "loading"})
+    assert main(["health"], client_factory=_factory(server)) == 1
+    assert capsys.readouterr().out == "not ready (HTTP 503: loading)\n"
 
     assert main(["models"], client_factory=_factory(server)) == 0
     assert capsys.readouterr().out == f"{MODEL}\n"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import platform
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import torch
@@ -39,6 +40,9 @@ class ServerState:
         self.started_at = time.monotonic()
         self.healthy_after_s: float | None = None
         self.load_task: asyncio.Task | None = None
+        # `neuronserve serve` stops the process on a failed load (a server that can never become
+        # ready helps nobody); an embedding app keeps answering 503 with the reason
+        self.on_load_failure: Callable[[], None] | None = None
 
     def ready(self) -> ServingContext:
         if self.serving is None:
@@ -68,6 +72,8 @@ async def _load(state: ServerState) -> None:
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
         logger.error("model load failed: %s", state.load_error)
+        if state.on_load_failure is not None:
+            state.on_load_failure()
 
 
 async def _drain(state: ServerState) -> None:

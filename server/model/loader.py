@@ -63,6 +63,12 @@ def resolve_model_path(model: str) -> tuple[Path, str]:
         raise ModelLoadError(f"{path} is a file but not a .gguf; pass a GGUF file or a checkpoint directory")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; it is not a transformers checkpoint directory")
+    if path.is_file():
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ModelLoadError(f"{path} does not start with the GGUF magic bytes; it is not a GGUF file")
+    elif not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights")
     return path.resolve(), path.stem if path.is_file() else path.resolve().name
 
 
