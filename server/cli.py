@@ -38,6 +38,8 @@ def _arg_type(annotation):
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in ServerSettings.model_fields.items():
         default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ", ".join(map(str, default)) or "none"
         env = f"NEURONSERVE_{name.upper()}"
         help_text = f"{field.description} [env {env}; default: {default}]".replace("%", "%%")  # argparse formats %
         kind, choices = _arg_type(field.annotation)
