@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence, TextIO
 
+from ._core import __version__
 from .client import NeuronServeClient
 from .types import NeuronServeError, Usage
 
@@ -84,6 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuronserve-client", description="Client for a neuronserve server.", parents=[common]
     )
+    parser.add_argument("--version", action="version", version=f"neuronserve-client {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("complete", parents=[common, gen], help="text completion")
     p.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads stdin)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from server import __version__
 from server.profiles import model_slug
 from server.settings import ServerSettings
 
@@ -213,6 +214,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="neuronserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"neuronserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="Serve a model over the OpenAI-compatible API.")
     add_settings_arguments(serve_parser)

@@ -79,3 +79,11 @@ def test_serve_exits_on_a_wina_profile_name_that_does_not_exist(capsys):
     assert main(["serve", "--wina-profile", "wina-typo", "--port", str(_free_port()), "--log-level", "critical",
                  "--no-load-interventions", "--no-warmup"]) == 1
     assert "no WINA profile 'wina-typo'" in capsys.readouterr().err
+
+
+def test_version_flag(capsys):
+    from server import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"neuronserve {__version__}"
