@@ -16,7 +16,6 @@ from server.interventions.spec import MAX_INTERVENTIONS, InterventionSpec
 TokenId = Annotated[int, Field(ge=0)]
 
 
-
 class FieldConflict(ValueError):
     """A check across fields that fails: names the field the error's `param` reports (a model
     validator's error has no location of its own)."""
@@ -24,6 +23,7 @@ class FieldConflict(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
