@@ -433,8 +433,7 @@ class ClientCore:
                 health = yield from self._op_health()
                 if health.ready:
                     return health
-                reason = health.detail.get("status") if isinstance(health.detail, Mapping) else health.detail
-                last = f"HTTP {health.status}: {reason}" if reason else f"HTTP {health.status}"
+                last = health.describe()
             except NeuronServeConnectionError as exc:
                 last = exc.message
             except NeuronServeError as exc:

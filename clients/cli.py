@@ -213,9 +213,7 @@ def _run(client: NeuronServeClient, args: argparse.Namespace, out: TextIO, err: 
         if raw_json:
             _dump({"ready": health.ready, "status": health.status, "detail": health.detail}, out)
         else:
-            reason = health.detail.get("status") if isinstance(health.detail, dict) else health.detail
-            why = f"HTTP {health.status}: {reason}" if reason else f"HTTP {health.status}"
-            out.write(("ok" if health.ready else f"not ready ({why})") + "\n")
+            out.write(("ok" if health.ready else f"not ready ({health.describe()})") + "\n")
         return 0 if health.ready else 1
     if cmd == "tokenize":
         tok = client.tokenize(_text_arg(args.text, stdin))

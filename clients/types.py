@@ -300,6 +300,11 @@ class Health:
     detail: Any = None
     """The decoded body (dict or text), if any."""
 
+    def describe(self) -> str:
+        """``HTTP 503: <the server's reason>`` (the body's ``status``), or just the status code."""
+        reason = self.detail.get("status") if isinstance(self.detail, dict) else self.detail
+        return f"HTTP {self.status}: {reason}" if reason else f"HTTP {self.status}"
+
 
 @dataclass(frozen=True, slots=True)
 class Tokenized:
