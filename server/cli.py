@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import types
 import typing
@@ -87,6 +88,12 @@ def serve(settings: ServerSettings) -> int:
     except ModelLoadError as exc:
         print(f"neuronserve: {exc}", file=sys.stderr)
         return 2
+    try:
+        # bound before the app exists: uvicorn binds only after the lifespan has started loading the model
+        listener = _bind_listener(settings.host, settings.port)
+    except OSError as exc:
+        print(f"neuronserve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 3
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 1))
@@ -96,26 +103,46 @@ def serve(settings: ServerSettings) -> int:
         server.should_exit = True
 
     state.on_load_failure = stop
+    host, port = listener.getsockname()[:2]
+    logging.getLogger("neuronserve").info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     try:
-        server.run()
+        server.run(sockets=[listener])
     except KeyboardInterrupt:
         pass
+    finally:
+        listener.close()
     if state.load_error is not None:
         print(f"neuronserve: the model failed to load: {state.load_error}", file=sys.stderr)
         return 1
-    return 0 if server.started else 3  # uvicorn.run exits 3 when it cannot bind
+    return 0 if server.started else 3
+
+
+def _bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), as uvicorn would bind it; raises OSError when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family=family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    listener.set_inheritable(True)
+    return listener
 
 
 def add_calibrate_parsers(commands, interventions: bool = True) -> None:
     """interventions=False leaves out the intervention methods, whose modules import on demand
     (`serve` does not need them)."""
     calibrate = commands.add_parser("calibrate", help="Make a calibration profile for the served model.")
+    calibrate.set_defaults(command_parser=calibrate)
     methods = calibrate.add_subparsers(dest="method", required=True)
     wina = methods.add_parser(
         "wina", help="WINA / TEAL sparsity thresholds for a grid of target sparsities.",
         description="Per-layer, per-projection WINA (and TEAL) score thresholds from calibration text "
         "(Alpaca + WikiText-2 validation; never a test split). Writes wina-<criterion>-<allocation>"
         ".safetensors profiles.")
+    wina.set_defaults(command_parser=wina)
     wina.add_argument("--model", default="default", help="Model to calibrate (as for serve). [default]")
     wina.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     wina.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -156,6 +183,7 @@ def _add_intervention_calibrations(methods) -> None:
 
     for method, (module, help_text) in INTERVENTION_CALIBRATIONS.items():
         parser = methods.add_parser(method, help=help_text, description=help_text)
+        parser.set_defaults(command_parser=parser)
         importlib.import_module(module).add_arguments(parser)
 
 
@@ -218,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="Serve a model over the OpenAI-compatible API.")
     add_settings_arguments(serve_parser)
+    serve_parser.set_defaults(command_parser=serve_parser)
     argv = sys.argv[1:] if argv is None else argv
     add_calibrate_parsers(commands, interventions=bool(argv) and argv[0] == "calibrate")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand that got them, with its own usage line
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "calibrate":
         return calibrate(args)
     if args.command == "serve":

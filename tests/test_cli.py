@@ -75,6 +75,25 @@ def test_serve_exits_when_the_model_fails_to_load(tmp_path, capsys):
     assert "failed to load" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_taken_port_before_loading_anything(capsys, monkeypatch):
+    """A port in use ends the process at once (status 3) with the address named; the app, and so
+    the model load it starts, is never built."""
+    import socket
+
+    import server.api.app
+
+    def must_not_build(settings):
+        raise AssertionError("the app was built although the port was taken")
+
+    monkeypatch.setattr(server.api.app, "create_app", must_not_build)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "critical"]) == 3
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_serve_exits_on_a_wina_profile_name_that_does_not_exist(capsys):
     assert main(["serve", "--wina-profile", "wina-typo", "--port", str(_free_port()), "--log-level", "critical",
                  "--no-load-interventions", "--no-warmup"]) == 1
@@ -87,3 +106,17 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"neuronserve {__version__}"
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["serve", "--bogus"], "neuronserve serve"),
+    (["calibrate", "wina", "--bogus"], "neuronserve calibrate wina"),
+    (["calibrate", "memorization", "--memorized", "x.jsonl", "--bogus"], "neuronserve calibrate memorization"),
+])
+def test_an_unknown_flag_is_reported_by_its_subcommand(capsys, argv, prog):
+    """With the subcommand's usage line, not the top-level one, which lists no flags."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"{prog}: error: unrecognized arguments: --bogus" in err and f"usage: {prog}" in err
