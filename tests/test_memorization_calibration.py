@@ -401,6 +401,17 @@ def test_calibration_run_keeps_to_the_named_layers(tmp_path):
     assert run(bad) == 2  # not a range (checked before the model loads)
 
 
+def test_the_cost_check_can_read_fewer_pieces_than_the_scores(tmp_path):
+    """--verify-sequences below --reference-sequences: the check runs on the first scoring pieces
+    only (the check costs per piece and per neuron; the scores read all pieces in one pass)."""
+    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "1",
+                     "--verify-sequences", "1")
+    [path] = (tmp_path / "p").glob("memorization-*.safetensors")
+    report = load_profile(path).header["data"]["report"]
+    assert report["verify_text"]["pieces"] == 1
+    assert report["sets"]["reference"]["tokens"] > 64  # the scores read both pieces
+
+
 def test_calibration_run_verifies_the_chosen_neurons(tmp_path):
     _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0",
                      "--verify-sequences", "3")

@@ -779,8 +779,9 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
     """-> (list of (MemorizationProfile, parameters, quality) per granularity, ratio and (neuron masks)
     retain weight, report, stats).
     reference: (scoring pieces, held-out pieces) of ordinary text; default WikiText-2 valid + Alpaca.
-    verify_text: the pieces --verify-cost measures on; default the given scoring pieces, or else
-    config.verify_sequences pieces of the default reference text, of which the scoring pieces are the first."""
+    verify_text: the pieces --verify-cost measures on; default the given scoring pieces, or else the
+    first config.verify_sequences pieces of the default reference text (the scoring pieces are its
+    first config.reference_sequences)."""
     from server.interventions.memorization import MemorizationProfile
 
     torch.manual_seed(config.seed)
@@ -798,9 +799,10 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
         tokenizer, config.data_dir, config.reference_sequences, config.reference_length, config.seed,
         config.heldout_reference_sequences)
     if config.verify_cost is not None and verify_text is None:
+        # the first verify_sequences pieces of the same seeded text: the scoring pieces' first ones,
+        # then more of it when the check asks for more pieces than the scores read
         verify_text = reference if given_reference else reference_pieces(
-            tokenizer, config.data_dir, max(config.verify_sequences, config.reference_sequences),
-            config.reference_length, config.seed)[0]
+            tokenizer, config.data_dir, config.verify_sequences, config.reference_length, config.seed)[0]
     stats = collect_stats(model, {"memorized": mem_enc, "unseen": unseen_enc, "reference": reference},
                           pad_id, config.batch_size, layers, intermediate, config.record_objective,
                           per_position_effects=config.retain_measure == "taylor")
@@ -936,12 +938,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "than single there: docs/unmemorization.md). [single]")
     parser.add_argument("--verify-sequences", type=int, default=d.verify_sequences, metavar="N",
                         help=f"Pieces of ordinary text ({d.reference_length} tokens each) the cost check runs on: "
-                             f"the scoring pieces, then more of the same text. [{d.verify_sequences}]")
+                             f"the first of the scoring pieces, then more of the same text. [{d.verify_sequences}]")
     parser.add_argument("--spare-fraction", type=float, default=d.spare_fraction)
     parser.add_argument("--massive-factor", type=float, default=d.massive_factor)
     parser.add_argument("--paper-weights", action="store_true",
                         help="Weight masks exactly as the paper: do not spare the neurons ordinary text needs.")
-    parser.add_argument("--reference-sequences", type=int, default=d.reference_sequences)
+    parser.add_argument("--reference-sequences", type=int, default=d.reference_sequences, metavar="N",
+                        help=f"Pieces of ordinary text ({d.reference_length} tokens each) the scores and the "
+                             f"sparing rule read (default reference text only). [{d.reference_sequences}]")
     parser.add_argument("--heldout-reference-sequences", type=int, default=d.heldout_reference_sequences,
                         help=f"Held-out validation pieces ({d.reference_length} tokens each) for the before/after "
                              f"perplexity in each profile's header. [{d.heldout_reference_sequences}]")
