@@ -5,12 +5,18 @@ Mean-ablation keeps each pruned neuron's average contribution to the residual st
 `W_down[:, j] * mean_j`), which zero-ablation removes. The bounded modes leave a neuron alone while
 its activation stays within the [1-Q, Q] quantiles it has on ordinary text: `clamp:Q` clips it to
 them, `zero-outside:Q` zeroes it where it leaves them, `gate:Q` zeroes all of a layer's pruned
-neurons at a position where any leaves them. Measured here on the leaky model, for the given neuron
+neurons at a position where any leaves them. `predict:LAMBDA` replaces each pruned neuron by a ridge
+regression on the layer's other neurons, fitted on the reference text (LAMBDA: ridge strength as a
+fraction of the mean feature variance): where the other neurons say what ordinary text would need,
+that is kept; what only the pruned neurons carry is dropped. Measured here on the leaky model, for the given neuron
 profiles, with forward pre-hooks on transformers' `down_proj` (an experiment, not the serving path):
   means, bounds    per neuron, over --reference-pieces pieces of 64 tokens (WikiText-2 validation
                    and Alpaca, the calibration's own reference text; position 0 left out)
   perplexity       WikiText-2 test, the first --wikitext-tokens tokens in windows of 512
   extraction       greedy suffix of each held-out record (transformers' generate) equals the secret
+  --side calibration  the calibration records instead, and perplexity on WikiText-2 *validation*
+                   text the reference pieces never read (its last 10%): for choosing a setting
+                   before any held-out figure is looked at
 
     python benchmarks/unmemorize_fill.py --profiles neuron-attribution-logodds-0.0025 \\
         neuron-attribution-logodds-0.005 neuron-attribution-logodds-0.01
@@ -64,6 +70,9 @@ class DownProjInputs:
         self.low: torch.Tensor | None = None  # [layers, intermediate]
         self.high: torch.Tensor | None = None
         self.fitted_quantile: float | None = None  # the quantile mean/low/high were fitted for
+        # per layer with watched neurons: sums of [a, 1] [a, 1]^T over reference tokens, float64
+        self.gram: list[torch.Tensor | None] = [None for _ in layers]
+        self.predictors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (B [I, P], c [P])
         self.handles = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
     def _hook(self, index: int):
@@ -71,6 +80,10 @@ class DownProjInputs:
             act = args[0]  # [B, T, intermediate]
             if self.collecting and bool(self.watched[index].any()):
                 self.samples[index].append(act[:, 1:, self.watched[index]].reshape(-1, int(self.watched[index].sum())))
+                flat = act[:, 1:].reshape(-1, act.shape[-1]).double()  # [tokens, intermediate]
+                flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1)
+                gram = flat.T @ flat
+                self.gram[index] = gram if self.gram[index] is None else self.gram[index] + gram
             if self.pruned is None or not bool(self.pruned[index].any()):
                 return None
             cols = self.pruned[index]
@@ -78,6 +91,9 @@ class DownProjInputs:
             values = act[..., cols]  # [B, T, pruned]
             if self.mode == "zero":
                 values = torch.zeros_like(values)
+            elif self.mode == "predict":
+                weight, bias = self.predictors[index]
+                values = act @ weight + bias  # pruned rows of weight are 0: built from the others only
             elif self.mode == "mean":
                 values = self.mean[index][cols].expand_as(values).clone()
             else:
@@ -92,6 +108,27 @@ class DownProjInputs:
             act[..., cols] = values
             return (act,)
         return hook
+
+    def fit_predictors(self, pruned: torch.Tensor, ridge: float) -> None:
+        """Per layer, ridge regression of the pruned neurons on the layer's other neurons (with an
+        intercept) over the recorded reference tokens."""
+        self.predictors = {}
+        for index, gram in enumerate(self.gram):
+            cols = pruned[index]
+            if gram is None or not bool(cols.any()):
+                continue
+            count = float(gram[-1, -1])
+            mean = gram[-1, :-1] / count  # [I]
+            cov = gram[:-1, :-1] / count - torch.outer(mean, mean)  # [I, I]
+            keep = ~cols
+            cov_kk = cov[keep][:, keep]
+            strength = ridge * float(cov_kk.diagonal().mean())
+            coef = torch.linalg.solve(cov_kk + strength * torch.eye(cov_kk.shape[0], dtype=cov.dtype),
+                                      cov[keep][:, cols])  # [kept, P]
+            weight = torch.zeros(cols.shape[0], int(cols.sum()), dtype=torch.float64)
+            weight[keep] = coef
+            bias = mean[cols] - mean[keep] @ coef
+            self.predictors[index] = (weight.float(), bias.float())
 
     def fit(self, quantile: float) -> None:
         """Means and [1 - quantile, quantile] bounds of each watched neuron on the recorded text
@@ -133,18 +170,21 @@ def extraction_rate(model, records: list[tuple[list[int], list[int]]]) -> float:
     return exact / len(records)
 
 
-FILL_MODES = ("zero", "mean", "clamp", "zero-outside", "gate")
+FILL_MODES = ("zero", "mean", "clamp", "zero-outside", "gate", "predict")
 
 
 def parse_fill(text: str, parser: argparse.ArgumentParser) -> tuple[str, float]:
-    """'clamp:0.999' -> ('clamp', 0.999); a mode without bounds gets quantile 1.0 (unused)."""
-    mode, _, quantile = text.partition(":")
-    bounded = mode in ("clamp", "zero-outside", "gate")
-    if mode not in FILL_MODES or bool(quantile) != bounded:
-        parser.error(f"--fills: {text!r} is not one of zero, mean, clamp:Q, zero-outside:Q, gate:Q")
-    if bounded and not 0.5 < float(quantile) <= 1.0:
+    """'clamp:0.999' -> ('clamp', 0.999), 'predict:0.01' -> ('predict', 0.01); a mode without a
+    parameter gets 1.0 (unused)."""
+    mode, _, parameter = text.partition(":")
+    takes_parameter = mode in ("clamp", "zero-outside", "gate", "predict")
+    if mode not in FILL_MODES or bool(parameter) != takes_parameter:
+        parser.error(f"--fills: {text!r} is not one of zero, mean, clamp:Q, zero-outside:Q, gate:Q, predict:LAMBDA")
+    if mode == "predict" and not float(parameter) > 0:
+        parser.error(f"--fills: the ridge strength of {text!r} must be > 0")
+    if mode in ("clamp", "zero-outside", "gate") and not 0.5 < float(parameter) <= 1.0:
         parser.error(f"--fills: the quantile of {text!r} must be in (0.5, 1]")
-    return mode, float(quantile) if bounded else 1.0
+    return mode, float(parameter) if takes_parameter else 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-dir", type=Path, default=default_cache_dir() / "profiles" / "leaky-smollm2")
     parser.add_argument("--profiles", nargs="+", required=True, help="neuron profile names (memorization-<name>)")
     parser.add_argument("--fills", nargs="+", default=["zero", "mean"],
-                        help="zero | mean | clamp:Q | zero-outside:Q | gate:Q, where Q bounds each neuron to its "
-                             "[1-Q, Q] quantiles on the reference text [zero mean]")
+                        help="zero | mean | clamp:Q | zero-outside:Q | gate:Q | predict:LAMBDA, where Q bounds each "
+                             "neuron to its [1-Q, Q] quantiles on the reference text and LAMBDA is a ridge "
+                             "strength [zero mean]")
+    parser.add_argument("--side", choices=("heldout", "calibration"), default="heldout",
+                        help="heldout: held-out records, WikiText-2 test; calibration: calibration records, "
+                             "unread WikiText-2 validation text [heldout]")
     parser.add_argument("--reference-pieces", type=int, default=64, help="64-token pieces of reference text [64]")
     parser.add_argument("--wikitext-tokens", type=int, default=8192)
     parser.add_argument("--data-dir", type=Path, default=None)
@@ -176,17 +220,28 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(reference), 16):
             model(torch.tensor(reference[start:start + 16]))
     hooks.collecting = False
-    test_ids = tokenizer((data_dir / "wikitext2" / "wiki.test.tokens").read_text(), add_special_tokens=False)["input_ids"]
-    windows = [test_ids[i:i + 512] for i in range(0, min(args.wikitext_tokens, len(test_ids)) - 511, 512)]
-    records = [encode_record(tokenizer, r) for r in read_records(Path(args.model) / "records_heldout.jsonl")]
+    if args.side == "heldout":
+        text_ids = tokenizer((data_dir / "wikitext2" / "wiki.test.tokens").read_text(), add_special_tokens=False)["input_ids"]
+    else:  # the validation split's last 10%, which reference_pieces never reads
+        from server.calibration.data import wikitext_valid_text
+
+        valid_ids = tokenizer(wikitext_valid_text(data_dir), add_special_tokens=False)["input_ids"]
+        text_ids = valid_ids[int(len(valid_ids) * 0.9):]
+    windows = [text_ids[i:i + 512] for i in range(0, min(args.wikitext_tokens, len(text_ids)) - 511, 512)]
+    records_file = "records_heldout.jsonl" if args.side == "heldout" else "records_calibration.jsonl"
+    records = [encode_record(tokenizer, r) for r in read_records(Path(args.model) / records_file)]
 
     rows = []
 
     def measure(profile: str, fill: str, pruned: torch.Tensor | None, mode: str = "zero", quantile: float = 1.0) -> None:
-        hooks.fit(quantile)
+        if mode == "predict":
+            hooks.fit_predictors(pruned, ridge=quantile)
+        else:
+            hooks.fit(quantile)
         hooks.pruned, hooks.mode = pruned, mode
         row = {"profile": profile, "fill": fill, "pruned": 0 if pruned is None else int(pruned.sum()),
                "wikitext2_ppl": perplexity(model, windows), "extracted": extraction_rate(model, records)}
+        row["seconds"] = round(time.time() - started)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -202,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         [r["profile"], r["fill"], str(r["pruned"]), f"{r['wikitext2_ppl']:.2f}", f"{100 * r['ppl_change']:+.1f}%",
          f"{100 * r['extracted']:.1f}%", "-" if r["profile"] == "none" else f"{-100 * r['extraction_cut']:+.0f}%"]
         for r in rows])
-    text = (f"unmemorize_fill: {name}, {len(records)} held-out records, {sum(len(w) - 1 for w in windows)} "
-            f"WikiText-2 test tokens scored, float32\n{table}")
+    split = "test" if args.side == "heldout" else "validation (last 10%)"
+    text = (f"unmemorize_fill: {name}, {len(records)} {args.side} records, {sum(len(w) - 1 for w in windows)} "
+            f"WikiText-2 {split} tokens scored, float32\n{table}")
     report = {"benchmark": "unmemorize_fill", "command": " ".join(["python", *sys.argv]), "model": args.model,
-              "heldout_records": len(records), "wikitext2_tokens_scored": sum(len(w) - 1 for w in windows),
+              "side": args.side, "records": len(records), "wikitext2_split": split,
+              "wikitext2_tokens_scored": sum(len(w) - 1 for w in windows),
               "reference": f"{args.reference_pieces} x 64 tokens, reference_pieces(seed 0)", "rows": rows,
               "seconds": round(time.time() - started), "machine": describe_machine()}
     print(text)
