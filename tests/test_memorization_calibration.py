@@ -15,6 +15,7 @@ from server.calibration.memorization import (
     _batch_records,
     ablation_costs,
     add_arguments,
+    calibration_side_pick,
     choose_neurons,
     choose_verified_neurons,
     collect_stats,
@@ -412,6 +413,20 @@ def test_the_cost_check_can_read_fewer_pieces_than_the_scores(tmp_path):
     assert report["sets"]["reference"]["tokens"] > 64  # the scores read both pieces
 
 
+def test_the_cost_check_on_a_reference_file_reads_the_same_pieces(tmp_path):
+    """With --reference FILE the check also reads the first --verify-sequences pieces (here fewer
+    than the scores' two), never the held-out ones."""
+    reference = tmp_path / "reference.txt"
+    reference.write_text("\n".join(f"The river {i} runs past the old mill and into the lake by the town."
+                                   for i in range(200)))
+    _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "1",
+                     "--verify-sequences", "1", "--reference", str(reference))
+    [path] = (tmp_path / "p").glob("memorization-*.safetensors")
+    header = load_profile(path).header
+    assert header["data"]["report"]["verify_text"]["pieces"] == 1
+    assert header["data"]["reference"] == str(reference)
+
+
 def test_calibration_run_verifies_the_chosen_neurons(tmp_path):
     _run_calibration(tmp_path, 2, "--granularity", "neuron", "--ratio", "0.0002", "--verify-cost", "0",
                      "--verify-sequences", "3")
@@ -476,3 +491,23 @@ def test_more_reference_pieces_start_with_the_fewer(tmp_path):
     assert many[:4] == few and len(many) == 10 and len({tuple(p) for p in many}) == 10
     assert all(len(p) == 32 for p in many)
     assert not {tuple(p) for p in held_few} & {tuple(p) for p in many}
+
+
+def _quality(extracted_after: float, ppl_after: float) -> dict:
+    return {"calibration_records_before": {"exact_extraction": 0.8, "heldout_reference_ppl": 50.0},
+            "calibration_records_after": {"exact_extraction": extracted_after, "heldout_reference_ppl": ppl_after}}
+
+
+def test_calibration_side_pick_follows_the_documented_rule():
+    rows = [("small", _quality(0.40, 50.5)),   # cut 50%
+            ("middle", _quality(0.06, 51.0)),  # cut 92.5%, +2%
+            ("large", _quality(0.00, 52.0))]   # cut 100%, +4%
+    # the lowest validation perplexity among those cutting >= 90%, not the largest cut
+    assert calibration_side_pick(rows).startswith("middle (cut -92%, validation perplexity +2.0%")
+    assert calibration_side_pick(rows, min_cut=0.95).startswith("large (cut -100%")
+    # none reaches the bar: the largest cut, and it says so
+    assert calibration_side_pick(rows[:1]) == "small (cut -50%, validation perplexity +1.0%; none reached a 90% cut)"
+    nothing_extracted = {"calibration_records_before": {"exact_extraction": 0.0, "heldout_reference_ppl": 50.0},
+                         "calibration_records_after": {"exact_extraction": 0.0, "heldout_reference_ppl": 50.0}}
+    assert calibration_side_pick([("x", nothing_extracted)]) is None
+    assert calibration_side_pick([]) is None

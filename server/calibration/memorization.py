@@ -1015,7 +1015,8 @@ def run(args: argparse.Namespace) -> int:
                                       scoring + heldout + max(config.verify_sequences - scoring, 0),
                                       config.reference_length)
         reference = (pieces[:scoring], pieces[scoring:scoring + heldout])
-        verify_text = pieces[:scoring] + pieces[scoring + heldout:]  # never the held-out pieces
+        # as with the default text: the first verify_sequences scoring pieces, then more; never the held-out ones
+        verify_text = (pieces[:scoring] + pieces[scoring + heldout:])[:config.verify_sequences]
     results, report, _ = calibrate_memorization(model, tokenizer, memorized, config, unseen, reference, verify_text)
     from server.profiles import model_slug
 
@@ -1030,4 +1031,32 @@ def run(args: argparse.Namespace) -> int:
                                          model_fingerprint=fingerprint, model_name=name, parameters=parameters,
                                          data=data, quality=quality)
         print(f"wrote {path}")
+    pick = calibration_side_pick([(profile.name, quality) for profile, _, quality in results
+                                  if profile.granularity == "neuron"])
+    if pick is not None:
+        print(f"calibration-side pick: {pick} (docs/unmemorization.md: confirm it on records held out "
+              f"from calibration before relying on it)")
     return 0
+
+
+def calibration_side_pick(rows: list[tuple[str, dict]], min_cut: float = 0.9) -> str | None:
+    """The rule docs/unmemorization.md recommends, on calibration-side figures only: among profiles
+    whose cut of the calibration records' exact extraction is at least `min_cut`, the one with the
+    lowest held-out validation perplexity; if none reaches it, the largest cut. rows: (name, quality
+    as a profile header stores it). -> 'name (cut -91%, validation perplexity +2.8%)', or None when
+    nothing was extracted before (no cut to measure)."""
+    scored = []
+    for name, quality in rows:
+        before, after = quality["calibration_records_before"], quality["calibration_records_after"]
+        if before["exact_extraction"] <= 0:
+            return None
+        cut = 1 - after["exact_extraction"] / before["exact_extraction"]
+        ppl_change = after["heldout_reference_ppl"] / before["heldout_reference_ppl"] - 1
+        scored.append((name, cut, ppl_change))
+    if not scored:
+        return None
+    reaching = [row for row in scored if row[1] >= min_cut - 1e-9]
+    name, cut, ppl_change = (min(reaching, key=lambda row: row[2]) if reaching
+                             else max(scored, key=lambda row: row[1]))
+    how = "" if reaching else f"; none reached a {100 * min_cut:.0f}% cut"
+    return f"{name} (cut {-100 * cut:.0f}%, validation perplexity {100 * ppl_change:+.1f}%{how})"
