@@ -49,6 +49,7 @@ from server.calibration.memorization import (
     load_float32_model,
     read_records,
     reference_pieces,
+    split_validation_ids,
 )
 from server.profiles import load_profile
 from server.settings import default_cache_dir
@@ -60,8 +61,9 @@ class DownProjInputs:
     """Forward pre-hooks on every layer's down_proj: record the watched neurons' inputs on
     reference text, then rewrite the pruned neurons' inputs as the fill mode says."""
 
-    def __init__(self, layers, watched: torch.Tensor) -> None:
+    def __init__(self, layers, watched: torch.Tensor, with_gram: bool) -> None:
         self.watched = watched  # [layers, intermediate] bool: every neuron some profile prunes
+        self.with_gram = with_gram  # record the Gram sums a predict fill needs (a float64 product per layer)
         self.collecting = False
         self.samples: list[list[torch.Tensor]] = [[] for _ in layers]
         self.pruned: torch.Tensor | None = None  # [layers, intermediate] bool
@@ -80,10 +82,11 @@ class DownProjInputs:
             act = args[0]  # [B, T, intermediate]
             if self.collecting and bool(self.watched[index].any()):
                 self.samples[index].append(act[:, 1:, self.watched[index]].reshape(-1, int(self.watched[index].sum())))
-                flat = act[:, 1:].reshape(-1, act.shape[-1]).double()  # [tokens, intermediate]
-                flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1)
-                gram = flat.T @ flat
-                self.gram[index] = gram if self.gram[index] is None else self.gram[index] + gram
+                if self.with_gram:
+                    flat = act[:, 1:].reshape(-1, act.shape[-1]).double()  # [tokens, intermediate]
+                    flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1)
+                    gram = flat.T @ flat
+                    self.gram[index] = gram if self.gram[index] is None else self.gram[index] + gram
             if self.pruned is None or not bool(self.pruned[index].any()):
                 return None
             cols = self.pruned[index]
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    fills = {f: parse_fill(f, parser) for f in args.fills}  # label -> (mode, quantile)
+    fills = {f: parse_fill(f, parser) for f in args.fills}  # label -> (mode, quantile or ridge strength)
     data_dir = args.data_dir or default_data_dir()
     started = time.time()
     model, tokenizer, fingerprint, name = load_float32_model(args.model)
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = load_profile(args.profile_dir / f"memorization-{profile}.safetensors")
         raw.check_model(fingerprint, name)
         masks[profile] = raw.tensors["pruned"].bool()  # [layers, intermediate]
-    hooks = DownProjInputs(model.model.layers, torch.stack(list(masks.values())).any(0))
+    hooks = DownProjInputs(model.model.layers, torch.stack(list(masks.values())).any(0),
+                           with_gram=any(mode == "predict" for mode, _ in fills.values()))
     reference, _ = reference_pieces(tokenizer, data_dir, args.reference_pieces, 64, 0)
     hooks.collecting = True
     with torch.inference_mode():
@@ -222,22 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     hooks.collecting = False
     if args.side == "heldout":
         text_ids = tokenizer((data_dir / "wikitext2" / "wiki.test.tokens").read_text(), add_special_tokens=False)["input_ids"]
-    else:  # the validation split's last 10%, which reference_pieces never reads
-        from server.calibration.data import wikitext_valid_text
-
-        valid_ids = tokenizer(wikitext_valid_text(data_dir), add_special_tokens=False)["input_ids"]
-        text_ids = valid_ids[int(len(valid_ids) * 0.9):]
+    else:  # the validation split's last 10%, which the reference pieces never read
+        valid_ids, cut = split_validation_ids(tokenizer, data_dir)
+        text_ids = valid_ids[cut:]
     windows = [text_ids[i:i + 512] for i in range(0, min(args.wikitext_tokens, len(text_ids)) - 511, 512)]
     records_file = "records_heldout.jsonl" if args.side == "heldout" else "records_calibration.jsonl"
     records = [encode_record(tokenizer, r) for r in read_records(Path(args.model) / records_file)]
 
     rows = []
 
-    def measure(profile: str, fill: str, pruned: torch.Tensor | None, mode: str = "zero", quantile: float = 1.0) -> None:
+    def measure(profile: str, fill: str, pruned: torch.Tensor | None, mode: str = "zero",
+                parameter: float = 1.0) -> None:
         if mode == "predict":
-            hooks.fit_predictors(pruned, ridge=quantile)
+            hooks.fit_predictors(pruned, ridge=parameter)
         else:
-            hooks.fit(quantile)
+            hooks.fit(quantile=parameter)
         hooks.pruned, hooks.mode = pruned, mode
         row = {"profile": profile, "fill": fill, "pruned": 0 if pruned is None else int(pruned.sum()),
                "wikitext2_ppl": perplexity(model, windows), "extracted": extraction_rate(model, records)}
@@ -247,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
     measure("none", "-", None)
     for profile, pruned in masks.items():
-        for fill, (mode, quantile) in fills.items():
-            measure(profile, fill, pruned, mode, quantile)
+        for fill, (mode, parameter) in fills.items():
+            measure(profile, fill, pruned, mode, parameter)
     base = rows[0]
     for row in rows:
         row["ppl_change"] = row["wikitext2_ppl"] / base["wikitext2_ppl"] - 1

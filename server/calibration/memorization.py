@@ -540,16 +540,24 @@ def weight_mask_indices(down_weights: list[torch.Tensor], norm_memorized: torch.
 # Data and model
 # ---------------------------------------------------------------------------------------------
 
+def split_validation_ids(tokenizer, data_dir: Path) -> tuple[list[int], int]:
+    """WikiText-2 validation as token ids, and where its last 10% starts: the scores read only the
+    text before that index, held-out figures only the text after it."""
+    from server.calibration.data import wikitext_valid_text
+
+    wiki = tokenizer(wikitext_valid_text(data_dir), add_special_tokens=False)["input_ids"]
+    return wiki, int(len(wiki) * 0.9)
+
+
 def reference_pieces(tokenizer, data_dir: Path, count: int, length: int, seed: int,
                      heldout: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """Ordinary text: `count` seeded pieces of WikiText-2 validation (first 90%) and Alpaca, half
     each, `length` tokens; plus `heldout` pieces from the validation split's last 10% (never read
     for scores) for the before/after figures. The first k of a larger `count` are the same k pieces."""
-    from server.calibration.data import alpaca_texts, wikitext_valid_text
+    from server.calibration.data import alpaca_texts
 
     rng = random.Random(f"reference-{seed}")
-    wiki = tokenizer(wikitext_valid_text(data_dir), add_special_tokens=False)["input_ids"]
-    cut = int(len(wiki) * 0.9)
+    wiki, cut = split_validation_ids(tokenizer, data_dir)
     alpaca = [ids for ids in (tokenizer(t, add_special_tokens=False)["input_ids"]
                               for t in alpaca_texts(data_dir)[:300]) if len(ids) >= length]
     pieces = []
