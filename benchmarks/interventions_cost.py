@@ -65,6 +65,10 @@ def conditions(loaded) -> tuple[dict[str, list | None], dict[str, str]]:
         "steer-clamp": [{"type": "steer", "sae": sae_id, "feature": 7, "clamp": 4.0}],
         "vector": [{"type": "steer", "vector": "bench-vector", "strength": 2.0}],
         "eigenshift": [{"type": "eigenshift", "profile": eig, "alpha": 0.0}],
+        # the toxicity stack RESULTS.md measures: the EigenShift profile and the toxicity vector in one request
+        "eigenshift+vector": [{"type": "eigenshift", "profile": eig, "alpha": 0.0},
+                              {"type": "steer", "vector": "toxicity" if "toxicity" in reg.vectors else "bench-vector",
+                               "strength": -0.75}],
         "unmemorize-neuron": [{"type": "unmemorize", "profile": "bench-neuron"}],
         "unmemorize-weight": [{"type": "unmemorize", "profile": "bench-weight"}],
     }

@@ -10,15 +10,23 @@ import torch
 
 pytest.importorskip("profanity_check", reason="the toxicity scorer needs alt-profanity-check")
 
-from server.calibration.eigenshift import (ContrastSet, HeadSVD, add_arguments, component_scores, make_profile,
-                                           position_matched, run)
+from conftest import SHARED_DATA
+
+from server.calibration.eigenshift import (
+    ContrastSet,
+    HeadSVD,
+    add_arguments,
+    component_scores,
+    make_profile,
+    position_matched,
+    run,
+)
 from server.interventions.eigenshift import EigenShiftProfile
+from server.interventions.vectors import SteeringVector
 from server.profiles import load_profile
 from server.runtime import load_model
 from server.settings import ServerSettings
 from server.toxicity import ToxicityScorer, load_scorer, most_toxic_words
-
-from conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +123,7 @@ def test_tiny_calibration_writes_a_loadable_profile(tmp_path, loaded):
     add_arguments(parser)
     args = parser.parse_args(["--fit-prompts", "12", "--offensive-per-class", "0", "--sweep-prompts", "2",
                               "--sweep-samples", "1", "--ks", "2", "--alphas", "0", "--gate-quantiles", "0.9",
-                              "--ppl-tokens", "256", "--out", str(tmp_path / "out"),
+                              "--ppl-tokens", "256", "--steer-strengths", "0.5", "1", "--out", str(tmp_path / "out"),
                               "--variants-out", str(tmp_path / "variants"), "--data-dir", str(SHARED_DATA)])
     assert run(args) == 0
     path = tmp_path / "out" / "eigenshift-toxicity.safetensors"
@@ -128,4 +136,12 @@ def test_tiny_calibration_writes_a_loadable_profile(tmp_path, loaded):
     assert header["data"]["scorer"].startswith("alt-profanity-check")
     assert header["quality"]["sweep"][0]["scoring"] == "none"
     assert header["quality"]["chosen"]["k"] == 2
-    assert (tmp_path / "variants" / "vector-toxicity-dim.safetensors").exists()
+    assert (tmp_path / "variants" / "eigenshift-toxicity-paper.safetensors").exists()
+    # the steering vector ships beside the profile, with the strength its own sweep chose
+    vector_profile = load_profile(tmp_path / "out" / "vector-toxicity.safetensors")
+    vector_profile.check_model(loaded.fingerprint, loaded.name)
+    vector = SteeringVector.from_profile(vector_profile)
+    assert vector.name == "toxicity" and vector.layers == (15,)
+    steering = vector_profile.header["quality"]
+    assert [t["strength"] for t in steering["trials"]] == [-0.0, -0.5, -1.0]
+    assert vector_profile.header["parameters"]["strength"] == steering["chosen"]["strength"] in (-0.5, -1.0)

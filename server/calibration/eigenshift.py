@@ -24,6 +24,10 @@ Procedure (EigenShift, "Redefining Experts", 2025, with the fixes issue 5 asks f
 4. Sweep (scoring, mode, k, alpha) on the *sweep* part of the prompts (never the held-out part):
    toxicity rate of sampled continuations, and perplexity on WikiText-2 validation text. The
    default is the least toxic setting whose perplexity rises by at most `max_ppl_increase`.
+5. A difference-in-means steering vector at `steer_layer` (mean toxic residual minus the
+   position-matched non-toxic mean, from the same fit emissions), subtracted; its strength chosen
+   on the same sweep by the same rule. Written beside the profile as `vector-toxicity`: on our
+   default model it is what halves toxicity, where the head's components do not (RESULTS.md).
 
 Prompt split (fixed, no seed, so the benchmark reads the same one): line index % 5 == 0 is held
 out for benchmarks/eigenshift_eval.py, == 1 is the sweep part, the rest is the fit part.
@@ -38,7 +42,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -299,6 +303,7 @@ class ToxicityResult:
     fluency_ppl: float | None  # perplexity of the continuations under the unmodified model
     continuations: int
     prompts: int
+    flagged_per_prompt: list[int] = field(default_factory=list)  # flagged samples of each prompt, in order
 
     def as_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -311,7 +316,8 @@ def toxicity_of(generations: list[Generation], scorer: ToxicityScorer, samples: 
     logprobs = [lp for g in generations for lp in g.raw_logprobs]
     fluency = math.exp(-sum(logprobs) / len(logprobs)) if logprobs else None
     return ToxicityResult(sum(flagged) / len(flagged), sum(per_prompt) / len(per_prompt), fluency,
-                          len(generations), len(per_prompt))
+                          len(generations), len(per_prompt),
+                          [sum(flagged[i:i + samples]) for i in range(0, len(flagged), samples)])
 
 
 @torch.inference_mode()
@@ -468,13 +474,44 @@ def top_tokens(tokenizer, svd: HeadSVD, component: int, sign: float, n: int = 8)
 
 # ------------------------------------------------------------------------------- calibration
 
+def choose_steering_strength(model: LlamaDecoder, tokenizer, scorer: ToxicityScorer, vector: SteeringVector,
+                             base: RowEdit, prompts: list[list[int]], config: GenerationConfig,
+                             sequences: torch.Tensor, strengths: tuple[float, ...] | list[float],
+                             max_ppl_increase: float) -> dict:
+    """The strength for subtracting `vector` on top of `base` (plain, or other edits it stacks
+    with): each candidate's toxicity rate on `prompts` (sampled as `config`) and perplexity on
+    `sequences` [n, length]; the least toxic candidate whose perplexity is up by at most
+    `max_ppl_increase` over the plain model's, else the cheapest. Strength 0 (`base` alone) is
+    measured too, for reference. Returns the trials, the chosen one and the rule, as JSON."""
+    plain_ppl = perplexity_from_hidden(model, final_hidden(model, sequences), sequences)
+    trials = []
+    for s in (0.0, *strengths):
+        edit = replace(base, label=f"{base.label} + steer -{s}", vector=vector, strength=-s)
+        gens = generate(model, tokenizer, prompts, config, edit, desc=f"{base.label}: steering strength -{s}")
+        rate = toxicity_of(gens, scorer, config.samples).rate
+        ppl = perplexity_from_hidden(model, final_hidden(model, sequences, edit), sequences, edit)
+        trials.append({"strength": -s, "toxicity_rate": round(rate, 4), "ppl": round(ppl, 3),
+                       "ppl_change": round(ppl / plain_ppl - 1, 4)})
+        logger.info("steering trial (%s) %s", base.label, trials[-1])
+    allowed = [t for t in trials[1:] if t["ppl_change"] <= max_ppl_increase]
+    chosen = (min(allowed, key=lambda t: (t["toxicity_rate"], t["ppl"])) if allowed
+              else min(trials[1:], key=lambda t: t["ppl_change"]))
+    rule = (f"least toxic strength on {len(prompts)} toxic prompts x {config.samples} samples with perplexity "
+            f"({sequences.numel()} WikiText-2 validation tokens, {sequences.shape[1]}-token windows) up by at most "
+            f"{max_ppl_increase:.0%} over the plain model's; none within: the cheapest")
+    return {"with": base.label, "plain_ppl": round(plain_ppl, 3), "trials": trials, "chosen": chosen, "rule": rule}
+
+
 @dataclass
 class EigenShiftCalibrationConfig:
     max_new_tokens: int = 20
     fit_prompts: int | None = None  # per class, from the fit part (None: all of it)
     offensive_per_class: int = 400  # tweets per class for "matched-std-offensive" (0: skip it)
-    sweep_prompts: int = 80  # toxic prompts of the sweep part used to choose k and alpha
-    sweep_samples: int = 2
+    # toxic prompts of the sweep part that choose k and alpha (None: all 120), and samples of each:
+    # with 80 continuations a setting's rate carries +-4 points and the choice flipped with the
+    # thread count; 480 bring it to about +-1.6
+    sweep_prompts: int | None = None
+    sweep_samples: int = 4
     top_p: float = 0.95
     ks: tuple[int, ...] = (5, 20, 50)
     alphas: tuple[float, ...] = (0.0, 0.5)
@@ -482,7 +519,10 @@ class EigenShiftCalibrationConfig:
     ppl_tokens: int = 8192  # WikiText-2 validation tokens for the perplexity proxy
     ppl_length: int = 256
     max_ppl_increase: float = 0.10
-    steer_layer: int = 15  # residual layer recorded for the difference-in-means baseline
+    steer_layer: int = 15  # residual layer of the difference-in-means steering vector
+    # candidate strengths, in units of the difference in means (1 moves the mean toxic state onto
+    # the non-toxic mean); the vector is subtracted
+    steer_strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     scorer: str = "alt-profanity-check"
     batch_rows: int = 32
     seed: int = 0
@@ -704,13 +744,15 @@ def calibrate_eigenshift(model: LlamaDecoder, tokenizer, config: EigenShiftCalib
     # ----- difference-in-means steering direction at steer_layer, from the same emissions
     resid = position_matched(rtp["toxic_resid"], rtp["nontoxic_resid"])
     direction = resid.toxic.mean(0) - (resid.nontoxic_weight.unsqueeze(1) * resid.nontoxic).sum(0)  # [hidden]
-    vector = SteeringVector(f"{PROFILE_NAME}-dim", (config.steer_layer,), direction.unsqueeze(0))
+    vector = SteeringVector(PROFILE_NAME, (config.steer_layer,), direction.unsqueeze(0))
+    steering = choose_steering_strength(model, tokenizer, scorer, vector, RowEdit("steering"), sweep_ids, gen_config,
+                                        wiki, config.steer_strengths, config.max_ppl_increase)
 
     data["sweep"] = {**describe_split({"toxic": sweep_prompts}, "sweep"), "samples_per_prompt": config.sweep_samples,
                      "top_p": config.top_p, "temperature": 1.0, "max_new_tokens": config.max_new_tokens}
     data["perplexity"] = {"source": "wikitext2/wiki.valid.tokens", "tokens": int(wiki.numel()),
                           "sequence_length": config.ppl_length}
-    report = {"data": data, "steps": steps, "sweep": sweep_rows, "chosen": chosen, "rule": rule,
+    report = {"data": data, "steps": steps, "sweep": sweep_rows, "chosen": chosen, "rule": rule, "steering": steering,
               "seconds": round(time.monotonic() - started, 1),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}}
     return CalibrationResult(profiles, default, vector, report)
@@ -718,8 +760,8 @@ def calibrate_eigenshift(model: LlamaDecoder, tokenizer, config: EigenShiftCalib
 
 def write_profiles(result: CalibrationResult, out: Path, variants_out: Path | None, fingerprint: str,
                    model_name: str) -> list[Path]:
-    """The default profile into `out`; with variants_out, every scoring's ranked components (the
-    benchmark cuts them to k) and the steering vector."""
+    """The default profile and the steering vector (with its chosen strength) into `out`; with
+    variants_out, every scoring's ranked components (the benchmark cuts them to k)."""
     report = result.report
     chosen = report["chosen"]
     parameters = {"scoring": chosen["scoring"], "gate_quantile": chosen["gate_quantile"],
@@ -729,6 +771,12 @@ def write_profiles(result: CalibrationResult, out: Path, variants_out: Path | No
     written = [save_eigenshift_profile(out / f"eigenshift-{PROFILE_NAME}.safetensors", result.default,
                                        model_fingerprint=fingerprint, model_name=model_name, parameters=parameters,
                                        data=report["data"], quality=quality)]
+    steering = report["steering"]
+    written.append(save_vector_profile(
+        out / f"vector-{PROFILE_NAME}.safetensors", result.vector, model_fingerprint=fingerprint, model_name=model_name,
+        parameters={"kind": "difference in means, toxic minus position-matched non-toxic emissions; subtract it",
+                    "layer": result.vector.layers[0], "strength": steering["chosen"]["strength"]},
+        data=report["data"], quality=steering))
     if variants_out is not None:
         for scoring, profile in result.profiles.items():
             written.append(save_eigenshift_profile(
@@ -736,11 +784,6 @@ def write_profiles(result: CalibrationResult, out: Path, variants_out: Path | No
                 model_fingerprint=fingerprint, model_name=model_name,
                 parameters={"scoring": scoring, "ranked": True, "seed": report["config"]["seed"]},
                 data=report["data"], quality={"steps": report["steps"].get(scoring, {})}))
-        written.append(save_vector_profile(
-            variants_out / f"vector-{PROFILE_NAME}-dim.safetensors", result.vector, model_fingerprint=fingerprint,
-            model_name=model_name, parameters={"kind": "difference in means, toxic minus non-toxic emissions",
-                                               "layer": result.vector.layers[0]},
-            data=report["data"], quality={}))
     return written
 
 
@@ -756,8 +799,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prompts per class from the fit part (default: all of it, ~360 each).")
     parser.add_argument("--offensive-per-class", type=int, default=defaults.offensive_per_class,
                         help="Tweets per class for the 'more data' scoring (0: skip).")
-    parser.add_argument("--sweep-prompts", type=int, default=defaults.sweep_prompts)
-    parser.add_argument("--sweep-samples", type=int, default=defaults.sweep_samples)
+    parser.add_argument("--sweep-prompts", type=int, default=defaults.sweep_prompts,
+                        help="Toxic prompts from the sweep part that choose k and alpha (default: all of it, 120).")
+    parser.add_argument("--sweep-samples", type=int, default=defaults.sweep_samples,
+                        help="Sampled continuations per sweep prompt.")
     parser.add_argument("--ks", type=int, nargs="+", default=list(defaults.ks))
     parser.add_argument("--alphas", type=float, nargs="+", default=list(defaults.alphas))
     parser.add_argument("--gate-quantiles", type=float, nargs="+", default=list(defaults.gate_quantiles))
@@ -770,8 +815,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="Output directory. Default: <cache>/profiles/<model name>/.")
     parser.add_argument("--variants-out", type=Path, default=None,
-                        help="Also write every scoring's ranked components and the steering vector here "
-                             "(what benchmarks/eigenshift_eval.py reads).")
+                        help="Also write every scoring's ranked components here (what benchmarks/eigenshift_eval.py "
+                             "reads).")
+    parser.add_argument("--steer-strengths", type=float, nargs="+", default=list(defaults.steer_strengths),
+                        help="Candidate strengths of the steering vector (subtracted; 1 = the difference in means).")
     parser.add_argument("--report", type=Path, default=None, help="Write the calibration report (JSON) here.")
 
 
@@ -786,6 +833,7 @@ def run(args: argparse.Namespace) -> int:
         sweep_prompts=args.sweep_prompts, sweep_samples=args.sweep_samples, ks=tuple(args.ks),
         alphas=tuple(args.alphas), gate_quantiles=tuple(args.gate_quantiles), ppl_tokens=args.ppl_tokens,
         max_ppl_increase=args.max_ppl_increase, scorer=args.scorer, seed=args.seed,
+        steer_strengths=tuple(args.steer_strengths),
         **({"data_dir": args.data_dir} if args.data_dir else {}))
     missing = [p for p in (config.data_dir / "rtp", config.data_dir / "wikitext2") if not p.is_dir()]
     if config.offensive_per_class > 0 and not (config.data_dir / "offensive").is_dir():
@@ -809,4 +857,7 @@ def run(args: argparse.Namespace) -> int:
           f"sweep toxicity {chosen['toxicity_rate']:.3f} (baseline {result.report['sweep'][0]['toxicity_rate']:.3f}, "
           f"{result.report['data']['scorer']}), WikiText-2 validation perplexity {chosen['wikitext_valid_ppl']:.2f} "
           f"({chosen['ppl_change']:+.1%}) [{result.report['rule']}]")
+    steer = result.report["steering"]["chosen"]
+    print(f"steering vector '{PROFILE_NAME}': strength {steer['strength']}: sweep toxicity {steer['toxicity_rate']:.3f}, "
+          f"perplexity {steer['ppl_change']:+.1%}")
     return 0
