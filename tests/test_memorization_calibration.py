@@ -15,6 +15,7 @@ from server.calibration.memorization import (
     _batch_records,
     ablation_costs,
     add_arguments,
+    calibration_side_bar,
     calibration_side_pick,
     choose_neurons,
     choose_verified_neurons,
@@ -511,3 +512,12 @@ def test_calibration_side_pick_follows_the_documented_rule():
                          "calibration_records_after": {"exact_extraction": 0.0, "heldout_reference_ppl": 50.0}}
     assert calibration_side_pick([("x", nothing_extracted)]) is None
     assert calibration_side_pick([]) is None
+
+
+def test_calibration_side_bar_is_lower_with_more_calibration_records():
+    rows = [("0.6%", _quality(0.10, 50.5)),   # cut 87.5%, +1%
+            ("0.8%", _quality(0.07, 51.5))]   # cut 91.25%, +3%
+    assert calibration_side_bar(60) == 0.9 and calibration_side_bar(119) == 0.9
+    assert calibration_side_bar(120) == 0.85 and calibration_side_bar(500) == 0.85
+    assert calibration_side_pick(rows, min_cut=calibration_side_bar(60)).startswith("0.8%")
+    assert calibration_side_pick(rows, min_cut=calibration_side_bar(120)).startswith("0.6%")

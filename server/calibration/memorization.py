@@ -1039,12 +1039,22 @@ def run(args: argparse.Namespace) -> int:
                                          model_fingerprint=fingerprint, model_name=name, parameters=parameters,
                                          data=data, quality=quality)
         print(f"wrote {path}")
+    bar = calibration_side_bar(data["memorized_records"])
     pick = calibration_side_pick([(profile.name, quality) for profile, _, quality in results
-                                  if profile.granularity == "neuron"])
+                                  if profile.granularity == "neuron"], min_cut=bar)
     if pick is not None:
-        print(f"calibration-side pick: {pick} (docs/unmemorization.md: confirm it on records held out "
-              f"from calibration before relying on it)")
+        print(f"calibration-side pick: {pick} (bar {100 * bar:.0f}% for {data['memorized_records']} calibration "
+              f"records; docs/unmemorization.md: confirm it on records held out from calibration before relying on it)")
     return 0
+
+
+def calibration_side_bar(calibration_records: int) -> float:
+    """The calibration-side cut a profile must reach to be picked. The issue's target is an 80% cut
+    held out; the bar keeps a margin for how far the calibration-side cut misses the held-out one.
+    With 60 calibration records that was up to 12 points (bar 90%); with 120, 1-7 points, and the
+    85% bar, tested on two leaky models built after it was set, met the target on both where 90%
+    missed on one (RESULTS.md, issue 6, thirteenth and fourteenth sessions)."""
+    return 0.85 if calibration_records >= 120 else 0.9
 
 
 def calibration_side_pick(rows: list[tuple[str, dict]], min_cut: float = 0.9) -> str | None:
