@@ -56,6 +56,8 @@ def conditions(loaded) -> tuple[dict[str, list | None], dict[str, str]]:
         reg.add_eigenshift(random_eigenshift(model, k=32, name=eig))
         sources["eigenshift"] = "random components, k 32"
     reg.add_vector(SteeringVector("bench-vector", (15,), torch.randn(1, hidden)))
+    toxicity_vector = "toxicity" if "toxicity" in reg.vectors else "bench-vector"
+    sources["eigenshift+vector"] = f"the EigenShift profile above and vector {toxicity_vector!r} at strength -0.75"
     reg.add_memorization(random_memorization(model, "neuron", fraction=0.01, name="bench-neuron"))
     reg.add_memorization(random_memorization(model, "weight", fraction=0.01, name="bench-weight"))
     sources["unmemorize"] = "random masks: 1% of neurons per layer / 1% of down_proj weights"
@@ -67,8 +69,7 @@ def conditions(loaded) -> tuple[dict[str, list | None], dict[str, str]]:
         "eigenshift": [{"type": "eigenshift", "profile": eig, "alpha": 0.0}],
         # the toxicity stack RESULTS.md measures: the EigenShift profile and the toxicity vector in one request
         "eigenshift+vector": [{"type": "eigenshift", "profile": eig, "alpha": 0.0},
-                              {"type": "steer", "vector": "toxicity" if "toxicity" in reg.vectors else "bench-vector",
-                               "strength": -0.75}],
+                              {"type": "steer", "vector": toxicity_vector, "strength": -0.75}],
         "unmemorize-neuron": [{"type": "unmemorize", "profile": "bench-neuron"}],
         "unmemorize-weight": [{"type": "unmemorize", "profile": "bench-weight"}],
     }
