@@ -504,14 +504,14 @@ def test_calibration_side_pick_follows_the_documented_rule():
             ("middle", _quality(0.06, 51.0)),  # cut 92.5%, +2%
             ("large", _quality(0.00, 52.0))]   # cut 100%, +4%
     # the lowest validation perplexity among those cutting >= 90%, not the largest cut
-    assert calibration_side_pick(rows).startswith("middle (cut -92%, validation perplexity +2.0%")
+    assert calibration_side_pick(rows, min_cut=0.9).startswith("middle (cut -92%, validation perplexity +2.0%")
     assert calibration_side_pick(rows, min_cut=0.95).startswith("large (cut -100%")
     # none reaches the bar: the largest cut, and it says so
-    assert calibration_side_pick(rows[:1]) == "small (cut -50%, validation perplexity +1.0%; none reached a 90% cut)"
+    assert calibration_side_pick(rows[:1], min_cut=0.9) == "small (cut -50%, validation perplexity +1.0%; none reached a 90% cut)"
     nothing_extracted = {"calibration_records_before": {"exact_extraction": 0.0, "heldout_reference_ppl": 50.0},
                          "calibration_records_after": {"exact_extraction": 0.0, "heldout_reference_ppl": 50.0}}
-    assert calibration_side_pick([("x", nothing_extracted)]) is None
-    assert calibration_side_pick([]) is None
+    assert calibration_side_pick([("x", nothing_extracted)], min_cut=0.9) is None
+    assert calibration_side_pick([], min_cut=0.9) is None
 
 
 def test_calibration_side_bar_is_lower_with_more_calibration_records():

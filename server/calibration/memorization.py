@@ -1058,7 +1058,7 @@ def calibration_side_bar(calibration_records: int) -> float:
     return 0.85 if calibration_records >= 120 else 0.9
 
 
-def calibration_side_pick(rows: list[tuple[str, dict]], min_cut: float = 0.9) -> str | None:
+def calibration_side_pick(rows: list[tuple[str, dict]], min_cut: float) -> str | None:
     """The rule docs/unmemorization.md recommends, on calibration-side figures only: among profiles
     whose cut of the calibration records' exact extraction is at least `min_cut`, the one with the
     lowest held-out validation perplexity; if none reaches it, the largest cut. rows: (name, quality
