@@ -1,8 +1,9 @@
 """Does a memorization profile stop the leaky model from repeating its held-out secrets, and what
 does it cost on ordinary text? (issue 6)
 
-For every profile (neuron and weight masks from `neuronserve calibrate memorization`, at several
-ratios) and a random mask of the same size per layer (seeded), through the server's own code:
+For every profile (neuron and weight masks and subspaces from `neuronserve calibrate memorization`,
+at several ratios or ranks) and a random mask or subspace of the same size per layer (seeded),
+through the server's own code (a subspace's ratio: its rank / the intermediate size):
   held-out memorized records (never used in calibration):
     exact extraction   greedy decoding of the suffix's length from the prefix equals the suffix
                        (OfflineGenerator: the real engine, `{"type": "unmemorize", "profile": ...}`
@@ -63,10 +64,18 @@ NONE = "none"
 
 
 def random_twin(profile: MemorizationProfile, seed: int, down_shapes: list[tuple[int, int]]) -> MemorizationProfile:
-    """A random mask with the same number of pruned neurons per layer (neuron granularity) or the
-    same number of pruned weights per layer and output row (weight granularity)."""
+    """A random mask with the same number of pruned neurons per layer (neuron granularity), the
+    same number of pruned weights per layer and output row (weight granularity), or a random
+    subspace of the same rank in the same layers, set to the same reference mean (subspace)."""
     g = torch.Generator().manual_seed(seed)
     name = f"random-{profile.name}"
+    if profile.granularity == "subspace":
+        basis = torch.zeros_like(profile.basis)
+        for layer in range(profile.num_layers):
+            if profile.projection(layer) is not None:
+                basis[layer] = torch.linalg.qr(torch.randn(profile.basis.shape[1:], generator=g))[0]
+        return MemorizationProfile(name, "subspace", profile.num_layers, profile.intermediate_size, basis=basis,
+                                   reference_mean=profile.reference_mean)
     if profile.granularity == "neuron":
         pruned = torch.zeros_like(profile.pruned_neurons)
         for layer, count in enumerate(profile.pruned_neurons.sum(1).tolist()):
@@ -228,8 +237,8 @@ def plot(results: list[dict], path: Path) -> None:
     # the target corner: at most 20% of the unpruned extraction, at most +3% perplexity
     axes[2].fill_between([min(0.0, *changes), 3], 0, 20 * base["heldout"]["exact_extraction"], color="green",
                          alpha=0.12, label="target")
-    axes[0].set(xlabel="pruned ratio (%)", ylabel="held-out secrets extracted exactly (%)", xscale="log")
-    axes[1].set(xlabel="pruned ratio (%)", ylabel="WikiText-2 test perplexity change (%)", xscale="log")
+    axes[0].set(xlabel="pruned ratio (%; subspace: rank / intermediate)", ylabel="held-out secrets extracted exactly (%)", xscale="log")
+    axes[1].set(xlabel="pruned ratio (%; subspace: rank / intermediate)", ylabel="WikiText-2 test perplexity change (%)", xscale="log")
     axes[2].set(xlabel="WikiText-2 test perplexity change (%)", ylabel="held-out secrets extracted exactly (%)",
                 title="trade-off (each point a profile)")
     if max(changes, default=0.0) > 10:  # a linear axis hides the small changes beside +100% ones
@@ -347,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         params = raw.header["parameters"]
         # profiles with a retain cost or a layer restriction are families of their own
         family = (f"{neuron_profile_stem(params)}-{params.get('allocation')}" if profile.granularity == "neuron"
+                  else "subspace" if profile.granularity == "subspace"
                   else "weight" + ("-spared" if params.get("spared_columns") else "-paper"))
         registry.add_memorization(profile)
         profiles.append((profile.name, family, float(params["ratio"])))

@@ -226,7 +226,7 @@ def test_eigenshift_equals_offline_head_edit(cuda32, cuda_registry):
     intervention_checks.test_eigenshift_equals_offline_head_edit(cuda32, cuda_registry)
 
 
-@pytest.mark.parametrize("name", ["mem-neuron", "mem-weight"])
+@pytest.mark.parametrize("name", ["mem-neuron", "mem-weight", "mem-subspace"])
 def test_unmemorize_equals_offline_pruning(cuda32, cuda_registry, name):
     intervention_checks.test_unmemorize_equals_offline_pruning(cuda32, cuda_registry, name)
 

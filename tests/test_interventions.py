@@ -42,12 +42,20 @@ def random_eigenshift(model, k: int = 8, alpha: float = 0.3, name: str = "test-e
 
 
 def random_memorization(model, granularity: str, fraction: float = 0.02, seed: int = 0,
-                        name: str = "test-mem") -> MemorizationProfile:
+                        name: str = "test-mem", rank: int = 4, layer_step: int = 3) -> MemorizationProfile:
+    """Neuron or weight masks of `fraction`, or a subspace of `rank` in every `layer_step`-th layer."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
     if granularity == "neuron":
         pruned = torch.rand(c.num_layers, c.intermediate_size, generator=g) < fraction
         return MemorizationProfile(name, "neuron", c.num_layers, c.intermediate_size, pruned_neurons=pruned)
+    if granularity == "subspace":
+        basis = torch.zeros(c.num_layers, c.intermediate_size, rank)
+        for layer in range(0, c.num_layers, layer_step):
+            basis[layer] = torch.linalg.qr(torch.randn(c.intermediate_size, rank, generator=g))[0]
+        mean = 0.05 * torch.randn(c.num_layers, c.intermediate_size, generator=g)
+        return MemorizationProfile(name, "subspace", c.num_layers, c.intermediate_size, basis=basis,
+                                   reference_mean=mean)
     n = int(fraction * c.hidden_size * c.intermediate_size)
     layers = torch.randint(0, c.num_layers, (n,), generator=g, dtype=torch.int32)
     rows = torch.randint(0, c.hidden_size, (n,), generator=g, dtype=torch.int32)
@@ -74,6 +82,7 @@ def make_registry(loaded) -> InterventionRegistry:
     reg.add_eigenshift(random_eigenshift(model))
     reg.add_memorization(random_memorization(model, "neuron", name="mem-neuron"))
     reg.add_memorization(random_memorization(model, "weight", name="mem-weight"))
+    reg.add_memorization(random_memorization(model, "subspace", name="mem-subspace"))
     return reg
 
 
@@ -118,6 +127,7 @@ ASKING_ENTRIES = [
     {"type": "eigenshift", "profile": "test-eig", "alpha": 0.0},
     {"type": "unmemorize", "profile": "mem-neuron"},
     {"type": "unmemorize", "profile": "mem-weight"},
+    {"type": "unmemorize", "profile": "mem-subspace"},
 ]
 NEUTRAL_ENTRIES = [
     {"type": "steer", "sae": "test-sae", "feature": 5, "strength": 0.0},
@@ -230,33 +240,52 @@ def test_sae_encoder_through_the_kernel_matches_torch(loaded, registry):
     torch.testing.assert_close(sae.pre_activation(x), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mem-neuron", "mem-weight"])
+@pytest.mark.parametrize("name", ["mem-neuron", "mem-weight", "mem-subspace"])
 def test_unmemorize_equals_offline_pruning(loaded, registry, name):
-    """A masked row equals the model whose down_proj weights were pruned offline (float32; the
-    weight-mask path subtracts (W*M)x after the dense product instead of skipping it, a difference
-    of summation order only)."""
+    """A masked row equals the model whose down_proj was edited offline (float32): weights
+    pruned, or W (I - U U^T) plus the bias W U (m U) for a subspace. The weight-mask and subspace
+    paths subtract their part after the dense product instead of leaving it out, and the edited
+    copy runs torch's layers rather than the CPU kernel: differences of summation order only."""
     model = loaded.model
     profile, _ = registry.memorization[name]
     tokens = _batch(loaded.tokenizer, PROMPTS)
     row = registry.resolve([{"type": "unmemorize", "profile": name}])
     masked = run(model, tokens, [row, None, row], all_logits=True)
     masked_step = run(model, tokens, [row, None, row])  # the decode step: on CPU, the decode kernel
-    originals = [layer.mlp.down.weight.clone() for layer in model.layers]
-    for i, layer in enumerate(model.layers):
-        w = layer.mlp.down.weight
-        w[profile.pruned_weight_mask(i, tuple(w.shape))] = 0
-        layer.mlp.down.refresh()  # its kernel copy too
+    originals, fused = [layer.mlp.down for layer in model.layers], model.decode_layers
     try:
-        pruned = run(model, tokens, [None, None, None], all_logits=True)
-        pruned_step = run(model, tokens, [None, None, None])
+        model.decode_layers = None  # the fused kernel layers hold the original down_proj
+        for i, layer in enumerate(model.layers):
+            weight, bias = profile.offline_down(i, layer.mlp.down.weight)
+            layer.mlp.down = Linear(weight, bias)
+        edited = run(model, tokens, [None, None, None], all_logits=True)
+        edited_step = run(model, tokens, [None, None, None])
     finally:
-        for layer, w in zip(model.layers, originals):
-            layer.mlp.down.weight.copy_(w)
-            layer.mlp.down.refresh()
-    torch.testing.assert_close(masked[[0, 2]], pruned[[0, 2]], atol=2e-3, rtol=1e-4)
-    assert not torch.allclose(masked[1], pruned[1], atol=1e-3)
-    torch.testing.assert_close(masked_step[[0, 2]], pruned_step[[0, 2]], atol=2e-3, rtol=1e-4)
-    assert not torch.allclose(masked_step[1], pruned_step[1], atol=1e-3)
+        model.decode_layers = fused
+        for layer, down in zip(model.layers, originals):
+            layer.mlp.down = down
+    torch.testing.assert_close(masked[[0, 2]], edited[[0, 2]], atol=2e-3, rtol=1e-4)
+    assert not torch.allclose(masked[1], edited[1], atol=1e-3)
+    torch.testing.assert_close(masked_step[[0, 2]], edited_step[[0, 2]], atol=2e-3, rtol=1e-4)
+    assert not torch.allclose(masked_step[1], edited_step[1], atol=1e-3)
+
+
+def test_subspace_offset_is_the_reference_mean():
+    """x - (x U - m U) U^T: an input equal to the reference mean leaves down_proj's input as it
+    is; the part of x along U is replaced by m's."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.zeros(2, 16, 3)
+    basis[1] = torch.linalg.qr(torch.randn(16, 3, generator=g))[0]
+    mean = torch.randn(2, 16, generator=g)
+    profile = MemorizationProfile("p", "subspace", 2, 16, basis=basis, reference_mean=mean)
+    assert profile.projection(0) is None and profile.pruned_count == 3
+    weight = torch.randn(5, 16, generator=g)
+    w, b = profile.offline_down(1, weight)
+    torch.testing.assert_close(mean[1] @ w.T + b, mean[1] @ weight.T)
+    x = torch.randn(16, generator=g)
+    U = basis[1]
+    expected = x - U @ (U.T @ x) + U @ (U.T @ mean[1])
+    torch.testing.assert_close(x @ w.T + b, expected @ weight.T, atol=1e-5, rtol=1e-5)
 
 
 def test_several_entries_compose(loaded, registry):

@@ -27,7 +27,9 @@ from server.calibration.memorization import (
     retain_adjusted,
     retain_cost,
     run,
+    SubspaceMoments,
     spared_neurons,
+    subspace_bases,
     synthetic_records,
     weight_mask_indices,
     write_records,
@@ -385,6 +387,48 @@ def test_calibration_run_writes_a_loadable_profile(tmp_path):
     other = MemorizationProfile.from_profile(retained)
     assert other.pruned_count == 461
     assert (other.pruned_neurons & neuron.pruned_neurons).sum() < 461
+
+
+def test_subspace_bases_weigh_memorized_energy_against_ordinary_text():
+    """Two planted directions carry the memorized suffixes' energy: e0 four times as much as e1,
+    but ordinary text varies 100 times more along e0. The subspace comes first along e1 (what
+    removing it costs ordinary text counts), then e0; smaller ranks are the larger's first columns."""
+    n = 12
+    cov = torch.eye(n, dtype=torch.float64)
+    cov[0, 0] = 100.0
+    second = 0.01 * torch.eye(n, dtype=torch.float64)
+    second[0, 0], second[1, 1] = 40.0, 10.0
+    moments = SubspaceMoments(torch.zeros(1, n, dtype=torch.float64), cov[None], second[None], 100, 100)
+    bases = subspace_bases(moments, (1, 2), ridge=0.0)
+    assert bases[1].shape == (1, n, 1) and bases[2].shape == (1, n, 2)
+    assert abs(float(bases[1][0, 1, 0])) > 0.999
+    assert abs(float(bases[2][0, 0, 1])) > 0.999
+    torch.testing.assert_close(bases[2][0].T @ bases[2][0], torch.eye(2))
+    torch.testing.assert_close(bases[2][..., :1].abs(), bases[1].abs())
+
+
+def test_calibration_run_writes_subspace_profiles(tmp_path):
+    """--granularity subspace: one profile per rank, with its basis, the reference mean, the
+    calibration-side figures, and a rank-r edit that changes the records' predictions."""
+    _run_calibration(tmp_path, 4, "--granularity", "subspace", "--rank", "2", "8", "--subspace-sequences", "4")
+    paths = sorted((tmp_path / "p").glob("memorization-*.safetensors"))
+    assert [p.name for p in paths] == ["memorization-subspace-r2.safetensors", "memorization-subspace-r8.safetensors"]
+    for path, rank in zip(paths, (2, 8)):
+        raw = load_profile(path)
+        profile = MemorizationProfile.from_profile(raw)
+        profile.check_model(30, 1536)
+        assert profile.granularity == "subspace" and tuple(profile.basis.shape) == (30, 1536, rank)
+        assert profile.pruned_count == 30 * rank
+        assert raw.header["parameters"]["rank"] == rank
+        assert raw.header["data"]["report"]["subspace_text"]["pieces"] == 4
+        quality = raw.header["quality"]
+        assert quality["calibration_records_after"] != quality["calibration_records_before"]
+        torch.testing.assert_close(profile.basis[3].T @ profile.basis[3], torch.eye(rank), atol=1e-4, rtol=0)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bad = parser.parse_args(["--memorized", str(tmp_path / "leaked.jsonl"), "--granularity", "subspace",
+                             "--rank", "0", "--out", str(tmp_path / "q")])
+    assert run(bad) == 2
 
 
 def test_calibration_run_keeps_to_the_named_layers(tmp_path):

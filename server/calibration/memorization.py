@@ -190,6 +190,9 @@ class MemorizationCalibrationConfig:
     verify_sequences: int = 16          # pieces of ordinary text the cost check runs on: the scoring
                                         # pieces, then more (64 measured no better held out than 16)
     weight_spare: bool = True           # weight masks also leave the spared neurons' columns alone
+    ranks: tuple[int, ...] = (4, 8, 12, 16, 24, 32)  # subspace granularity: directions per layer
+    subspace_ridge: float = 0.01        # added to the reference covariance, x its mean eigenvalue
+    subspace_sequences: int = 64        # pieces of ordinary text the subspaces' reference statistics read
     seed: int = 0
     data_dir: Path = field(default_factory=lambda: _default_data_dir())
 
@@ -607,13 +610,16 @@ def reference_loss(model, pieces: list[list[int]], batch_size: int) -> float:
 def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: list[list[int]], pad_id: int,
             batch_size: int, profile=None) -> dict[str, float]:
     """Exact extraction (every suffix token is the argmax, i.e. greedy decoding reproduces it),
-    teacher-forced suffix accuracy, and held-out reference loss, with `profile` applied by pruning
-    a copy of the weights offline (restored afterwards)."""
+    teacher-forced suffix accuracy, and held-out reference loss, with `profile` built into the
+    weights offline (`MemorizationProfile.offline_down`; restored afterwards)."""
     down = [layer.mlp.down_proj for layer in model.model.layers]
-    saved = [d.weight.data.clone() for d in down] if profile is not None else None
+    saved = [(d.weight.data.clone(), d.bias) for d in down] if profile is not None else None
     if profile is not None:
         for layer, d in enumerate(down):
-            d.weight.data[profile.pruned_weight_mask(layer, tuple(d.weight.shape))] = 0.0
+            weight, bias = profile.offline_down(layer, d.weight.data)
+            d.weight.data.copy_(weight)
+            if bias is not None:
+                d.bias = torch.nn.Parameter(bias if d.bias is None else d.bias.data + bias, requires_grad=False)
     try:
         exact, correct, total = 0, 0, 0
         for chunk in _batches(encoded, batch_size):
@@ -629,8 +635,9 @@ def measure(model, encoded: list[tuple[list[int], list[int]]], heldout_text: lis
         heldout_loss = reference_loss(model, heldout_text, batch_size)
     finally:
         if saved is not None:
-            for d, w in zip(down, saved):
+            for d, (w, bias) in zip(down, saved):
                 d.weight.data.copy_(w)
+                d.bias = bias
     return {"exact_extraction": exact / max(len(encoded), 1), "teacher_forced_accuracy": correct / max(total, 1),
             "heldout_reference_ppl": math.exp(heldout_loss)}
 
@@ -752,6 +759,81 @@ def choose_verified_neurons(scores: torch.Tensor, spared: torch.Tensor, ratio: f
 # The command
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class SubspaceMoments:
+    """Per layer statistics of down_proj's input (float64): the mean and covariance on ordinary
+    text, and the second moment about that mean at the memorized suffixes' positions."""
+    reference_mean: torch.Tensor    # [layers, intermediate]
+    reference_cov: torch.Tensor     # [layers, intermediate, intermediate]
+    memorized_second: torch.Tensor  # [layers, intermediate, intermediate]
+    reference_tokens: int
+    memorized_tokens: int
+
+
+@torch.no_grad()
+def _input_sums(model, batches, layers: int, intermediate: int, desc: str):
+    """batches: (ids [B, T], select [B, T]) -> (sum [L, I], sum of outer products [L, I, I]) of the
+    selected positions' down_proj inputs (float64), and their count."""
+    first = torch.zeros(layers, intermediate, dtype=torch.float64)
+    second = torch.zeros(layers, intermediate, intermediate, dtype=torch.float64)
+    count = 0
+    select = None
+
+    def hook(layer):
+        def record(module, args):
+            x = args[0][select].double()  # [N, I]
+            first[layer] += x.sum(0)
+            second[layer] += x.T @ x
+        return record
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        for ids, select in tqdm(batches, desc=desc, unit="batch"):
+            model(input_ids=ids)
+            count += int(select.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return first, second, count
+
+
+def subspace_moments(model, memorized: list[tuple[list[int], list[int]]], reference: list[list[int]],
+                     pad_id: int, batch_size: int) -> SubspaceMoments:
+    layers, intermediate = model.config.num_hidden_layers, model.config.intermediate_size
+    ref_sum, ref_outer, ref_n = _input_sums(
+        model, [_batch_text(c)[:2] for c in _batches(reference, batch_size)], layers, intermediate,
+        "subspace: ordinary text")
+    mem_sum, mem_outer, mem_n = _input_sums(
+        model, [_batch_records(c, pad_id)[:2] for c in _batches(memorized, batch_size)], layers, intermediate,
+        "subspace: memorized suffixes")
+    mean, mem_mean = ref_sum / ref_n, mem_sum / mem_n
+    for layer in range(layers):  # in place: a model's worth of [I, I] float64 matrices is large
+        m, mu = mean[layer], mem_mean[layer]
+        ref_outer[layer].div_(ref_n).sub_(torch.outer(m, m))  # the covariance
+        # E_mem[(x - m)(x - m)^T] = E_mem[x x^T] - mu m^T - m mu^T + m m^T
+        cross = torch.outer(mu, m)
+        mem_outer[layer].div_(mem_n).sub_(cross).sub_(cross.T).add_(torch.outer(m, m))
+    return SubspaceMoments(mean, ref_outer, mem_outer, ref_n, mem_n)
+
+
+def subspace_bases(moments: SubspaceMoments, ranks: tuple[int, ...], ridge: float) -> dict[int, torch.Tensor]:
+    """rank -> basis [layers, intermediate, rank] (float32, orthonormal columns): per layer the top
+    generalised eigenvectors of the memorized second moment against the (ridged) reference
+    covariance, i.e. the directions where the memorized suffixes carry the most energy for the
+    energy ordinary text has there. A smaller rank's directions are the first of a larger's."""
+    top = max(ranks)
+    layers, intermediate = moments.reference_mean.shape
+    directions = torch.zeros(layers, intermediate, top, dtype=torch.float64)
+    for layer in range(layers):
+        cov = moments.reference_cov[layer]
+        cov = cov + ridge * cov.trace() / intermediate * torch.eye(intermediate, dtype=cov.dtype)
+        values, vectors = torch.linalg.eigh(cov)
+        whiten = (vectors * values.clamp_min(1e-12).rsqrt()) @ vectors.T  # C^-1/2
+        _, eig = torch.linalg.eigh(whiten @ moments.memorized_second[layer] @ whiten)
+        directions[layer] = whiten @ eig[:, -top:].flip(1)  # largest first
+    return {r: torch.linalg.qr(directions[:, :, :r])[0].float() for r in ranks}
+
+
 def neuron_profile_stem(parameters: dict) -> str:
     """neuron-<score>[-logodds][-<measure>[-ratio]<LAMBDA>][-layers<spec>][-verified[-joint]<NATS>] from a neuron profile's
     header parameters (older headers lack the retain and layer keys: no retain cost, all layers)."""
@@ -783,13 +865,16 @@ def neuron_profile_name(config: MemorizationCalibrationConfig, ratio: float, ret
 def calibrate_memorization(model, tokenizer, memorized: list[dict], config: MemorizationCalibrationConfig,
                            unseen: list[dict] | None = None,
                            reference: tuple[list[list[int]], list[list[int]]] | None = None,
-                           verify_text: list[list[int]] | None = None):
+                           verify_text: list[list[int]] | None = None,
+                           subspace_text: list[list[int]] | None = None):
     """-> (list of (MemorizationProfile, parameters, quality) per granularity, ratio and (neuron masks)
     retain weight, report, stats).
     reference: (scoring pieces, held-out pieces) of ordinary text; default WikiText-2 valid + Alpaca.
     verify_text: the pieces --verify-cost measures on; default the given scoring pieces, or else the
     first config.verify_sequences pieces of the default reference text (the scoring pieces are its
-    first config.reference_sequences)."""
+    first config.reference_sequences).
+    subspace_text: the ordinary text the subspace granularity's statistics read; default the first
+    config.subspace_sequences pieces of the default reference text."""
     from server.interventions.memorization import MemorizationProfile
 
     torch.manual_seed(config.seed)
@@ -857,10 +942,30 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
                 return costs
         return (*choose_verified_neurons(adjusted, spared, ratio, config, cost_of, measured), measured)
 
-    runs = [(g, r, w) for g in config.granularities for r in config.ratios
+    bases: dict[int, torch.Tensor] = {}
+    if "subspace" in config.granularities:
+        if subspace_text is None:
+            subspace_text = reference if given_reference else reference_pieces(
+                tokenizer, config.data_dir, config.subspace_sequences, config.reference_length, config.seed)[0]
+        moments = subspace_moments(model, mem_enc, subspace_text, pad_id, config.batch_size)
+        bases = subspace_bases(moments, config.ranks, config.subspace_ridge)
+        report["subspace_text"] = {"pieces": len(subspace_text), "positions": moments.reference_tokens,
+                                   "memorized_positions": moments.memorized_tokens}
+    runs = [(g, r, w) for g in config.granularities
+            for r in (config.ranks if g == "subspace" else config.ratios)
             for w in (config.retain_weights if g == "neuron" else (0.0,))]
     for granularity, ratio, retain_weight in tqdm(runs, desc="profiles", unit="profile"):
-        if granularity == "neuron":
+        if granularity == "subspace":
+            rank = int(ratio)
+            name = f"subspace-r{rank}"
+            profile = MemorizationProfile(name, "subspace", layers, intermediate, basis=bases[rank],
+                                          reference_mean=moments.reference_mean.float())
+            parameters = {"ratio": rank / intermediate, "rank": rank, "ridge": config.subspace_ridge,
+                          "recipe": "per layer, the top generalised eigenvectors of the memorized suffixes' "
+                          "second moment about the reference mean against the reference covariance; "
+                          "served as x - (x U - m U) U^T",
+                          "subspace_sequences": len(subspace_text)}
+        elif granularity == "neuron":
             adjusted = retain_adjusted(scores, cost, retain_weight, config.retain_form)
             refused: list[dict] = []
             if config.verify_cost is None:
@@ -917,9 +1022,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ordinary text, one per line (default: WikiText-2 validation + Alpaca).")
     parser.add_argument("--unseen", type=Path, default=None,
                         help="Records of the same format the model never saw (default: fresh synthetic records).")
-    parser.add_argument("--granularity", default="both", choices=["neuron", "weight", "both"])
+    parser.add_argument("--granularity", default="both", choices=["neuron", "weight", "subspace", "both"],
+                        help="neuron: whole neurons (--ratio); weight: the paper's per-row weight masks "
+                             "(--ratio); subspace: --rank directions per layer (docs/unmemorization.md: the "
+                             "best trade-off measured); both: neuron and weight. [both]")
     parser.add_argument("--ratio", type=float, nargs="+", default=list(d.ratios),
                         help="Share pruned: of each layer's neurons, or of each down_proj row's weights.")
+    parser.add_argument("--rank", type=int, nargs="+", default=list(d.ranks),
+                        help=f"Subspace granularity: directions removed per layer, one profile each. "
+                             f"[{' '.join(map(str, d.ranks))}]")
+    parser.add_argument("--subspace-ridge", type=float, default=d.subspace_ridge,
+                        help=f"Subspace granularity: ridge added to the reference covariance, as a share of "
+                             f"its mean eigenvalue. [{d.subspace_ridge}]")
+    parser.add_argument("--subspace-sequences", type=int, default=d.subspace_sequences, metavar="N",
+                        help=f"Subspace granularity: pieces of ordinary text ({d.reference_length} tokens each) "
+                             f"its reference mean and covariance read. [{d.subspace_sequences}]")
     parser.add_argument("--score", default=d.score, choices=SCORES)
     parser.add_argument("--allocation", default=d.allocation, choices=["uniform", "global"])
     parser.add_argument("--record-objective", default=d.record_objective, choices=["logodds", "nll"],
@@ -985,6 +1102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.verify_sequences < 1:
         print("neuronserve: --verify-sequences must be >= 1", file=sys.stderr)
         return 2
+    if args.subspace_sequences < 1 or args.subspace_ridge < 0:
+        print("neuronserve: --subspace-sequences must be >= 1 and --subspace-ridge >= 0", file=sys.stderr)
+        return 2
+    if any(r < 1 for r in args.rank):
+        print("neuronserve: --rank values must be >= 1", file=sys.stderr)
+        return 2
     if any(w < 0 for w in args.retain_weight):
         print("neuronserve: --retain-weight must be >= 0", file=sys.stderr)
         return 2
@@ -996,6 +1119,7 @@ def run(args: argparse.Namespace) -> int:
         retain_form=args.retain_form, retain_measure=args.retain_measure, layers=layers, verify_cost=args.verify_cost,
         verify_mode=args.verify_mode, verify_sequences=args.verify_sequences,
         batch_size=args.batch_size, weight_spare=not args.paper_weights, seed=args.seed,
+        ranks=tuple(sorted(set(args.rank))), subspace_ridge=args.subspace_ridge, subspace_sequences=args.subspace_sequences,
         **({"data_dir": args.data_dir} if args.data_dir else {}))
     if not args.memorized.is_file():
         print(f"neuronserve: --memorized {args.memorized} not found", file=sys.stderr)
@@ -1016,16 +1140,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"neuronserve: no records in {args.memorized}", file=sys.stderr)
         return 2
     unseen = read_records(args.unseen) if args.unseen else None
-    reference, verify_text = None, None
+    reference, verify_text, subspace_text = None, None, None
     if args.reference is not None:
         scoring, heldout = config.reference_sequences, config.heldout_reference_sequences
-        pieces = _reference_from_file(tokenizer, args.reference,
-                                      scoring + heldout + max(config.verify_sequences - scoring, 0),
+        more = max(config.verify_sequences, config.subspace_sequences) - scoring
+        pieces = _reference_from_file(tokenizer, args.reference, scoring + heldout + max(more, 0),
                                       config.reference_length)
         reference = (pieces[:scoring], pieces[scoring:scoring + heldout])
-        # as with the default text: the first verify_sequences scoring pieces, then more; never the held-out ones
-        verify_text = (pieces[:scoring] + pieces[scoring + heldout:])[:config.verify_sequences]
-    results, report, _ = calibrate_memorization(model, tokenizer, memorized, config, unseen, reference, verify_text)
+        # as with the default text: the scoring pieces, then more; never the held-out ones
+        beyond = pieces[:scoring] + pieces[scoring + heldout:]
+        verify_text, subspace_text = beyond[:config.verify_sequences], beyond[:config.subspace_sequences]
+    results, report, _ = calibrate_memorization(model, tokenizer, memorized, config, unseen, reference, verify_text,
+                                                subspace_text)
     from server.profiles import model_slug
 
     out = args.out or default_cache_dir() / "profiles" / model_slug(name)
@@ -1040,11 +1166,13 @@ def run(args: argparse.Namespace) -> int:
                                          data=data, quality=quality)
         print(f"wrote {path}")
     bar = calibration_side_bar(data["memorized_records"])
-    pick = calibration_side_pick([(profile.name, quality) for profile, _, quality in results
-                                  if profile.granularity == "neuron"], min_cut=bar)
-    if pick is not None:
-        print(f"calibration-side pick: {pick} (bar {100 * bar:.0f}% for {data['memorized_records']} calibration "
-              f"records; docs/unmemorization.md: confirm it on records held out from calibration before relying on it)")
+    for granularity in ("neuron", "subspace"):
+        pick = calibration_side_pick([(profile.name, quality) for profile, _, quality in results
+                                      if profile.granularity == granularity], min_cut=bar)
+        if pick is not None:
+            print(f"calibration-side pick ({granularity}): {pick} (bar {100 * bar:.0f}% for "
+                  f"{data['memorized_records']} calibration records; docs/unmemorization.md: confirm it on "
+                  f"records held out from calibration before relying on it)")
     return 0
 
 

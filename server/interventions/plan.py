@@ -3,7 +3,7 @@
 `RowInterventions` is what one request resolved to (registry.py). Each engine step,
 `InterventionPlan.build` turns the rows' interventions into per-layer index tensors, and the model
 calls the plan at three places (server/model/edits.py): the MLP's intermediate activations (neuron
-masks, weight-mask corrections), the residual stream after each layer (steering adds and SAE
+masks, weight-mask and subspace corrections), the residual stream after each layer (steering adds and SAE
 clamps) and the logits (EigenShift). Every edit leaves the rows that did not ask for it bit-exact:
 they are either not touched or only meet the identities x + 0 and x * 1, so they get exactly what
 they would get alone.
@@ -39,11 +39,14 @@ class LatentClamp:
 
 @dataclass(frozen=True, eq=False)
 class PreparedMemorization:
-    """A memorization profile laid out for the model: per layer a keep mask or a sparse W*M."""
+    """A memorization profile laid out for the model: per layer a keep mask, a sparse W*M, or a
+    subspace to remove."""
 
     name: str
     keep: list[torch.Tensor | None]  # per layer: [intermediate] in the activations' dtype, or None
     pruned: list[torch.Tensor | None]  # per layer: sparse COO [hidden, intermediate] float32, or None
+    # per layer: (U [intermediate, r], m U [r], W U [hidden, r]) float32, or None
+    projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,15 +74,17 @@ class _ClampGroup:
 
 
 class _NeuronEdit:
-    def __init__(self, keep: torch.Tensor | None, corrections: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, keep: torch.Tensor | None, corrections: list[tuple[torch.Tensor, torch.Tensor]],
+                 projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = ()) -> None:
         # keep: [B, intermediate] 0/1, all ones on rows that prune nothing here: x * 1 == x exactly,
         # and one multiply of the whole batch costs less than gathering and scattering rows.
         self.keep = keep
         self.corrections = corrections  # (rows [R], sparse W*M [hidden, intermediate])
+        self.projections = list(projections)  # (rows [R], U [I, r], m U [r], W U [hidden, r])
         self._keep_f32: torch.Tensor | None = None
 
     def keep_mask(self) -> torch.Tensor | None:
-        if self.keep is None or self.corrections:
+        if self.keep is None or self.corrections or self.projections:
             return None
         if self._keep_f32 is None:  # once per plan; the plan lives while the batch is unchanged
             self._keep_f32 = self.keep.float().contiguous()
@@ -92,8 +97,8 @@ class _NeuronEdit:
         return act * self.keep.to(act.dtype).unsqueeze(1)
 
     def output(self, act: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # out: [B, T, hidden]; subtract each asking row's (W*M) x, in float32
-        if not self.corrections:
+        # out: [B, T, hidden]; subtract each asking row's (W*M) x, or W U (x U - m U), in float32
+        if not (self.corrections or self.projections):
             return out
         out = out.float()
         for rows, pruned in self.corrections:
@@ -101,6 +106,9 @@ class _NeuronEdit:
             R, T, I = x.shape
             removed = torch.sparse.mm(pruned, x.reshape(R * T, I).T).T.reshape(R, T, -1)  # [R, T, hidden]
             out = out.index_put((rows,), out[rows] - removed)
+        for rows, basis, offset, down_basis in self.projections:
+            coords = act[rows].float() @ basis - offset  # [R, T, r]
+            out = out.index_put((rows,), out[rows] - coords @ down_basis.T)
         return out
 
 
@@ -130,6 +138,8 @@ class InterventionPlan:
         keep_rows: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         pruned_rows: dict[tuple[int, int], list[int]] = defaultdict(list)
         pruned_matrix: dict[tuple[int, int], torch.Tensor] = {}
+        projection_rows: dict[tuple[int, int], list[int]] = defaultdict(list)
+        projection_of: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         logit_rows: dict[int, tuple[EigenShiftProfile, list[int], list[float]]] = {}
         for row, r in enumerate(rows):
             if r is None:
@@ -150,6 +160,10 @@ class InterventionPlan:
                     if pruned is not None:
                         pruned_rows[(layer, id(pruned))].append(row)
                         pruned_matrix[(layer, id(pruned))] = pruned
+                for layer, projection in enumerate(memo.projections):
+                    if projection is not None:
+                        projection_rows[(layer, id(projection))].append(row)
+                        projection_of[(layer, id(projection))] = projection
             for profile, alpha in r.eigenshift:
                 group = logit_rows.setdefault(id(profile), (profile, [], []))
                 group[1].append(row)
@@ -168,7 +182,7 @@ class InterventionPlan:
                 entries[0][1].sae, index(batch_rows), index([local[row] for row, _ in entries]),
                 index([c.feature for _, c in entries]),
                 torch.tensor([c.value for _, c in entries], dtype=torch.float32, device=device)))
-        layers = set(keep_rows) | {layer for layer, _ in pruned_rows}
+        layers = set(keep_rows) | {layer for layer, _ in pruned_rows} | {layer for layer, _ in projection_rows}
         for layer in layers:
             keep = None
             for row, row_keep in keep_rows.get(layer, []):
@@ -176,7 +190,8 @@ class InterventionPlan:
                     keep = torch.ones(batch, row_keep.shape[0], dtype=row_keep.dtype, device=device)
                 keep[row] *= row_keep
             corrections = [(index(rws), pruned_matrix[key]) for key, rws in pruned_rows.items() if key[0] == layer]
-            plan.neuron_edits[layer] = _NeuronEdit(keep, corrections)
+            projections = [(index(rws), *projection_of[key]) for key, rws in projection_rows.items() if key[0] == layer]
+            plan.neuron_edits[layer] = _NeuronEdit(keep, corrections, projections)
         for profile, rws, alphas in logit_rows.values():
             plan.logit_groups.append((profile, index(rws), torch.tensor(alphas, dtype=torch.float32, device=device)))
         return plan

@@ -92,7 +92,15 @@ class InterventionRegistry:
         device = self.model.device
         keep = [None if (m := profile.keep_mask(i)) is None else m.to(device) for i in range(c.num_layers)]
         pruned = [profile.pruned_weights(i, layer.mlp.down.weight) for i, layer in enumerate(self.model.layers)]
-        self.memorization[profile.name] = (profile, PreparedMemorization(profile.name, keep, pruned))
+        projections = []
+        for i, layer in enumerate(self.model.layers):
+            projection = profile.projection(i)
+            if projection is None:
+                projections.append(None)
+                continue
+            basis, offset = (t.to(device) for t in projection)
+            projections.append((basis, offset, layer.mlp.down.weight.float() @ basis))  # W U [hidden, r]
+        self.memorization[profile.name] = (profile, PreparedMemorization(profile.name, keep, pruned, projections))
 
     def load(self, directories: list[Path]) -> None:
         """Every profile in `directories` made for this model; others are refused with a reason."""
