@@ -12,6 +12,7 @@ import torch
 from server.calibration.memorization import (
     MemorizationCalibrationConfig,
     SetStats,
+    SubspaceMoments,
     _batch_records,
     ablation_costs,
     add_arguments,
@@ -27,7 +28,6 @@ from server.calibration.memorization import (
     retain_adjusted,
     retain_cost,
     run,
-    SubspaceMoments,
     spared_neurons,
     subspace_bases,
     synthetic_records,
