@@ -107,6 +107,9 @@ class _NeuronEdit:
             removed = torch.sparse.mm(pruned, x.reshape(R * T, I).T).T.reshape(R, T, -1)  # [R, T, hidden]
             out = out.index_put((rows,), out[rows] - removed)
         for rows, basis, offset, down_basis in self.projections:
+            if rows.numel() == act.shape[0]:  # every row asks (rows are distinct): no gather, no scatter
+                out = out - (act.float() @ basis - offset) @ down_basis.T
+                continue
             coords = act[rows].float() @ basis - offset  # [R, T, r]
             out = out.index_put((rows,), out[rows] - coords @ down_basis.T)
         return out
