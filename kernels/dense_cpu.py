@@ -70,6 +70,32 @@ def dense_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return (F.silu(gate.to(weight.dtype).float()) * up).to(weight.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeSubspace:
+    """A subspace for the decode layer to remove from the rows that ask (see PreparedDecodeLayer):
+    checked and laid out once per plan, so that a call passes addresses only."""
+    basis: torch.Tensor  # [intermediate, rank] float32 contiguous, orthonormal columns
+    basis_t: torch.Tensor  # [rank, intermediate], its transpose
+    offset: torch.Tensor  # [rank] float32
+    rows: torch.Tensor | None  # [B] uint8, 1 where the row asks; None: every row
+
+    @classmethod
+    def build(cls, basis: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor | None) -> DecodeSubspace:
+        """basis [intermediate, rank], offset [rank]; rows [B] bool or 0/1, or None."""
+        if basis.dim() != 2 or offset.shape != (basis.shape[1],) or (rows is not None and rows.dim() != 1):
+            raise ValueError(f"decode subspace: basis {tuple(basis.shape)}, offset {tuple(offset.shape)}, rows "
+                             f"{None if rows is None else tuple(rows.shape)} are not [I, r], [r], [B]")
+        basis = basis.float().contiguous()
+        return cls(basis, basis.T.contiguous(), offset.float().contiguous(),
+                   None if rows is None else rows.to(torch.uint8).contiguous())
+
+    def for_token_rows(self, tokens_per_row: int) -> DecodeSubspace:
+        """The same subspace for a call whose rows are each batch row's tokens, in order."""
+        if self.rows is None or tokens_per_row == 1:
+            return self
+        return DecodeSubspace(self.basis, self.basis_t, self.offset, self.rows.repeat_interleave(tokens_per_row))
+
+
 class DecodeLayerArgs(ctypes.Structure):
     """The DecodeLayer struct of kernels/csrc/dense_cpu.c: one layer's shapes and weight addresses."""
 
@@ -99,7 +125,8 @@ class CpuDenseKernel:
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
-        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p, p, p, p, i64]
+        lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p,
+                                     p, p, p, i64, p, p, p, p, i64]
         lib.decode_layer.restype = ctypes.c_int
         lib.decode_attention.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
         lib.decode_attention.restype = ctypes.c_int
@@ -266,16 +293,18 @@ class PreparedDecodeLayer:
 
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                  positions: torch.Tensor, keep: torch.Tensor | None = None, thresholds_ptr: int | None = None,
-                 kept_ptr: int | None = None, sparse_rows: torch.Tensor | None = None) -> torch.Tensor:
+                 kept_ptr: int | None = None, sparse_rows: torch.Tensor | None = None,
+                 subspace: DecodeSubspace | None = None) -> torch.Tensor:
         """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] in the KV dtype
         contiguous (written at each row's slot and position); slots, positions: [B] int64
         contiguous; keep: [B, intermediate] float32 0/1 contiguous, the MLP neurons each row keeps
         (None: all); thresholds_ptr / kept_ptr: with attach_sparsity, the addresses of the sparse
         rows' [R, 7] float32 WINA thresholds and int32 kept counts (q, k, v, o, gate, up, down; the
         counts are written), or None for a dense step; sparse_rows: [R] int64 ascending batch indices
-        of those rows (None: every row is sparse) -> the residual stream after the layer,
-        [B, 1, hidden]. Callers check shapes once per step (LlamaDecoder.forward); the kernel
-        re-checks slots, positions and sparse_rows."""
+        of those rows (None: every row is sparse); subspace: after the keep mask, the asking rows'
+        MLP activations a become a - basis (basis^T a - offset) -> the residual
+        stream after the layer, [B, 1, hidden]. Callers check shapes once per step
+        (LlamaDecoder.forward); the kernel re-checks slots, positions and sparse_rows."""
         if keep is not None and (keep.shape != (h.shape[0], self.intermediate) or keep.dtype != torch.float32
                                  or not keep.is_contiguous()):
             raise ValueError(f"decode_layer: keep must be contiguous float32 [{h.shape[0]}, {self.intermediate}]")
@@ -283,14 +312,27 @@ class PreparedDecodeLayer:
             raise ValueError("decode_layer: thresholds and kept go together, after attach_sparsity")
         if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):
             raise ValueError("decode_layer: sparse_rows must be contiguous int64")
+        if subspace is not None and (subspace.basis.shape[0] != self.intermediate or (
+                subspace.rows is not None and subspace.rows.shape[0] != h.shape[0])):
+            raise ValueError(f"decode_layer: subspace basis {tuple(subspace.basis.shape)} / rows for "
+                             f"[{self.intermediate}, rank] and {h.shape[0]} rows")
         out = torch.empty_like(h)
         self._check(self._layer_fn(self._args_ref, keys.data_ptr(), values.data_ptr(), keys.shape[0], h.data_ptr(),
                                    out.data_ptr(), h.shape[0], slots.data_ptr(), positions.data_ptr(),
-                                   None if keep is None else keep.data_ptr(), thresholds_ptr, kept_ptr,
+                                   None if keep is None else keep.data_ptr(),
+                                   *self._subspace_args(subspace), thresholds_ptr, kept_ptr,
                                    None if sparse_rows is None else sparse_rows.data_ptr(),
                                    h.shape[0] if sparse_rows is None else sparse_rows.numel()),
                     slots, positions)
         return out
+
+    @staticmethod
+    def _subspace_args(subspace: DecodeSubspace | None) -> tuple:
+        """-> decode_layer's (basis, basis_t, offset, rank, basis_rows)."""
+        if subspace is None:
+            return None, None, None, 0, None
+        return (subspace.basis.data_ptr(), subspace.basis_t.data_ptr(), subspace.offset.data_ptr(),
+                subspace.basis.shape[1], None if subspace.rows is None else subspace.rows.data_ptr())
 
     def norm(self, h: torch.Tensor, which: int) -> torch.Tensor:
         """h: [B, 1, hidden] float32 contiguous -> its ATTENTION_NORM or MLP_NORM, as __call__

@@ -270,6 +270,26 @@ def test_unmemorize_equals_offline_pruning(loaded, registry, name):
     assert not torch.allclose(masked_step[1], edited_step[1], atol=1e-3)
 
 
+def test_two_subspaces_in_one_batch(loaded, registry):
+    """The CPU decode kernel applies one subspace per layer call; rows asking for two different
+    ones take the layer's parts instead, and each row still gets what it gets alone."""
+    model = loaded.model
+    if "mem-subspace-2" not in registry.memorization:
+        registry.add_memorization(random_memorization(model, "subspace", seed=5, name="mem-subspace-2"))
+    first = registry.resolve([{"type": "unmemorize", "profile": "mem-subspace"}])
+    second = registry.resolve([{"type": "unmemorize", "profile": "mem-subspace-2"}])
+    plan = InterventionPlan.build([first, second, None], prompt_step=False, device=model.device)
+    assert plan.neurons(0).for_kernel() is None
+    one = InterventionPlan.build([first, None, first], prompt_step=False, device=model.device)
+    assert one.neurons(0).for_kernel() is not None and one.neurons(1) is None  # rank 4 in every third layer
+    tokens = _batch(loaded.tokenizer, PROMPTS)
+    both = run(model, tokens, [first, second, None])
+    torch.testing.assert_close(both[0], run(model, tokens, [first, None, None])[0], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(both[1], run(model, tokens, [None, second, None])[1], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(both[2], run(model, tokens, [None, None, None])[2], atol=0, rtol=0)
+    assert not torch.allclose(both[0], both[1], atol=1e-3)
+
+
 def test_subspace_offset_is_the_reference_mean():
     """x - (x U - m U) U^T: an input equal to the reference mean leaves down_proj's input as it
     is; the part of x along U is replaced by m's."""

@@ -500,9 +500,44 @@ static int attention_block(const DecodeLayer *layer, void *keys, void *values, f
     return status;
 }
 
-// The MLP half on h [B, hidden], in place: h += down(keep * silu(gate(norm(h))) * up(norm(h))), where
-// keep ([B, I] 0/1 float32, or NULL for all ones) zeroes the neurons a row prunes.
-static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep, const float *thresholds,
+// A memorization subspace (server/interventions/memorization.py) on the rows that ask, in place:
+// act -= U (U^T act - offset), act [B, I]; basis: U [I, rank] and basis_t: U^T [rank, I], both
+// row-major (each loop reads the layout it vectorizes over); offset [rank]; rows: [B] 1 where the
+// row asks, or NULL for every row. 2 I rank multiply-adds per row, rows in parallel.
+static int remove_subspace(float *act, int64_t B, int64_t I, const float *basis, const float *basis_t,
+                           const float *offset, int64_t rank, const uint8_t *rows) {
+    int failed = 0;
+#pragma omp parallel for schedule(static) if (B > 1) reduction(| : failed)
+    for (int64_t b = 0; b < B; ++b) {
+        if (rows && !rows[b]) continue;
+        float *restrict coords = malloc(sizeof(float) * rank);  // restrict: the loops below vectorize
+        if (!coords) {
+            failed = 1;
+            continue;
+        }
+        float *restrict a = act + b * I;
+        for (int64_t j = 0; j < rank; ++j) coords[j] = -offset[j];
+        for (int64_t i = 0; i < I; ++i) {
+            const float x = a[i];
+            const float *restrict u = basis + i * rank;
+            for (int64_t j = 0; j < rank; ++j) coords[j] += x * u[j];
+        }
+        for (int64_t j = 0; j < rank; ++j) {
+            const float c = coords[j];
+            const float *restrict u = basis_t + j * I;
+            for (int64_t i = 0; i < I; ++i) a[i] -= c * u[i];
+        }
+        free(coords);
+    }
+    return failed ? -1 : 0;
+}
+
+// The MLP half on h [B, hidden], in place: h += down(edit(silu(gate(norm(h))) * up(norm(h)))), where
+// edit multiplies by keep ([B, I] 0/1 float32, or NULL for all ones: the neurons a row prunes), then
+// removes the subspace `basis` (NULL: none; see remove_subspace) from the rows that ask.
+static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep, const float *basis,
+                     const float *basis_t, const float *offset, int64_t rank, const uint8_t *basis_rows,
+                     const float *thresholds,
                      int32_t *kept, const int64_t *sparse_rows, int64_t R) {
     const int64_t hidden = layer->hidden, I = layer->intermediate;
     const int dtype = (int)layer->dtype;
@@ -518,6 +553,7 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
         if (status == 0 && keep) {
             for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
         }
+        if (status == 0 && basis) status = remove_subspace(act, B, I, basis, basis_t, offset, rank, basis_rows);
         if (status == 0) {
             status = project_rows(act, B, I, layer->down_w, layer->down_wt, hidden, dtype, layer->down_factors,
                                   down_segments, 1, layer->down_b, proj, 0, thresholds, kept, 6, sparse_rows, R);
@@ -532,7 +568,8 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
 
 // keys, values: this layer's cache, [num_slots, KVH, max_len, D] in layer->kv_dtype; h_in -> h_out: [B, hidden]
 // float32 residual stream before and after the layer; slots, positions: [B], each row's cache slot
-// and the position of its new token; keep: [B, I] neuron keep mask or NULL (see mlp_block);
+// and the position of its new token; keep: [B, I] neuron keep mask or NULL; basis, basis_t, offset,
+// rank, basis_rows: a subspace to remove, or basis NULL (see remove_subspace);
 // thresholds: NULL (dense), or the WINA thresholds [R, 7] float32 (q, k, v, o, gate, up, down) of
 // the R sparse rows, sparse_rows [R] (ascending batch indices; NULL when every row is sparse, R == B):
 // their projections run through wina_project (the same call, and so the same numbers, as the
@@ -540,15 +577,19 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
 // rows' run dense, as in a dense step. Returns 0, or -1 on bad arguments or no memory.
 int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num_slots, const float *h_in,
                  float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep,
-                 const float *thresholds, int32_t *kept, const int64_t *sparse_rows, int64_t R) {
+                 const float *basis, const float *basis_t, const float *offset, int64_t rank,
+                 const uint8_t *basis_rows, const float *thresholds, int32_t *kept, const int64_t *sparse_rows,
+                 int64_t R) {
     if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
+    if (basis && (!basis_t || !offset || rank < 1)) return -1;
     if (thresholds && (!layer->qkv_wt || !kept || R < 1 || R > B || (R < B && !sparse_rows))) return -1;
     for (int64_t s = 0; thresholds && R < B && s < R; ++s) {
         if (sparse_rows[s] < (s ? sparse_rows[s - 1] + 1 : 0) || sparse_rows[s] >= B) return -1;  // ascending, in range
     }
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
     if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R)) return -1;
-    return mlp_block(layer, h_out, B, keep, thresholds, kept, sparse_rows, R);
+    return mlp_block(layer, h_out, B, keep, basis, basis_t, offset, rank, basis_rows, thresholds, kept, sparse_rows,
+                     R);
 }
 
 // The layer in parts, for a step with more sparse rows than the fused call takes, or that edits

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from kernels.dense_cpu import DecodeSubspace
 from server.interventions.eigenshift import EigenShiftProfile
 from server.interventions.sae import SparseAutoencoder
+from server.model.edits import KernelNeuronEdit
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,21 +76,29 @@ class _ClampGroup:
 
 
 class _NeuronEdit:
-    def __init__(self, keep: torch.Tensor | None, corrections: list[tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, batch: int, keep: torch.Tensor | None, corrections: list[tuple[torch.Tensor, torch.Tensor]],
                  projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = ()) -> None:
         # keep: [B, intermediate] 0/1, all ones on rows that prune nothing here: x * 1 == x exactly,
         # and one multiply of the whole batch costs less than gathering and scattering rows.
         self.keep = keep
         self.corrections = corrections  # (rows [R], sparse W*M [hidden, intermediate])
         self.projections = list(projections)  # (rows [R], U [I, r], m U [r], W U [hidden, r])
-        self._keep_f32: torch.Tensor | None = None
+        self.batch = batch
+        self._kernel_edit: KernelNeuronEdit | None = None
 
-    def keep_mask(self) -> torch.Tensor | None:
-        if self.keep is None or self.corrections or self.projections:
+    def for_kernel(self) -> KernelNeuronEdit | None:
+        if self.corrections or len(self.projections) > 1:
             return None
-        if self._keep_f32 is None:  # once per plan; the plan lives while the batch is unchanged
-            self._keep_f32 = self.keep.float().contiguous()
-        return self._keep_f32
+        if self._kernel_edit is None:  # once per plan; the plan lives while the batch is unchanged
+            keep = None if self.keep is None else self.keep.float().contiguous()
+            subspace = None
+            if self.projections:
+                rows, basis, offset, _ = self.projections[0]
+                asking = None if rows.numel() == self.batch else torch.zeros(
+                    self.batch, dtype=torch.uint8, device=rows.device).index_fill_(0, rows, 1)
+                subspace = DecodeSubspace.build(basis, offset, asking)
+            self._kernel_edit = KernelNeuronEdit(keep, subspace)
+        return self._kernel_edit
 
     def hidden(self, act: torch.Tensor) -> torch.Tensor:
         # act: [B, T, intermediate]
@@ -194,7 +204,7 @@ class InterventionPlan:
                 keep[row] *= row_keep
             corrections = [(index(rws), pruned_matrix[key]) for key, rws in pruned_rows.items() if key[0] == layer]
             projections = [(index(rws), *projection_of[key]) for key, rws in projection_rows.items() if key[0] == layer]
-            plan.neuron_edits[layer] = _NeuronEdit(keep, corrections, projections)
+            plan.neuron_edits[layer] = _NeuronEdit(batch, keep, corrections, projections)
         for profile, rws, alphas in logit_rows.values():
             plan.logit_groups.append((profile, index(rws), torch.tensor(alphas, dtype=torch.float32, device=device)))
         return plan

@@ -7,9 +7,20 @@ leaves the rows that ask for nothing untouched (same tensor values, no arithmeti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from kernels.dense_cpu import DecodeSubspace
+
+
+@dataclass(frozen=True, eq=False)
+class KernelNeuronEdit:
+    """A neuron edit in the form the CPU decode kernel applies inside its one call per layer:
+    `act * keep`, then one subspace removed from the rows that ask (kernels/dense_cpu.py)."""
+    keep: torch.Tensor | None  # [B, intermediate] float32 0/1 contiguous, or None: all ones
+    subspace: DecodeSubspace | None = None
 
 
 class NeuronEdit(Protocol):
@@ -19,10 +30,10 @@ class NeuronEdit(Protocol):
     def output(self, act: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out: [B, T, hidden] down_proj output of `act` -> the same shape."""
 
-    def keep_mask(self) -> torch.Tensor | None:
-        """Where the edit is only `act * keep` (and `output` returns `out` as it is): keep,
-        [B, intermediate] float32 0/1 contiguous, which the CPU decode kernel applies itself;
-        else None."""
+    def for_kernel(self) -> KernelNeuronEdit | None:
+        """Where the edit is only `act * keep` and at most one subspace removal: that, for the CPU
+        decode kernel to apply itself (it gives the numbers `hidden` and `output` give, up to
+        float32 summation order); else None."""
 
 
 class ForwardEdits(Protocol):

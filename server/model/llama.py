@@ -140,12 +140,12 @@ class LlamaDecoder(nn.Module):
             return None
         return SparsityPlan.build(self.wina, targets, tokens_per_row, self._proj_out, self._layer_weight_total)
 
-    def _keep_masks_only(self, edits: ForwardEdits | None) -> bool:
-        """Whether every layer's neuron edit (if any) is a keep mask alone, which the fused layer
-        applies itself."""
+    def _kernel_applies_edits(self, edits: ForwardEdits | None) -> bool:
+        """Whether every layer's neuron edit (if any) is one the fused layer applies itself (keep
+        masks, one subspace)."""
         if edits is None:
             return True
-        return all(n is None or n.keep_mask() is not None for n in map(edits.neurons, range(len(self.layers))))
+        return all(n is None or n.for_kernel() is not None for n in map(edits.neurons, range(len(self.layers))))
 
     def _prepare_decode_layer(self, kernel: CpuDenseKernel, layer: DecoderLayer) -> PreparedDecodeLayer:
         attn, mlp = layer.attn, layer.mlp
@@ -202,16 +202,16 @@ class LlamaDecoder(nn.Module):
             raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         # On CPU, a decode step (one new token per row) runs each layer as one kernel call (neuron
-        # keep masks included, and WINA sparsity for up to 8 sparse rows); a layer with more sparse
+        # keep masks and one memorization subspace included, and WINA sparsity for up to 8 sparse rows); a layer with more sparse
         # rows, or that edits neurons otherwise, runs the kernel's parts around torch projections,
         # which give the other rows the same numbers.
         # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
         # of one slot (each attends to the keys up to its own position), unless it is sparse or
-        # edits neurons beyond keep masks. Both match DecoderLayer.forward up to float32
+        # edits neurons beyond what the kernel applies. Both match DecoderLayer.forward up to float32
         # summation order (tests/test_model.py).
         fused = None
         if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS and (
-                T == 1 or (B == 1 and sparsity is None and self._keep_masks_only(edits))):
+                T == 1 or (B == 1 and sparsity is None and self._kernel_applies_edits(edits))):
             fused = self.decode_layers
         if fused is not None:
             sparse_count = 0 if sparsity is None else (B if sparsity.sparse_rows is None else sparsity.sparse_rows.numel())
@@ -233,20 +233,26 @@ class LlamaDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_sparsity = None if sparsity is None else sparsity.layer(i)
             neurons = None if edits is None else edits.neurons(i)
-            keep = None if neurons is None or fused is None else neurons.keep_mask()
-            if keep is not None and T > 1:
-                keep = keep.repeat_interleave(T, dim=0)  # [B*T, intermediate], one per token row
+            kernel_edit = None if neurons is None or fused is None else neurons.for_kernel()
+            keep = subspace = None
+            if kernel_edit is not None:
+                keep, subspace = kernel_edit.keep, kernel_edit.subspace
+                if T > 1:  # one per token row: [B*T, ...]
+                    keep = None if keep is None else keep.repeat_interleave(T, dim=0)
+                    subspace = None if subspace is None else subspace.for_token_rows(T)
             if fused is None:
                 h = layer.forward(h, rope, cache.layer(i, slot_ids, positions, kv_len, single, first_slot),
                                   attn_mask, is_causal, layer_sparsity, neurons)
-            elif layer_sparsity is None and (neurons is None or keep is not None):
+            elif layer_sparsity is None and (neurons is None or kernel_edit is not None):
                 rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]: a view when T == 1
-                h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep).view(B, T, -1)
-            elif fused[i].sparse and sparse_count <= CPU_KERNEL_MAX_ROWS and (neurons is None or keep is not None):
+                h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
+                             subspace=subspace).view(B, T, -1)
+            elif fused[i].sparse and sparse_count <= CPU_KERNEL_MAX_ROWS and (neurons is None or kernel_edit is not None):
                 # T == 1 here: the sparse rows' projections inside the one call (the others' dense),
                 # with the numbers forward_decode's separate kernel calls would give
                 h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
-                             layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr, sparsity.sparse_rows)
+                             layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr, sparsity.sparse_rows,
+                             subspace=subspace)
             else:  # T == 1 here
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)
