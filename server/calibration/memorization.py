@@ -1,5 +1,12 @@
-"""`neuronserve calibrate memorization`: the neurons (or single weights) of `down_proj` that carry
-text the model has memorized, as a profile a request can switch off (issue 6).
+"""`neuronserve calibrate memorization`: the directions, neurons or single weights of `down_proj`
+that carry text the model has memorized, as a profile a request can switch off (issue 6).
+
+Subspaces (--granularity subspace, the default: the best trade-off measured, docs/unmemorization.md):
+one forward pass over ordinary text and the memorized records gives per layer the reference mean m
+and covariance C of down_proj's input and the second moment M about m at the positions that predict
+suffix tokens; rank r keeps the top r generalised eigenvectors of M against C (+ ridge), the
+directions where the records carry the most energy for the energy ordinary text has there. Served
+as x -> x - (x U - m U) U^T. The rest of this docstring is about neuron and weight masks.
 
 Inputs: the memorized records (JSONL {"prefix", "suffix"} or plain text), ordinary reference text
 (WikiText-2 validation and Alpaca, never a test split), and records of the same format that the
@@ -167,7 +174,7 @@ def encode_record(tokenizer, record: dict[str, str], max_suffix_tokens: int = 32
 @dataclass
 class MemorizationCalibrationConfig:
     ratios: tuple[float, ...] = (0.005, 0.01, 0.02)
-    granularities: tuple[str, ...] = ("neuron", "weight")
+    granularities: tuple[str, ...] = ("subspace",)
     score: str = "attribution"          # activation | contrast | attribution
     allocation: str = "global"          # uniform | global
     spare_fraction: float = 0.02        # per layer, by reference-loss effect
@@ -1022,10 +1029,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ordinary text, one per line (default: WikiText-2 validation + Alpaca).")
     parser.add_argument("--unseen", type=Path, default=None,
                         help="Records of the same format the model never saw (default: fresh synthetic records).")
-    parser.add_argument("--granularity", default="both", choices=["neuron", "weight", "subspace", "both"],
-                        help="neuron: whole neurons (--ratio); weight: the paper's per-row weight masks "
-                             "(--ratio); subspace: --rank directions per layer (docs/unmemorization.md: the "
-                             "best trade-off measured); both: neuron and weight. [both]")
+    parser.add_argument("--granularity", default="subspace", choices=["subspace", "neuron", "weight", "both"],
+                        help="subspace: --rank directions per layer (docs/unmemorization.md: the best trade-off "
+                             "measured); neuron: whole neurons (--ratio); weight: the paper's per-row weight "
+                             "masks (--ratio); both: neuron and weight. [subspace]")
     parser.add_argument("--ratio", type=float, nargs="+", default=list(d.ratios),
                         help="Share pruned: of each layer's neurons, or of each down_proj row's weights.")
     parser.add_argument("--rank", type=int, nargs="+", default=list(d.ranks),
