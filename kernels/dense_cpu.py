@@ -73,21 +73,22 @@ def dense_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 @dataclass(frozen=True, eq=False)
 class DecodeSubspace:
     """A subspace for the decode layer to remove from the rows that ask (see PreparedDecodeLayer):
-    checked and laid out once per plan, so that a call passes addresses only."""
+    checked once per plan, so that a call passes addresses only."""
     basis: torch.Tensor  # [intermediate, rank] float32 contiguous, orthonormal columns
-    basis_t: torch.Tensor  # [rank, intermediate], its transpose
+    basis_t: torch.Tensor  # [rank, intermediate], its transpose, contiguous
     offset: torch.Tensor  # [rank] float32
     rows: torch.Tensor | None  # [B] uint8, 1 where the row asks; None: every row
 
-    @classmethod
-    def build(cls, basis: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor | None) -> DecodeSubspace:
-        """basis [intermediate, rank], offset [rank]; rows [B] bool or 0/1, or None."""
-        if basis.dim() != 2 or offset.shape != (basis.shape[1],) or (rows is not None and rows.dim() != 1):
-            raise ValueError(f"decode subspace: basis {tuple(basis.shape)}, offset {tuple(offset.shape)}, rows "
-                             f"{None if rows is None else tuple(rows.shape)} are not [I, r], [r], [B]")
-        basis = basis.float().contiguous()
-        return cls(basis, basis.T.contiguous(), offset.float().contiguous(),
-                   None if rows is None else rows.to(torch.uint8).contiguous())
+    def __post_init__(self) -> None:
+        rank = self.basis.shape[-1]
+        if (self.basis.dim() != 2 or self.basis_t.shape != (rank, self.basis.shape[0])
+                or self.offset.shape != (rank,)
+                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (self.basis, self.basis_t, self.offset))
+                or (self.rows is not None and (self.rows.dim() != 1 or self.rows.dtype != torch.uint8
+                                               or not self.rows.is_contiguous()))):
+            raise ValueError(f"decode subspace: basis {tuple(self.basis.shape)}, basis_t {tuple(self.basis_t.shape)}, "
+                             f"offset {tuple(self.offset.shape)} must be contiguous float32 [I, r], [r, I], [r]; "
+                             f"rows contiguous uint8 [B] or None")
 
     def for_token_rows(self, tokens_per_row: int) -> DecodeSubspace:
         """The same subspace for a call whose rows are each batch row's tokens, in order."""

@@ -875,7 +875,7 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
                            verify_text: list[list[int]] | None = None,
                            subspace_text: list[list[int]] | None = None):
     """-> (list of (MemorizationProfile, parameters, quality) per granularity, ratio and (neuron masks)
-    retain weight, report, stats).
+    retain weight, report, stats (None when only subspaces are asked for)).
     reference: (scoring pieces, held-out pieces) of ordinary text; default WikiText-2 valid + Alpaca.
     verify_text: the pieces --verify-cost measures on; default the given scoring pieces, or else the
     first config.verify_sequences pieces of the default reference text (the scoring pieces are its
@@ -903,24 +903,27 @@ def calibrate_memorization(model, tokenizer, memorized: list[dict], config: Memo
         # then more of it when the check asks for more pieces than the scores read
         verify_text = reference if given_reference else reference_pieces(
             tokenizer, config.data_dir, config.verify_sequences, config.reference_length, config.seed)[0]
-    stats = collect_stats(model, {"memorized": mem_enc, "unseen": unseen_enc, "reference": reference},
-                          pad_id, config.batch_size, layers, intermediate, config.record_objective,
-                          per_position_effects=config.retain_measure == "taylor")
-    down_weights = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
-    column_norms = torch.stack([w.norm(dim=0) for w in down_weights])  # [L, I]
-    scores = neuron_scores(stats, column_norms, config.score)
-    cost = retain_cost(stats, column_norms, config.retain_measure)
-    spared, spare_counts = spared_neurons(stats, column_norms, config.spare_fraction, config.massive_factor)
-    report = {
-        "sets": {name: {"tokens": s.tokens, "targets": s.targets,
-                        "mean_effect_total": float(s.mean_effect.sum())} for name, s in stats.items()},
-        "spared": spare_counts,
-        # Does the plain baseline pick the neurons ordinary text needs? Share of its top 1% per layer
-        # that the sparing rule protects.
-        "activation_baseline_top1pct_spared": float(spared[choose_neurons(
-            neuron_scores(stats, column_norms, "activation"), torch.zeros_like(spared), 0.01)].float().mean()),
-    }
-    logger.info("spared neurons: %s", spare_counts)
+    report: dict = {}
+    stats = None  # the neuron statistics: masks need them, subspaces do not (a backward pass per batch)
+    if any(g in ("neuron", "weight") for g in config.granularities):
+        stats = collect_stats(model, {"memorized": mem_enc, "unseen": unseen_enc, "reference": reference},
+                              pad_id, config.batch_size, layers, intermediate, config.record_objective,
+                              per_position_effects=config.retain_measure == "taylor")
+        down_weights = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
+        column_norms = torch.stack([w.norm(dim=0) for w in down_weights])  # [L, I]
+        scores = neuron_scores(stats, column_norms, config.score)
+        cost = retain_cost(stats, column_norms, config.retain_measure)
+        spared, spare_counts = spared_neurons(stats, column_norms, config.spare_fraction, config.massive_factor)
+        report.update({
+            "sets": {name: {"tokens": s.tokens, "targets": s.targets,
+                            "mean_effect_total": float(s.mean_effect.sum())} for name, s in stats.items()},
+            "spared": spare_counts,
+            # Does the plain baseline pick the neurons ordinary text needs? Share of its top 1% per layer
+            # that the sparing rule protects.
+            "activation_baseline_top1pct_spared": float(spared[choose_neurons(
+                neuron_scores(stats, column_norms, "activation"), torch.zeros_like(spared), 0.01)].float().mean()),
+        })
+        logger.info("spared neurons: %s", spare_counts)
     before = measure(model, mem_enc, heldout_text, pad_id, config.batch_size)
     report["before"] = before
     report["heldout_reference"] = {"pieces": len(heldout_text), "scored_tokens": sum(len(t) - 2 for t in heldout_text)}

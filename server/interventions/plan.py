@@ -40,6 +40,16 @@ class LatentClamp:
 
 
 @dataclass(frozen=True, eq=False)
+class PreparedSubspace:
+    """One layer's subspace of a memorization profile, laid out once when the profile loads."""
+
+    basis: torch.Tensor  # U [intermediate, r] float32 contiguous
+    basis_t: torch.Tensor  # U^T [r, intermediate] contiguous (the CPU decode kernel reads both)
+    offset: torch.Tensor  # m U [r]
+    down_basis: torch.Tensor  # W_down U [hidden, r]
+
+
+@dataclass(frozen=True, eq=False)
 class PreparedMemorization:
     """A memorization profile laid out for the model: per layer a keep mask, a sparse W*M, or a
     subspace to remove."""
@@ -47,8 +57,7 @@ class PreparedMemorization:
     name: str
     keep: list[torch.Tensor | None]  # per layer: [intermediate] in the activations' dtype, or None
     pruned: list[torch.Tensor | None]  # per layer: sparse COO [hidden, intermediate] float32, or None
-    # per layer: (U [intermediate, r], m U [r], W U [hidden, r]) float32, or None
-    projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    projections: list[PreparedSubspace | None] = field(default_factory=list)  # per layer
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,12 +86,12 @@ class _ClampGroup:
 
 class _NeuronEdit:
     def __init__(self, batch: int, keep: torch.Tensor | None, corrections: list[tuple[torch.Tensor, torch.Tensor]],
-                 projections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = ()) -> None:
+                 projections: list[tuple[torch.Tensor, PreparedSubspace]] = ()) -> None:
         # keep: [B, intermediate] 0/1, all ones on rows that prune nothing here: x * 1 == x exactly,
         # and one multiply of the whole batch costs less than gathering and scattering rows.
         self.keep = keep
         self.corrections = corrections  # (rows [R], sparse W*M [hidden, intermediate])
-        self.projections = list(projections)  # (rows [R], U [I, r], m U [r], W U [hidden, r])
+        self.projections = list(projections)  # (rows [R] that remove it, subspace)
         self.batch = batch
         self._kernel_edit: KernelNeuronEdit | None = None
 
@@ -93,10 +102,10 @@ class _NeuronEdit:
             keep = None if self.keep is None else self.keep.float().contiguous()
             subspace = None
             if self.projections:
-                rows, basis, offset, _ = self.projections[0]
+                rows, prepared = self.projections[0]
                 asking = None if rows.numel() == self.batch else torch.zeros(
                     self.batch, dtype=torch.uint8, device=rows.device).index_fill_(0, rows, 1)
-                subspace = DecodeSubspace.build(basis, offset, asking)
+                subspace = DecodeSubspace(prepared.basis, prepared.basis_t, prepared.offset, asking)
             self._kernel_edit = KernelNeuronEdit(keep, subspace)
         return self._kernel_edit
 
@@ -116,12 +125,12 @@ class _NeuronEdit:
             R, T, I = x.shape
             removed = torch.sparse.mm(pruned, x.reshape(R * T, I).T).T.reshape(R, T, -1)  # [R, T, hidden]
             out = out.index_put((rows,), out[rows] - removed)
-        for rows, basis, offset, down_basis in self.projections:
+        for rows, sub in self.projections:
             if rows.numel() == act.shape[0]:  # every row asks (rows are distinct): no gather, no scatter
-                out = out - (act.float() @ basis - offset) @ down_basis.T
+                out = out - (act.float() @ sub.basis - sub.offset) @ sub.down_basis.T
                 continue
-            coords = act[rows].float() @ basis - offset  # [R, T, r]
-            out = out.index_put((rows,), out[rows] - coords @ down_basis.T)
+            coords = act[rows].float() @ sub.basis - sub.offset  # [R, T, r]
+            out = out.index_put((rows,), out[rows] - coords @ sub.down_basis.T)
         return out
 
 
@@ -152,7 +161,7 @@ class InterventionPlan:
         pruned_rows: dict[tuple[int, int], list[int]] = defaultdict(list)
         pruned_matrix: dict[tuple[int, int], torch.Tensor] = {}
         projection_rows: dict[tuple[int, int], list[int]] = defaultdict(list)
-        projection_of: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        projection_of: dict[tuple[int, int], PreparedSubspace] = {}
         logit_rows: dict[int, tuple[EigenShiftProfile, list[int], list[float]]] = {}
         for row, r in enumerate(rows):
             if r is None:
@@ -203,7 +212,7 @@ class InterventionPlan:
                     keep = torch.ones(batch, row_keep.shape[0], dtype=row_keep.dtype, device=device)
                 keep[row] *= row_keep
             corrections = [(index(rws), pruned_matrix[key]) for key, rws in pruned_rows.items() if key[0] == layer]
-            projections = [(index(rws), *projection_of[key]) for key, rws in projection_rows.items() if key[0] == layer]
+            projections = [(index(rws), projection_of[key]) for key, rws in projection_rows.items() if key[0] == layer]
             plan.neuron_edits[layer] = _NeuronEdit(batch, keep, corrections, projections)
         for profile, rws, alphas in logit_rows.values():
             plan.logit_groups.append((profile, index(rws), torch.tensor(alphas, dtype=torch.float32, device=device)))

@@ -24,6 +24,7 @@ from server.interventions.memorization import MemorizationProfile
 from server.interventions.plan import (
     LatentClamp,
     PreparedMemorization,
+    PreparedSubspace,
     ResidualAdd,
     RowInterventions,
 )
@@ -98,8 +99,9 @@ class InterventionRegistry:
             if projection is None:
                 projections.append(None)
                 continue
-            basis, offset = (t.to(device) for t in projection)
-            projections.append((basis, offset, layer.mlp.down.weight.float() @ basis))  # W U [hidden, r]
+            basis, offset = (t.to(device).contiguous() for t in projection)
+            projections.append(PreparedSubspace(basis, basis.T.contiguous(), offset,
+                                                layer.mlp.down.weight.float() @ basis))
         self.memorization[profile.name] = (profile, PreparedMemorization(profile.name, keep, pruned, projections))
 
     def load(self, directories: list[Path]) -> None:
