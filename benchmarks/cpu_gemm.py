@@ -12,9 +12,10 @@ Variants:
   f32 mkl W@x^T    torch.mm(W, x^T) on a float32 copy (MKL, weight-major)
   f32 onednn       torch.ops.mkldnn._linear_pointwise on a oneDNN-packed float32 copy (the
                    path for prefills until the fourth session; now only without the kernel)
-  f16 ours         our CPU dense kernel (kernels/csrc/dense_cpu.c) on the float16 weight in its
+  f16 ours ISA     our CPU dense kernel (kernels/csrc/dense_cpu.c) on the float16 weight in its
                    panel layout, float32 input: the path for every CPU projection (up to 16
-                   rows from the second session of 2026-11-26, all rows from the fourth)
+                   rows from the second session of 2026-11-26, all rows from the fourth); one
+                   variant per build this CPU runs (avx2, and avx512 where the CPU has it)
 
     python benchmarks/cpu_gemm.py [--rows 1,3,8,16,64,512] [--rounds 5] [--out FILE]
 
@@ -47,7 +48,7 @@ def _time(fn, calls: int) -> float:
 
 
 def measure_shape(name: str, out_features: int, in_features: int, rows: list[int], weights: int,
-                  rounds: int, max_f16_rows: int, kernel: Any) -> list[dict[str, Any]]:
+                  rounds: int, max_f16_rows: int, kernels: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
@@ -57,7 +58,7 @@ def measure_shape(name: str, out_features: int, in_features: int, rows: list[int
     f16 = [w.half() for w in f32]
     packed = ([torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in f32]
               if torch.backends.mkldnn.is_available() else None)
-    panels = [kernel.pack(w) for w in f16] if kernel is not None else None
+    panels = {isa: [kernel.pack(w) for w in f16] for isa, kernel in kernels.items()}
     results = []
     for m in rows:
         x32 = torch.randn(m, in_features, generator=generator)
@@ -67,8 +68,8 @@ def measure_shape(name: str, out_features: int, in_features: int, rows: list[int
             variants["f16 linear"] = lambda i: F.linear(x16, f16[i])
         if packed is not None:
             variants["f32 onednn"] = lambda i: torch.ops.mkldnn._linear_pointwise(x32, packed[i], None, "none", [], "")
-        if panels is not None:
-            variants["f16 ours"] = lambda i: kernel.linear(x32, panels[i])
+        for isa, kernel in kernels.items():  # each build of our kernel this CPU runs
+            variants[f"f16 ours {isa}"] = (lambda k, p: lambda i: k.linear(x32, p[i]))(kernel, panels[isa])
         reference = F.linear(x32, f32[0])
         errors = {v: float((fn(0).float().reshape(m, -1) - reference).abs().max()) for v, fn in variants.items()
                   if v != "f32 mkl W@x^T"}
@@ -102,15 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
+    from kernels.cpu_build import supported_instruction_sets
     from kernels.dense_cpu import CpuDenseKernel
 
-    kernel = CpuDenseKernel.load()
+    kernels = {isa.name: CpuDenseKernel.load(instruction_set=isa.name) for isa in supported_instruction_sets()}
+    kernels = {name: kernel for name, kernel in kernels.items() if kernel is not None}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     results = []
     for name, out_features, in_features, _ in SHAPES:
         print(f"timing {name} [{out_features} x {in_features}] ...", file=sys.stderr, flush=True)
         results.extend(measure_shape(name, out_features, in_features, rows, args.weights, args.rounds,
-                                     args.max_f16_rows, kernel))
+                                     args.max_f16_rows, kernels))
     # What one forward pass of the default model spends in its projections, per variant and rows.
     calls = {name: n for name, _, _, n in SHAPES}
     per_forward = []

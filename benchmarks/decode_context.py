@@ -3,12 +3,14 @@ each) at a given position, so that attention reads that many cached keys and val
 the model's own path (on CPU: one fused kernel call per decoder layer). Timing only: the cache
 holds zeros, which costs what real keys cost. A second copy of the model, its steps interleaved
 with ours in this one process, can be the baseline: --baseline-kv-float32 (this code with a
-float32 KV cache), or --baseline-tree DIR (another checkout's build of kernels/csrc/dense_cpu.c,
-e.g. a `git worktree` of an earlier commit; its kernel must take this tree's arguments: the same
-DecodeLayer fields and KV cache dtype).
+float32 KV cache), --baseline-isa NAME (this code's kernel built for another instruction set, e.g.
+avx2 on an AVX-512 CPU), or --baseline-tree DIR (another checkout's build of
+kernels/csrc/dense_cpu.c for AVX2, e.g. a `git worktree` of an earlier commit; its kernel must take
+this tree's arguments: the same DecodeLayer fields and KV cache dtype).
 
     python benchmarks/decode_context.py [--positions 100,500,1500] [--batch-sizes 1,8]
-                                        [--baseline-kv-float32 | --baseline-tree DIR] [--out FILE]
+                                        [--baseline-kv-float32 | --baseline-isa NAME | --baseline-tree DIR]
+                                        [--out FILE]
 
 Prints a table, writes JSON (default benchmarks/out/decode_context.json). Nothing runs on import.
 """
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline = parser.add_mutually_exclusive_group()
     baseline.add_argument("--baseline-tree", type=Path, default=None,
                           help="also time the kernel built from DIR/kernels/csrc/dense_cpu.c, interleaved")
+    baseline.add_argument("--baseline-isa", default=None, choices=["avx2", "avx512"],
+                          help="also time this code's kernel built for this instruction set, interleaved")
     baseline.add_argument("--baseline-kv-float32", action="store_true",
                           help="also time this code with a float32 KV cache, interleaved")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -59,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                               load_interventions=False, log_level="warning")
     loaded = load_model(settings)
     models = {"ours": loaded.model}
-    if args.baseline_tree is not None or args.baseline_kv_float32:
+    if args.baseline_tree is not None or args.baseline_kv_float32 or args.baseline_isa is not None:
         ours, ckpt = loaded.model, load_checkpoint(settings.model, settings.cache_dir)
         kernel, kv_dtype = ours.dense_kernel, torch.float32
         if args.baseline_tree is not None:
             library = build_library(args.baseline_tree / "kernels" / "csrc" / "dense_cpu.c", Path(tempfile.mkdtemp()))
-            kernel, kv_dtype = CpuDenseKernel(ctypes.CDLL(str(library))), None
+            kernel, kv_dtype = CpuDenseKernel(ctypes.CDLL(str(library)), "avx2"), None
+        if args.baseline_isa is not None:
+            kernel, kv_dtype = CpuDenseKernel.load(settings.cache_dir / "kernels", args.baseline_isa), None
+            if kernel is None:
+                parser.error(f"this CPU cannot run the {args.baseline_isa} build")
         models["baseline"] = LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, ours.dtype, ours.device,
                                           ours.max_model_len, kernel, kv_dtype=kv_dtype)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "decode_context", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
               "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree),
-              "baseline_kv_float32": args.baseline_kv_float32, "results": rows}
+              "baseline_kv_float32": args.baseline_kv_float32, "baseline_isa": args.baseline_isa,
+              "instruction_set": None if model.dense_kernel is None else model.dense_kernel.instruction_set,
+              "results": rows}
     write_report(report, text, args.out)
     return 0
 

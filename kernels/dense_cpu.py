@@ -3,14 +3,16 @@ decoder layers of decode steps, compiled on first use and called through ctypes
 (kernels/cpu_build.py), with the projection's torch reference (the decoder layer's reference is
 the model's own DecoderLayer.forward, which tests/test_model.py compares it with).
 
-Why a kernel of our own: on this kind of CPU (AVX2, no AVX-512), torch's half GEMM costs 8x one
-row for 8 rows, and the float32 GEMM used for batched rows instead reads twice the bytes; and a
-decode step in torch is ~25 ops per layer whose dispatch costs more than their arithmetic. This
-kernel reads the half weight once per call for all rows, from a copy laid out in panels of 24
-output columns (`pack_panels`: register-blocked FMAs, see the C file), and runs a whole decoder
-layer of a decode step in one call (benchmarks/cpu_gemm.py measures it beside torch's paths).
+Why a kernel of our own: on the AVX2 CPU it was written on, torch's half GEMM costs 8x one row for
+8 rows, and the float32 GEMM used for batched rows instead reads twice the bytes; and a decode step
+in torch is ~25 ops per layer whose dispatch costs more than their arithmetic. This kernel reads the
+half weight once per call for all rows, from a copy laid out in panels of output columns
+(`pack_panels`: register-blocked FMAs, see the C file; 24 columns in the AVX2 build, 32 in the
+AVX-512 one), and runs a whole decoder layer of a decode step in one call (benchmarks/cpu_gemm.py
+measures it beside torch's paths).
 
-`CpuDenseKernel.load()` returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
+`CpuDenseKernel.load()` builds for the widest instruction set the CPU has (kernels/cpu_build.py;
+both builds give the same bits) and returns None where the kernel cannot run (no AVX2/FMA/F16C, no compiler);
 `server.model.layers.Linear` then uses torch's paths, which give the same numbers up to float32
 summation order.
 """
@@ -27,28 +29,28 @@ import torch.nn.functional as F
 from kernels.cpu_build import CSRC, DTYPE_CODES, load_library
 
 SOURCE = CSRC / "dense_cpu.c"
-PANEL = 24  # output columns per weight panel: PANEL in kernels/csrc/dense_cpu.c (checked at load)
 
 
-def pack_panels(weight: torch.Tensor, parts: int = 1) -> torch.Tensor:
-    """The kernel's weight layout: weight [N, K] -> [parts * ceil(N / parts / PANEL), K, PANEL], the
+def pack_panels(weight: torch.Tensor, panel: int, parts: int = 1) -> torch.Tensor:
+    """The kernel's weight layout: weight [N, K] -> [parts * ceil(N / parts / panel), K, panel], the
     rows of each of `parts` equal parts padded with zeros to whole panels (gate_up: 2 parts, so that
-    gate panel i and up panel i hold the same neurons), each panel's [K, PANEL] contiguous."""
+    gate panel i and up panel i hold the same neurons), each panel's [K, panel] contiguous; panel:
+    the build's columns per panel (CpuDenseKernel.panel_width)."""
     N, K = weight.shape
     if parts < 1 or N % parts:
         raise ValueError(f"cannot split {N} output rows into {parts} equal parts")
     width = N // parts
-    count = -(-width // PANEL)
-    padded = weight.new_zeros(parts, count * PANEL, K)
+    count = -(-width // panel)
+    padded = weight.new_zeros(parts, count * panel, K)
     padded[:, :width] = weight.view(parts, width, K)
-    return padded.view(parts * count, PANEL, K).transpose(1, 2).contiguous()
+    return padded.view(parts * count, panel, K).transpose(1, 2).contiguous()
 
 
 @dataclass(frozen=True)
 class PanelWeight:
     """A weight [out_features, in_features] re-laid by pack_panels for the kernel."""
 
-    panels: torch.Tensor  # [parts * ceil(out_features / parts / PANEL), in_features, PANEL]
+    panels: torch.Tensor  # [parts * ceil(out_features / parts / panel), in_features, panel]
     out_features: int
     in_features: int
     parts: int
@@ -119,10 +121,11 @@ class CpuDenseKernel:
     # (benchmarks/prefill_cpu.py; RESULTS.md).
     MAX_ROWS = 64
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, instruction_set: str) -> None:
+        """lib: dense_cpu.c built for `instruction_set` (the build's name, for logs and benchmarks)."""
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        if lib.dense_panel_width() != PANEL:
-            raise RuntimeError(f"dense_cpu.c packs {lib.dense_panel_width()} columns per panel, dense_cpu.py {PANEL}")
+        self.instruction_set = instruction_set
+        self.panel_width = int(lib.dense_panel_width())  # output columns per panel of this build
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
@@ -137,18 +140,19 @@ class CpuDenseKernel:
         self._library = lib
 
     @classmethod
-    def load(cls, cache_dir: Path | None = None) -> CpuDenseKernel | None:
-        lib = load_library(SOURCE, cache_dir, "decode steps and projections run through torch")
-        return None if lib is None else cls(lib)
+    def load(cls, cache_dir: Path | None = None, instruction_set: str = "auto") -> CpuDenseKernel | None:
+        """instruction_set: "auto" (the widest build this CPU runs), "avx2" or "avx512"; None where
+        that build cannot run here."""
+        loaded = load_library(SOURCE, cache_dir, "decode steps and projections run through torch", instruction_set)
+        return None if loaded is None else cls(loaded[0], loaded[1].name)
 
-    @classmethod
-    def pack(cls, weight: torch.Tensor, parts: int = 1) -> PanelWeight:
-        """weight [N, K] contiguous CPU float32/16/bf16 in the kernel's layout (one more copy of
+    def pack(self, weight: torch.Tensor, parts: int = 1) -> PanelWeight:
+        """weight [N, K] contiguous CPU float32/16/bf16 in this build's layout (one more copy of
         it); parts: 2 for a fused [gate; up] weight, whose gate_up call pairs the halves."""
-        if not cls.supports(weight, None):
+        if not self.supports(weight, None):
             raise ValueError(f"dense_linear: weight {tuple(weight.shape)} {weight.dtype} is not a contiguous CPU "
                              "float32/16/bf16 matrix")
-        return PanelWeight(pack_panels(weight, parts), weight.shape[0], weight.shape[1], parts)
+        return PanelWeight(pack_panels(weight, self.panel_width, parts), weight.shape[0], weight.shape[1], parts)
 
     def linear(self, x: torch.Tensor, weight: PanelWeight, bias_f32: torch.Tensor | None = None,
                gate_up: bool = False) -> torch.Tensor:
@@ -160,6 +164,9 @@ class CpuDenseKernel:
             raise ValueError(f"dense_linear: x {tuple(x.shape)} does not fit weight {(N, K)}")
         if gate_up and weight.parts != 2:
             raise ValueError("dense_linear: gate_up needs a weight packed in 2 parts")
+        if weight.panels.shape[-1] != self.panel_width:
+            raise ValueError(f"dense_linear: weight packed in panels of {weight.panels.shape[-1]} columns, this "
+                             f"{self.instruction_set} build reads {self.panel_width}")
         rows = x.reshape(-1, K).float().contiguous()  # [B, K]
         width = N // 2 if gate_up else N
         out = torch.empty(rows.shape[0], width, dtype=weight.dtype)
@@ -200,6 +207,9 @@ class CpuDenseKernel:
             if (weight.out_features, weight.in_features, weight.parts) != expected[name]:
                 problems.append(f"{name} weight {(weight.out_features, weight.in_features)} in {weight.parts} parts "
                                 f"(want {expected[name][:2]} in {expected[name][2]})")
+            if weight.panels.shape[-1] != self.panel_width:
+                problems.append(f"{name} weight packed in panels of {weight.panels.shape[-1]} columns, this "
+                                f"{self.instruction_set} build reads {self.panel_width}")
             if bias is not None and (bias.shape != (weight.out_features,) or bias.dtype != torch.float32
                                      or not bias.is_contiguous()):
                 problems.append(f"{name} bias must be contiguous float32 [{weight.out_features}]")

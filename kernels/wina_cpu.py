@@ -34,8 +34,10 @@ class CpuWinaKernel:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> "CpuWinaKernel | None":
-        lib = load_library(SOURCE, cache_dir, "WINA sparsity runs the masked dense path (same numbers, no speed-up)")
-        return None if lib is None else cls(lib)
+        # the AVX2 build: this kernel has no wider code (its limit is reading rows from memory)
+        loaded = load_library(SOURCE, cache_dir, "WINA sparsity runs the masked dense path (same numbers, no speed-up)",
+                              "avx2")
+        return None if loaded is None else cls(loaded[0])
 
     def prepare(self, weight_t: torch.Tensor, col_norms: torch.Tensor, segments: Sequence[int],
                 bias: torch.Tensor | None = None, gate_up: bool = False,

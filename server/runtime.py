@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.cpu_build import pick_instruction_set, supported_instruction_sets
 from kernels.dense_cpu import CpuDenseKernel
 from server.engine.engine import Engine, EngineLimits
 from server.interventions.registry import InterventionRegistry
@@ -66,7 +67,10 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     config = ModelConfig.from_hf(ckpt.hf_config)
     dense_kernel = None
     if device.type == "cpu" and settings.cpu_dense_kernel:
-        dense_kernel = CpuDenseKernel.load(settings.cache_dir / "kernels")
+        if pick_instruction_set(settings.cpu_instruction_set) is None and settings.cpu_instruction_set != "auto":
+            raise ValueError(f"cpu_instruction_set={settings.cpu_instruction_set}: this CPU lacks its instructions "
+                             f"(it runs: {[isa.name for isa in supported_instruction_sets()] or 'none'})")
+        dense_kernel = CpuDenseKernel.load(settings.cache_dir / "kernels", settings.cpu_instruction_set)
     model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len, dense_kernel)
     del ckpt.state_dict
     name = settings.served_model_name or ckpt.name
@@ -77,7 +81,8 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     if settings.load_interventions:
         registry.load(settings.profiles)
     elapsed = time.monotonic() - started
-    logger.info("loaded %s (%s, %s, %s) in %.1f s%s", name, ckpt.source, dtype, device, elapsed,
+    logger.info("loaded %s (%s, %s, %s%s) in %.1f s%s", name, ckpt.source, dtype, device,
+                "" if dense_kernel is None else f", CPU kernel {dense_kernel.instruction_set}", elapsed,
                 " from cache" if ckpt.from_cache else "")
     return LoadedModel(model, ckpt.tokenizer, name, ckpt.fingerprint, elapsed, ckpt.from_cache, wina, registry)
 

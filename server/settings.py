@@ -60,6 +60,11 @@ class ServerSettings(BaseSettings):
         "(kernels/csrc/dense_cpu.c, built with gcc on first use); off: torch ops, for comparison. "
         "Without AVX2/F16C or gcc, torch's are used either way.",
     )
+    cpu_instruction_set: Literal["auto", "avx2", "avx512"] = Field(
+        "auto", description="Which build of the CPU kernel to run: 'auto' takes the widest this CPU "
+        "supports (AVX-512 where it has AVX-512F/VL/BW/DQ, else AVX2). Both builds give the same "
+        "numbers; naming one this CPU lacks stops the server at start-up.",
+    )
     max_model_len: int = Field(
         2048, ge=16, le=1 << 20, description="Longest prompt plus completion, in tokens."
     )

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_build import AVX2, AVX512, pick_instruction_set, supported_instruction_sets
 from kernels.dense_cpu import CpuDenseKernel, dense_linear_reference
 
-KERNEL = CpuDenseKernel.load()
+KERNEL = CpuDenseKernel.load()  # the build the server runs here: the widest this CPU supports
+BUILDS = {isa.name: CpuDenseKernel.load(instruction_set=isa.name) for isa in supported_instruction_sets()}
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="CPU dense kernel needs AVX2/FMA/F16C and gcc")
 
 # Both sides sum float32 products and round to the weight dtype; they differ only in summation
@@ -144,3 +146,43 @@ def test_load_falls_back_without_a_compiler(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert CpuDenseKernel.load(tmp_path) is None
     assert "dense_cpu.c unavailable" in caplog.text and "run through torch" in caplog.text
+
+
+def test_instruction_set_choice():
+    assert pick_instruction_set("auto", AVX2.cpu_flags) == AVX2
+    assert pick_instruction_set("avx512", AVX2.cpu_flags) is None  # the server refuses to start on it
+    assert pick_instruction_set("auto", AVX512.cpu_flags | {"sse2"}) == AVX512
+    assert pick_instruction_set("avx2", AVX512.cpu_flags) == AVX2
+    assert pick_instruction_set("auto", frozenset({"avx", "sse2"})) is None
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        pick_instruction_set("neon")
+
+
+two_builds = pytest.mark.skipif(len(BUILDS) < 2 or None in BUILDS.values(),
+                                reason="this CPU runs one build of the kernel (AVX-512 needs avx512f/vl/bw/dq)")
+
+
+@two_builds
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_builds_give_the_same_bits(dtype):
+    """The AVX2 and AVX-512 builds block rows and columns differently (4 x 24 and 8 x 32) but sum
+    each output over k in the same order: every row count (each block size and tail of both),
+    plain with a bias and gate_up, must give the same bits."""
+    avx2, avx512 = BUILDS["avx2"], BUILDS["avx512"]
+    bits = (lambda t: t) if dtype == torch.float32 else (lambda t: t.view(torch.int16))
+    for K, N in SHAPES + [(53, 2 * 37)]:
+        weight, x, bias = _case(K, N, 17, dtype, seed=K)
+        bias = bias.float().contiguous()
+        for parts, gate_up in ((1, False), (2, True)) if N % 2 == 0 else ((1, False),):
+            packed = [kernel.pack(weight, parts) for kernel in (avx2, avx512)]
+            for B in range(1, 18):
+                narrow, wide = (kernel.linear(x[:B], panels, bias, gate_up=gate_up)
+                                for kernel, panels in zip((avx2, avx512), packed))
+                assert torch.equal(bits(narrow), bits(wide)), (K, N, B, gate_up)
+
+
+@two_builds
+def test_a_weight_packed_for_one_build_is_refused_by_the_other():
+    weight, x, _ = _case(64, 40, 2, torch.float16)
+    with pytest.raises(ValueError, match="panels of 24 columns, this avx512 build reads 32"):
+        BUILDS["avx512"].linear(x, BUILDS["avx2"].pack(weight))

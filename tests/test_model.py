@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from kernels.cpu_build import supported_instruction_sets
 from kernels.dense_cpu import CpuDenseKernel
 from server.model import LlamaDecoder, ModelConfig
 from server.model.loader import load_checkpoint
@@ -14,10 +15,10 @@ from server.settings import default_cache_dir
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed"
 
 
-def _ours(ckpt, dtype=torch.float32, max_len=256, dense_kernel=True) -> LlamaDecoder:
+def _ours(ckpt, dtype=torch.float32, max_len=256, dense_kernel=True, instruction_set="auto") -> LlamaDecoder:
     # the served CPU path: few-row projections through our dense kernel where it builds
-    return LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, dtype,
-                        torch.device("cpu"), max_len, CpuDenseKernel.load() if dense_kernel else None)
+    return LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, dtype, torch.device("cpu"), max_len,
+                        CpuDenseKernel.load(instruction_set=instruction_set) if dense_kernel else None)
 
 
 def _reference_logits(ckpt, ids: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,32 @@ def test_dense_kernel_decodes_as_torch_does(default_ckpt):
         logits.append(last)
     assert torch.equal(tokens[0], tokens[1])
     torch.testing.assert_close(logits[0], logits[1], atol=0.1, rtol=0)
+
+
+@pytest.mark.skipif(len(supported_instruction_sets()) < 2 or CpuDenseKernel.load(instruction_set="avx512") is None,
+                    reason="this CPU runs one build of the kernel (AVX-512 needs avx512f/vl/bw/dq)")
+def test_kernel_builds_decode_to_the_same_bits(default_ckpt):
+    """The AVX2 and AVX-512 builds of the CPU kernel, through the whole served path (a prompt over
+    MAX_ROWS tokens through the torch layer, a short one through the fused layer, then fused decode
+    steps of three rows): the same logits, bit for bit."""
+    tok = default_ckpt.tokenizer
+    prompts = [tok(PROMPT * 6, return_tensors="pt").input_ids, tok("The capital of France is", return_tensors="pt").input_ids,
+               tok(PROMPT, return_tensors="pt").input_ids]
+    assert prompts[0].shape[1] > CpuDenseKernel.MAX_ROWS >= max(p.shape[1] for p in prompts[1:])
+    results = []
+    for instruction_set in ("avx2", "avx512"):
+        model = _ours(default_ckpt, dtype=torch.float16, max_len=512, instruction_set=instruction_set)
+        assert model.dense_kernel.instruction_set == instruction_set and model.decode_layers is not None
+        cache = model.new_cache(3)
+        last = torch.stack([model(ids, torch.tensor([slot]), torch.tensor([0]), cache)[0]
+                            for slot, ids in enumerate(prompts)])  # [3, V]
+        outputs = [last]
+        starts = torch.tensor([p.shape[1] for p in prompts])
+        for step in range(6):
+            last = model(last.argmax(-1, keepdim=True), torch.arange(3), starts + step, cache)
+            outputs.append(last)
+        results.append(torch.stack(outputs))
+    assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.skipif(CpuDenseKernel.load() is None, reason="CPU dense kernel needs AVX2/FMA/F16C and gcc")
