@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import statistics
 import sys
 import time
@@ -45,6 +46,10 @@ def _time(fn, calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
+
+
+def _ours(kernel: Any, x: Any, panels: list[Any], index: int) -> Any:
+    return kernel.linear(x, panels[index])
 
 
 def measure_shape(name: str, out_features: int, in_features: int, rows: list[int], weights: int,
@@ -69,7 +74,7 @@ def measure_shape(name: str, out_features: int, in_features: int, rows: list[int
         if packed is not None:
             variants["f32 onednn"] = lambda i: torch.ops.mkldnn._linear_pointwise(x32, packed[i], None, "none", [], "")
         for isa, kernel in kernels.items():  # each build of our kernel this CPU runs
-            variants[f"f16 ours {isa}"] = (lambda k, p: lambda i: k.linear(x32, p[i]))(kernel, panels[isa])
+            variants[f"f16 ours {isa}"] = functools.partial(_ours, kernel, x32, panels[isa])
         reference = F.linear(x32, f32[0])
         errors = {v: float((fn(0).float().reshape(m, -1) - reference).abs().max()) for v, fn in variants.items()
                   if v != "f32 mkl W@x^T"}

@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import AVX2, AVX512, pick_instruction_set, supported_instruction_sets
+from kernels.cpu_build import (
+    AVX2,
+    AVX512,
+    pick_instruction_set,
+    supported_instruction_sets,
+)
 from kernels.dense_cpu import CpuDenseKernel, dense_linear_reference
 
 KERNEL = CpuDenseKernel.load()  # the build the server runs here: the widest this CPU supports
