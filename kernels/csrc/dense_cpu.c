@@ -1,8 +1,9 @@
-// Dense linear layer on x86-64 CPUs with AVX2, FMA and F16C: y = x W^T (+ b) for any number of rows
-// B, with W in float16, bfloat16 or float32 read once per call whatever B is, and (below) a whole
-// decoder layer of a decode step in one call. torch's half GEMM has no batched kernel on this
-// kind of CPU (8 rows cost 8x one row) and the float32 GEMM that batched steps used instead reads
-// twice the bytes (benchmarks/cpu_gemm.py measures them side by side).
+// Dense linear layer on x86-64 CPUs with AVX2, FMA and F16C (a second build uses AVX-512: see
+// lanes_t below): y = x W^T (+ b) for any number of rows B, with W in float16, bfloat16 or
+// float32 read once per call whatever B is, and (below) a whole decoder layer of a decode step in
+// one call. torch's half GEMM has no batched kernel on the AVX2 CPU this was written on (8 rows
+// cost 8x one row) and the float32 GEMM that batched steps used instead reads twice the bytes
+// (benchmarks/cpu_gemm.py measures them side by side).
 //
 // Semantics: F.linear with float32 inputs, accumulated in float32 and rounded to the weight dtype
 // (the reference is dense_linear_reference in kernels/dense_cpu.py). With gate_up, W holds
@@ -11,9 +12,11 @@
 //
 // Layout: W is re-laid once, at load (pack_panels in kernels/dense_cpu.py), as panels of PANEL
 // output columns, each panel [K, PANEL] contiguous: a panel's weights for one input channel are
-// three vectors, which the kernel multiplies by each row's input channel (a broadcast). A block of
-// 4 rows x 24 outputs keeps its 12 sums in registers and feeds 12 FMAs from 3 weight loads and 4
-// broadcasts, where dot products along W's rows need about one load per FMA (against torch's best
+// three vectors (AVX2; two in the AVX-512 build), which the kernel multiplies by each row's input
+// channel (a broadcast). In the AVX2 build a block of 4 rows x 24 outputs keeps its 12 sums in
+// registers and feeds 12 FMAs from 3 weight loads and 4 broadcasts (AVX-512: 8 rows x 32 outputs,
+// 16 FMAs from 2 loads and 8 broadcasts), where dot products along W's rows need about one load
+// per FMA (AVX2 build on an AMD EPYC, against torch's best
 // GEMM, benchmarks/cpu_gemm.py: 1.80x instead of 1.44x at 8 rows, 1.50x instead of 1.00x at 16,
 // 1.38x instead of 1.14x at one row; benchmarks/RESULTS.md). A weight in `parts`
 // equal parts (gate_up: 2) pads each part to whole panels, so gate panel i and up panel i hold the
@@ -102,7 +105,7 @@ static inline __attribute__((always_inline)) void panel_block(const float *x, in
         // comes next): the hardware prefetcher alone left the first row block waiting on DRAM.
         _mm_prefetch((const char *)panel0 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
         if (Q == 2) _mm_prefetch((const char *)panel1 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
-        if (Q == 1) {  // 3 weight vectors and one broadcast at a time: 16 registers at 4 rows
+        if (Q == 1) {  // the panel's weight vectors, and one broadcast at a time (AVX2, 4 rows: 16 registers)
             lanes_t w[PANEL_VECTORS];
             for (int64_t v = 0; v < PANEL_VECTORS; ++v) w[v] = lanes_load(panel0, k * PANEL + v * LANES, dtype);
             for (int64_t r = 0; r < R; ++r) {
