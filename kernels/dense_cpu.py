@@ -109,7 +109,7 @@ class DecodeLayerArgs(ctypes.Structure):
                                        "qkv_b", "o_b", "gate_up_b", "down_b", "cos", "signed_sin",
                                        "qkv_wt", "o_wt", "gate_up_wt", "down_wt",
                                        "qkv_factors", "o_factors", "gate_up_factors", "down_factors")] + [
-        ("qkv_segments", ctypes.c_int64 * 3), ("kv_dtype", ctypes.c_int64)]
+        ("qkv_segments", ctypes.c_int64 * 3), ("kv_dtype", ctypes.c_int64), ("masked_dense_rows", ctypes.c_int64)]
 
 
 class CpuDenseKernel:
@@ -121,10 +121,15 @@ class CpuDenseKernel:
     # (benchmarks/prefill_cpu.py; RESULTS.md).
     MAX_ROWS = 64
 
-    def __init__(self, lib: ctypes.CDLL, instruction_set: str) -> None:
-        """lib: dense_cpu.c built for `instruction_set` (the build's name, for logs and benchmarks)."""
+    def __init__(self, lib: ctypes.CDLL, instruction_set: str, masked_dense_rows: int = 2) -> None:
+        """lib: dense_cpu.c built for `instruction_set` (the build's name, for logs and benchmarks);
+        masked_dense_rows: decode steps with at least this many sparse rows run their projections as
+        masked dense ones (0: never; see masked_dense_rows in the C file)."""
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        if masked_dense_rows < 0:
+            raise ValueError(f"masked_dense_rows must be >= 0, got {masked_dense_rows}")
         self.instruction_set = instruction_set
+        self.masked_dense_rows = masked_dense_rows
         self.panel_width = int(lib.dense_panel_width())  # output columns per panel of this build
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i64, i32, p, p, i32, i32]
@@ -140,11 +145,12 @@ class CpuDenseKernel:
         self._library = lib
 
     @classmethod
-    def load(cls, cache_dir: Path | None = None, instruction_set: str = "auto") -> CpuDenseKernel | None:
+    def load(cls, cache_dir: Path | None = None, instruction_set: str = "auto",
+             masked_dense_rows: int = 2) -> CpuDenseKernel | None:
         """instruction_set: "auto" (the widest build this CPU runs), "avx2" or "avx512"; None where
-        that build cannot run here."""
+        that build cannot run here. masked_dense_rows: as __init__'s."""
         loaded = load_library(SOURCE, cache_dir, "decode steps and projections run through torch", instruction_set)
-        return None if loaded is None else cls(loaded[0], loaded[1].name)
+        return None if loaded is None else cls(loaded[0], loaded[1].name, masked_dense_rows)
 
     def pack(self, weight: torch.Tensor, parts: int = 1) -> PanelWeight:
         """weight [N, K] contiguous CPU float32/16/bf16 in this build's layout (one more copy of
@@ -238,6 +244,7 @@ class CpuDenseKernel:
             address(qkv[1]), address(o[1]), address(gate_up[1]), address(down[1]),
             cos.data_ptr(), signed_sin.data_ptr())
         args.kv_dtype = DTYPE_CODES[kv_dtype]
+        args.masked_dense_rows = self.masked_dense_rows
         return PreparedDecodeLayer(self._library, args, (attn_norm, mlp_norm, *(t for pair in (qkv, o, gate_up, down)
                                                                                for t in pair), cos, signed_sin))
 

@@ -70,7 +70,8 @@ def load_model(settings: ServerSettings) -> LoadedModel:
         if pick_instruction_set(settings.cpu_instruction_set) is None and settings.cpu_instruction_set != "auto":
             raise ValueError(f"cpu_instruction_set={settings.cpu_instruction_set}: this CPU lacks its instructions "
                              f"(it runs: {[isa.name for isa in supported_instruction_sets()] or 'none'})")
-        dense_kernel = CpuDenseKernel.load(settings.cache_dir / "kernels", settings.cpu_instruction_set)
+        dense_kernel = CpuDenseKernel.load(settings.cache_dir / "kernels", settings.cpu_instruction_set,
+                                           settings.wina_cpu_masked_dense_rows)
     model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len, dense_kernel)
     del ckpt.state_dict
     name = settings.served_model_name or ckpt.name

@@ -179,12 +179,23 @@ def test_official_wina_criterion_uses_norms_on_k_and_gate_only(loaded, profiles)
         criterion_factors(torch.ones(4, 3), (4,), O_COLUMNS, "bogus")
 
 
+@pytest.fixture(scope="module")
+def loaded_sparse_kernel_only():
+    """The model served with wina_cpu_masked_dense_rows=0: sparse rows always through the sparse kernel."""
+    return load_model(ServerSettings(max_model_len=256, wina_profile="none", log_level="warning",
+                                     wina_cpu_masked_dense_rows=0))
+
+
 @pytest.mark.parametrize("targets", [[0.5, 0.3, 0.7], [0.5, 0.0, 0.7], [0.0, 0.6, 0.0]],
                          ids=["all-sparse", "mixed", "one-sparse"])
-def test_fused_sparse_decode_step_equals_separate_calls(loaded, profiles, targets):
+@pytest.mark.parametrize("served", ["loaded", "loaded_sparse_kernel_only"],
+                         ids=["masked-dense-from-2-rows", "sparse-kernel-always"])
+def test_fused_sparse_decode_step_equals_separate_calls(request, served, profiles, targets):
     """A decode step with sparse rows runs each layer as one kernel call (the dense rows' projections
-    dense); it gives the same numbers and kept counts, bit for bit, as the layer's separate
-    projection calls (DecoderLayer.forward_decode, which steps with more than 8 sparse rows take)."""
+    dense; with two or more sparse rows, by default, theirs as dense ones over their kept inputs);
+    it gives the same numbers and kept counts, bit for bit, as the layer's separate projection calls
+    (DecoderLayer.forward_decode, whose sparse rows run the sparse kernel)."""
+    loaded = request.getfixturevalue(served)
     model = loaded.model
     if model.decode_layers is None:
         pytest.skip("no CPU decode kernel here")

@@ -209,17 +209,18 @@ static inline __attribute__((always_inline)) void dense_panels(const float *x, i
     }
 }
 
-// The whole projection, threads splitting the panels (with gate_up: gate panel i and up panel i
-// together). W [N, K] packed in `parts` parts; arguments as dense_linear's, already checked.
-static void dense_parallel(const float *x, int64_t B, int64_t K, const void *panels, int64_t N, int64_t parts,
-                           int dtype, const float *bias, void *out, int out_dtype, int gate_up) {
+// Panels [unit0, unit1) of the projection (counted over the parts in order; with gate_up, gate
+// panel i and up panel i are unit i), threads splitting them: the output columns they hold. W [N, K]
+// packed in `parts` parts; arguments as dense_linear's, already checked.
+static void dense_parallel_units(const float *x, int64_t B, int64_t K, const void *panels, int64_t N,
+                                 int64_t parts, int dtype, const float *bias, void *out, int out_dtype, int gate_up,
+                                 int64_t unit0, int64_t unit1) {
     const int64_t width_part = N / parts, panels_part = (width_part + PANEL - 1) / PANEL;
     const int64_t out_width = gate_up ? width_part : N;
-    const int64_t units = gate_up ? panels_part : parts * panels_part;  // gate_up: one part of outputs
 #pragma omp parallel
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
+        const int64_t u0 = unit0 + (unit1 - unit0) * t / nt, u1 = unit0 + (unit1 - unit0) * (t + 1) / nt;
         for (int64_t part = u0 / panels_part; part * panels_part < u1; ++part) {
             const int64_t p0 = u0 > part * panels_part ? u0 - part * panels_part : 0;
             const int64_t p1 = u1 < (part + 1) * panels_part ? u1 - part * panels_part : panels_part;
@@ -235,6 +236,14 @@ static void dense_parallel(const float *x, int64_t B, int64_t K, const void *pan
             }
         }
     }
+}
+
+// The whole projection (with gate_up: its one part of outputs)
+static void dense_parallel(const float *x, int64_t B, int64_t K, const void *panels, int64_t N, int64_t parts,
+                           int dtype, const float *bias, void *out, int out_dtype, int gate_up) {
+    const int64_t panels_part = (N / parts + PANEL - 1) / PANEL;
+    dense_parallel_units(x, B, K, panels, N, parts, dtype, bias, out, out_dtype, gate_up, 0,
+                         gate_up ? panels_part : parts * panels_part);
 }
 
 static int valid_dtype(int dtype) { return dtype == DTYPE_F16 || dtype == DTYPE_BF16 || dtype == DTYPE_F32; }
@@ -278,6 +287,9 @@ typedef struct {
     const float *qkv_factors, *o_factors, *gate_up_factors, *down_factors;
     int64_t qkv_segments[3];
     int64_t kv_dtype;  // the KV cache's dtype (DTYPE_*): the model's weight dtype on CPU
+    // Steps with at least this many sparse rows run their projections as masked dense ones
+    // (masked_dense_rows below; 0: never)
+    int64_t masked_dense_rows;
 } DecodeLayer;
 
 enum { TABLE_COLUMNS = 7 };  // q, k, v, o, gate, up, down: the model's [rows, 7] threshold and kept tables
@@ -480,6 +492,69 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, void *keys
     return 0;
 }
 
+// The sparse rows' projection as a dense one whose dropped inputs are zeros: rows b of x [B, K]
+// (the R sparse ones: sparse_rows, or all when NULL) keep channel i of segment g where
+// |x_i| * factors[g, i] > their threshold, as wina_project decides, and write the kept counts as it
+// does; every output then runs the dense kernel over the masked inputs. The same bits as
+// wina_project: both sum one float32 FMA chain over k in ascending order from zero, and a zero
+// input adds fma(0, w, acc) == acc. Worth it where the sparse rows are several: their kept channels
+// together cover most of the weight, and the dense kernel's register blocks beat accumulating the
+// kept rows one row of sums at a time (RESULTS.md, "WINA sparsity: speed"). Returns 0, -1 without
+// memory, or 1 where it cannot run: a segment boundary inside a panel (the panels of one segment
+// must see only its mask).
+static int masked_dense_rows(const float *x, int64_t B, int64_t K, const void *weight, int64_t N, int dtype,
+                             const float *factors, const int64_t *segments, int64_t G, const float *bias, float *out,
+                             int gate_up, const float *thresholds, int32_t *kept, int column,
+                             const int64_t *sparse_rows, int64_t R) {
+    int64_t start = 0;
+    for (int64_t g = 0; g + 1 < G && !gate_up; ++g) {
+        start += segments[g];
+        if (start % PANEL) return 1;
+    }
+    float *masked = malloc(sizeof(float) * G * B * K + (gate_up ? sizeof(float) * B * N : 0));  // [G, B, K] (+ [B, N])
+    if (!masked) return -1;
+    for (int64_t g = 0; g < G; ++g) {
+        float *xg = masked + g * B * K;
+        memcpy(xg, x, sizeof(float) * B * K);
+        for (int64_t s = 0; s < R; ++s) {
+            const int64_t b = sparse_rows ? sparse_rows[s] : s;
+            const float threshold = thresholds[s * TABLE_COLUMNS + column + g];
+            int32_t count = 0;
+            for (int64_t i = 0; i < K; ++i) {
+                const int keep = fabsf(x[b * K + i]) * factors[g * K + i] > threshold;
+                xg[b * K + i] = keep ? x[b * K + i] : 0.0f;
+                count += keep;
+            }
+            kept[s * TABLE_COLUMNS + column + g] = count;
+        }
+    }
+    if (gate_up) {  // gate and up as plain outputs over their own masks, then the SwiGLU epilogue
+        float *both = masked + G * B * K;  // [B, N]: gate's columns, then up's, each rounded with its bias
+        const int64_t width = N / 2, panels_part = (width + PANEL - 1) / PANEL;
+        dense_parallel_units(masked, B, K, weight, N, 2, dtype, bias, both, DTYPE_F32, 0, 0, panels_part);
+        dense_parallel_units(masked + B * K, B, K, weight, N, 2, dtype, bias, both, DTYPE_F32, 0, panels_part,
+                             2 * panels_part);
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t j = 0; j < width; j += 8) {
+                const int64_t n = width - j < 8 ? width - j : 8;
+                const __m256 y = finish8(load_padded8(both + b * N + j, n), load_padded8(both + b * N + width + j, n),
+                                         NULL, NULL, n, dtype, 1);  // the rounding again leaves them as they are
+                store_first(out, b * width + j, DTYPE_F32, y, n);
+            }
+        }
+    } else {
+        start = 0;
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t end = start + segments[g];
+            dense_parallel_units(masked + g * B * K, B, K, weight, N, 1, dtype, bias, out, DTYPE_F32, 0,
+                                 start / PANEL, (end + PANEL - 1) / PANEL);
+            start = end;
+        }
+    }
+    free(masked);
+    return 0;
+}
+
 // One projection of a step's rows into out [B, out] float32: all dense (thresholds NULL), all
 // sparse (R == B), or mixed: the R sparse rows (sparse_rows, ascending) through wina_project with
 // their thresholds' and kept counts' column `column` ([R, 7] tables), the others through
@@ -488,10 +563,15 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, void *keys
 static int project_rows(const float *x, int64_t B, int64_t K, const void *weight, const void *weight_t, int64_t N,
                         int dtype, const float *factors, const int64_t *segments, int64_t G, const float *bias,
                         float *out, int gate_up, const float *thresholds, int32_t *kept, int column,
-                        const int64_t *sparse_rows, int64_t R) {
+                        const int64_t *sparse_rows, int64_t R, int64_t masked_dense_min) {
     if (!thresholds) {
         dense_parallel(x, B, K, weight, N, gate_up ? 2 : 1, dtype, bias, out, DTYPE_F32, gate_up);
         return 0;
+    }
+    if (masked_dense_min > 0 && R >= masked_dense_min) {
+        const int status = masked_dense_rows(x, B, K, weight, N, dtype, factors, segments, G, bias, out, gate_up,
+                                             thresholds, kept, column, R < B ? sparse_rows : NULL, R);
+        if (status <= 0) return status;  // else (segments not on panel boundaries) the sparse kernel
     }
     if (R == B) {
         return wina_project(x, B, K, weight_t, N, dtype, factors, thresholds + column, TABLE_COLUMNS, segments, G,
@@ -534,11 +614,13 @@ static int attention_block(const DecodeLayer *layer, void *keys, void *values, f
         rms_norm_rows(h, B, hidden, layer->attn_norm, layer->eps, x);
         const int64_t o_segments[1] = {hidden};
         status = project_rows(x, B, hidden, layer->qkv_w, layer->qkv_wt, qkv_width, dtype, layer->qkv_factors,
-                              layer->qkv_segments, 3, layer->qkv_b, qkv, 0, thresholds, kept, 0, sparse_rows, R);
+                              layer->qkv_segments, 3, layer->qkv_b, qkv, 0, thresholds, kept, 0, sparse_rows, R,
+                              layer->masked_dense_rows);
         if (status == 0) status = attention_rows(layer, qkv, keys, values, B, slots, positions, attn);
         if (status == 0) {
             status = project_rows(attn, B, H * D, layer->o_w, layer->o_wt, hidden, dtype, layer->o_factors, o_segments,
-                                  1, layer->o_b, proj, 0, thresholds, kept, 3, sparse_rows, R);
+                                  1, layer->o_b, proj, 0, thresholds, kept, 3, sparse_rows, R,
+                                  layer->masked_dense_rows);
         }
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
@@ -597,14 +679,16 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
         rms_norm_rows(h, B, hidden, layer->mlp_norm, layer->eps, x);
         const int64_t gate_up_segments[2] = {I, I}, down_segments[1] = {hidden};
         status = project_rows(x, B, hidden, layer->gate_up_w, layer->gate_up_wt, 2 * I, dtype, layer->gate_up_factors,
-                              gate_up_segments, 2, layer->gate_up_b, act, 1, thresholds, kept, 4, sparse_rows, R);
+                              gate_up_segments, 2, layer->gate_up_b, act, 1, thresholds, kept, 4, sparse_rows, R,
+                              layer->masked_dense_rows);
         if (status == 0 && keep) {
             for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
         }
         if (status == 0 && basis) status = remove_subspace(act, B, I, basis, basis_t, offset, rank, basis_rows);
         if (status == 0) {
             status = project_rows(act, B, I, layer->down_w, layer->down_wt, hidden, dtype, layer->down_factors,
-                                  down_segments, 1, layer->down_b, proj, 0, thresholds, kept, 6, sparse_rows, R);
+                                  down_segments, 1, layer->down_b, proj, 0, thresholds, kept, 6, sparse_rows, R,
+                                  layer->masked_dense_rows);
         }
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
