@@ -109,7 +109,7 @@ class DecodeLayerArgs(ctypes.Structure):
                                        "qkv_b", "o_b", "gate_up_b", "down_b", "cos", "signed_sin",
                                        "qkv_wt", "o_wt", "gate_up_wt", "down_wt",
                                        "qkv_factors", "o_factors", "gate_up_factors", "down_factors")] + [
-        ("qkv_segments", ctypes.c_int64 * 3), ("kv_dtype", ctypes.c_int64), ("masked_dense_rows", ctypes.c_int64)]
+        ("qkv_segments", ctypes.c_int64 * 3), ("kv_dtype", ctypes.c_int64)]
 
 
 class CpuDenseKernel:
@@ -121,21 +121,22 @@ class CpuDenseKernel:
     # (benchmarks/prefill_cpu.py; RESULTS.md).
     MAX_ROWS = 64
 
-    def __init__(self, lib: ctypes.CDLL, instruction_set: str, masked_dense_rows: int = 2) -> None:
+    def __init__(self, lib: ctypes.CDLL, instruction_set: str, sparse_kernel_max_kept: float = 0.5) -> None:
         """lib: dense_cpu.c built for `instruction_set` (the build's name, for logs and benchmarks);
-        masked_dense_rows: decode steps with at least this many sparse rows run their projections as
-        masked dense ones (0: never; see masked_dense_rows in the C file)."""
+        sparse_kernel_max_kept: a decode step runs its sparse rows through the sparse kernel while
+        their kept fractions (1 - sparsity) add up to at most this, and as dense projections over
+        each row's kept inputs above it (the same numbers; see masked_dense_rows in the C file)."""
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        if masked_dense_rows < 0:
-            raise ValueError(f"masked_dense_rows must be >= 0, got {masked_dense_rows}")
+        if sparse_kernel_max_kept < 0:
+            raise ValueError(f"sparse_kernel_max_kept must be >= 0, got {sparse_kernel_max_kept}")
         self.instruction_set = instruction_set
-        self.masked_dense_rows = masked_dense_rows
+        self.sparse_kernel_max_kept = sparse_kernel_max_kept
         self.panel_width = int(lib.dense_panel_width())  # output columns per panel of this build
         fn = lib.dense_linear
         fn.argtypes = [p, i64, i64, p, i64, i64, i32, p, p, i32, i32]
         fn.restype = ctypes.c_int
         lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p,
-                                     p, p, p, i64, p, p, p, p, i64]
+                                     p, p, p, i64, p, p, p, p, i64, i32]
         lib.decode_layer.restype = ctypes.c_int
         lib.decode_attention.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
         lib.decode_attention.restype = ctypes.c_int
@@ -146,11 +147,11 @@ class CpuDenseKernel:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None, instruction_set: str = "auto",
-             masked_dense_rows: int = 2) -> CpuDenseKernel | None:
+             sparse_kernel_max_kept: float = 0.5) -> CpuDenseKernel | None:
         """instruction_set: "auto" (the widest build this CPU runs), "avx2" or "avx512"; None where
-        that build cannot run here. masked_dense_rows: as __init__'s."""
+        that build cannot run here. sparse_kernel_max_kept: as __init__'s."""
         loaded = load_library(SOURCE, cache_dir, "decode steps and projections run through torch", instruction_set)
-        return None if loaded is None else cls(loaded[0], loaded[1].name, masked_dense_rows)
+        return None if loaded is None else cls(loaded[0], loaded[1].name, sparse_kernel_max_kept)
 
     def pack(self, weight: torch.Tensor, parts: int = 1) -> PanelWeight:
         """weight [N, K] contiguous CPU float32/16/bf16 in this build's layout (one more copy of
@@ -244,7 +245,6 @@ class CpuDenseKernel:
             address(qkv[1]), address(o[1]), address(gate_up[1]), address(down[1]),
             cos.data_ptr(), signed_sin.data_ptr())
         args.kv_dtype = DTYPE_CODES[kv_dtype]
-        args.masked_dense_rows = self.masked_dense_rows
         return PreparedDecodeLayer(self._library, args, (attn_norm, mlp_norm, *(t for pair in (qkv, o, gate_up, down)
                                                                                for t in pair), cos, signed_sin))
 
@@ -312,14 +312,16 @@ class PreparedDecodeLayer:
     def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                  positions: torch.Tensor, keep: torch.Tensor | None = None, thresholds_ptr: int | None = None,
                  kept_ptr: int | None = None, sparse_rows: torch.Tensor | None = None,
-                 subspace: DecodeSubspace | None = None) -> torch.Tensor:
+                 subspace: DecodeSubspace | None = None, masked_dense: bool = False) -> torch.Tensor:
         """h: [B, 1, hidden] float32 contiguous; keys, values: [num_slots, KVH, max_len, D] in the KV dtype
         contiguous (written at each row's slot and position); slots, positions: [B] int64
         contiguous; keep: [B, intermediate] float32 0/1 contiguous, the MLP neurons each row keeps
         (None: all); thresholds_ptr / kept_ptr: with attach_sparsity, the addresses of the sparse
         rows' [R, 7] float32 WINA thresholds and int32 kept counts (q, k, v, o, gate, up, down; the
         counts are written), or None for a dense step; sparse_rows: [R] int64 ascending batch indices
-        of those rows (None: every row is sparse); subspace: after the keep mask, the asking rows'
+        of those rows (None: every row is sparse); masked_dense: their projections as dense ones over
+        the inputs each keeps instead of the sparse kernel (the same numbers; faster where the rows'
+        kept channels together cover most of the weight); subspace: after the keep mask, the asking rows'
         MLP activations a become a - basis (basis^T a - offset) -> the residual
         stream after the layer, [B, 1, hidden]. Callers check shapes once per step
         (LlamaDecoder.forward); the kernel re-checks slots, positions and sparse_rows."""
@@ -340,7 +342,7 @@ class PreparedDecodeLayer:
                                    None if keep is None else keep.data_ptr(),
                                    *self._subspace_args(subspace), thresholds_ptr, kept_ptr,
                                    None if sparse_rows is None else sparse_rows.data_ptr(),
-                                   h.shape[0] if sparse_rows is None else sparse_rows.numel()),
+                                   h.shape[0] if sparse_rows is None else sparse_rows.numel(), int(masked_dense)),
                     slots, positions)
         return out
 

@@ -71,7 +71,7 @@ def load_model(settings: ServerSettings) -> LoadedModel:
             raise ValueError(f"cpu_instruction_set={settings.cpu_instruction_set}: this CPU lacks its instructions "
                              f"(it runs: {[isa.name for isa in supported_instruction_sets()] or 'none'})")
         dense_kernel = CpuDenseKernel.load(settings.cache_dir / "kernels", settings.cpu_instruction_set,
-                                           settings.wina_cpu_masked_dense_rows)
+                                           settings.wina_cpu_sparse_kernel_max_kept)
     model = LlamaDecoder(config, ckpt.state_dict, dtype, device, settings.max_model_len, dense_kernel)
     del ckpt.state_dict
     name = settings.served_model_name or ckpt.name

@@ -117,11 +117,12 @@ class ServerSettings(BaseSettings):
         "H100, Llama-3-8B's MLP at batch 1 and 50%, 1.49x-1.86x cuBLAS against the tile kernels' "
         "1.19x-1.27x). Each gives a row the same numbers at any batch size.",
     )
-    wina_cpu_masked_dense_rows: int = Field(
-        2, ge=0, description="On CPU, decode steps with at least this many sparse rows compute their "
-        "projections as dense ones over the inputs each row keeps (the same numbers as the sparse "
-        "kernel): several rows' kept channels together cover most of the weight, and the dense "
-        "kernel is then faster (benchmarks/RESULTS.md). 0: always the sparse kernel.",
+    wina_cpu_sparse_kernel_max_kept: float = Field(
+        0.5, ge=0.0, description="On CPU, a decode step runs its sparse rows through the sparse kernel "
+        "while their kept fractions (1 - sparsity) add up to at most this (one row at 0.5, four at "
+        "0.9); above it, their projections run as dense ones over the inputs each row keeps (the same "
+        "numbers), because several rows' kept channels together cover most of the weight "
+        "(benchmarks/RESULTS.md). 0: always the dense kernel.",
     )
     default_sparsity: float = Field(
         0.0, ge=0.0, le=0.9, description="WINA sparsity for requests that do not set 'sparsity' "

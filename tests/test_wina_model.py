@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from kernels.dense_cpu import CpuDenseKernel
 from kernels.wina_cpu import CpuWinaKernel
 from kernels.wina_reference import column_norms
 from server.calibration.wina import (
@@ -14,6 +16,7 @@ from server.calibration.wina import (
     calibrate_wina,
     write_profiles,
 )
+from server.model import LlamaDecoder, ModelConfig
 from server.model.sparsity import O_COLUMNS, PROJECTIONS, WinaTable, criterion_factors
 from server.profiles import ProfileError, load_profile
 from server.runtime import load_model
@@ -181,18 +184,19 @@ def test_official_wina_criterion_uses_norms_on_k_and_gate_only(loaded, profiles)
 
 @pytest.fixture(scope="module")
 def loaded_sparse_kernel_only():
-    """The model served with wina_cpu_masked_dense_rows=0: sparse rows always through the sparse kernel."""
+    """Served with a kept budget no step reaches: sparse rows always through the sparse kernel."""
     return load_model(ServerSettings(max_model_len=256, wina_profile="none", log_level="warning",
-                                     wina_cpu_masked_dense_rows=0))
+                                     wina_cpu_sparse_kernel_max_kept=100.0))
 
 
 @pytest.mark.parametrize("targets", [[0.5, 0.3, 0.7], [0.5, 0.0, 0.7], [0.0, 0.6, 0.0]],
                          ids=["all-sparse", "mixed", "one-sparse"])
 @pytest.mark.parametrize("served", ["loaded", "loaded_sparse_kernel_only"],
-                         ids=["masked-dense-from-2-rows", "sparse-kernel-always"])
+                         ids=["default-budget", "sparse-kernel-always"])
 def test_fused_sparse_decode_step_equals_separate_calls(request, served, profiles, targets):
     """A decode step with sparse rows runs each layer as one kernel call (the dense rows' projections
-    dense; with two or more sparse rows, by default, theirs as dense ones over their kept inputs);
+    dense; where the sparse rows' kept fractions add up to more than the budget, as by default at
+    these targets except one-sparse, theirs as dense ones over their kept inputs);
     it gives the same numbers and kept counts, bit for bit, as the layer's separate projection calls
     (DecoderLayer.forward_decode, whose sparse rows run the sparse kernel)."""
     loaded = request.getfixturevalue(served)
@@ -207,13 +211,15 @@ def test_fused_sparse_decode_step_equals_separate_calls(request, served, profile
     for row in range(B):  # dense prompts, then one sparse step at three targets
         model(tokens[row:row + 1, :-1], torch.tensor([row]), torch.tensor([0]), cache)
     plan = model.sparsity_plan(targets, 1)
+    masked_dense = plan.kept_share > model.dense_kernel.sparse_kernel_max_kept  # as LlamaDecoder.forward decides
+    assert masked_dense == (served == "loaded" and targets != [0.0, 0.6, 0.0])
     slots, positions = torch.arange(B), torch.full((B,), T - 1)
     h = F.embedding(tokens[:, -1:], model.embed).float()  # [B, 1, hidden]
     for i, layer in enumerate(model.layers):
         view = plan.layer(i)
         keys, values = cache.keys[i].clone(), cache.values[i].clone()
         fused = model.decode_layers[i](h, keys, values, slots, positions, None, view.thresholds_ptr, view.kept_ptr,
-                                       plan.sparse_rows)
+                                       plan.sparse_rows, masked_dense=masked_dense)
         fused_kept = view.kept.clone()
         separate = layer.forward_decode(model.decode_layers[i], h, cache.keys[i], cache.values[i], slots,
                                         positions, view, None)
@@ -235,3 +241,63 @@ def test_attaching_another_profile_replaces_the_fused_sparsity(loaded, profiles)
     assert not any(layer.sparse for layer in model.decode_layers)
     model.attach_sparsity(profiles["teal-uniform"]["table"], CpuWinaKernel.load())
     assert all(layer.sparse for layer in model.decode_layers)
+
+
+def test_masked_dense_steps_decode_as_the_sparse_kernel(loaded, loaded_sparse_kernel_only, profiles):
+    """Through the model's forward: six rows at 0.5 (kept share 3, over the default budget: masked
+    dense projections) and the same rows where the budget keeps them on the sparse kernel give the
+    same logits and kept counts, bit for bit, over a few greedy steps."""
+    results = []
+    for loaded_model in (loaded, loaded_sparse_kernel_only):
+        model = loaded_model.model
+        if model.decode_layers is None:
+            pytest.skip("no CPU decode kernel here")
+        model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
+        tokens = _batch(loaded_model.tokenizer, (PROMPTS * 2)[:6])
+        B, T = tokens.shape
+        cache = model.new_cache(B)
+        last = torch.cat([model(tokens[row:row + 1], torch.tensor([row]), torch.tensor([0]), cache)
+                          for row in range(B)])  # [B, V]
+        steps, kept = [], []
+        for step in range(3):
+            plan = model.sparsity_plan([0.5] * B, 1)
+            last = model(last.argmax(-1, keepdim=True), torch.arange(B), torch.full((B,), T + step), cache,
+                         sparsity=plan)
+            steps.append(last)
+            kept.append(plan.kept.clone())
+        results.append((torch.stack(steps), torch.stack(kept)))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("head_dim", [16, 12], ids=["segments-on-panels", "segments-inside-panels"])
+def test_masked_dense_on_a_small_random_llama(head_dim):
+    """Any Llama shape: q, k and v widths that do not end on a panel boundary (head_dim 12: 48, 24,
+    24 against panels of 32 in the AVX-512 build) leave the step on the sparse kernel, which the
+    masked path would otherwise have to cut panels for; either way the rows get the sparse kernel's
+    numbers, bit for bit, at any budget."""
+    kernels = [CpuDenseKernel.load(sparse_kernel_max_kept=budget) for budget in (0.0, 100.0)]
+    if kernels[0] is None or CpuWinaKernel.load() is None:
+        pytest.skip("no CPU kernels here")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=4 * head_dim, intermediate_size=72, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    state = LlamaForCausalLM(config).state_dict()
+    levels = torch.tensor([0.0, 0.5])
+    # [levels, layers, 7]: at 0.5 about half of the inputs of q/k/v/gate/up (|x| ~ 0.1) and of o/down (~ 1e-3) go
+    top = torch.tensor([0.05, 0.05, 0.05, 1e-3, 0.05, 0.05, 1e-3]).expand(2, 7)
+    thresholds = torch.stack([torch.zeros(2, 7), top])
+    results = []
+    for kernel in kernels:
+        model = LlamaDecoder(ModelConfig.from_hf(config), state, torch.float16, torch.device("cpu"), 64, kernel)
+        model.attach_sparsity(WinaTable("wina", levels, thresholds), CpuWinaKernel.load())
+        cache = model.new_cache(3)
+        ids = torch.randint(0, 300, (3, 5), generator=torch.Generator().manual_seed(1))
+        for row in range(3):
+            model(ids[row:row + 1], torch.tensor([row]), torch.tensor([0]), cache)
+        plan = model.sparsity_plan([0.5, 0.0, 0.4], 1)
+        logits = model(ids[:, -1:], torch.arange(3), torch.full((3,), 5), cache, sparsity=plan)
+        widths = torch.tensor([4 * head_dim] * 3 + [4 * head_dim] + [4 * head_dim] * 2 + [72])  # each projection's K
+        # every projection keeps some inputs and drops some in most rows and layers
+        assert bool((plan.kept > 0).all()) and float((plan.kept < widths).float().mean()) > 0.9, plan.kept
+        results.append((logits, plan.kept.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -287,9 +287,6 @@ typedef struct {
     const float *qkv_factors, *o_factors, *gate_up_factors, *down_factors;
     int64_t qkv_segments[3];
     int64_t kv_dtype;  // the KV cache's dtype (DTYPE_*): the model's weight dtype on CPU
-    // Steps with at least this many sparse rows run their projections as masked dense ones
-    // (masked_dense_rows below; 0: never)
-    int64_t masked_dense_rows;
 } DecodeLayer;
 
 enum { TABLE_COLUMNS = 7 };  // q, k, v, o, gate, up, down: the model's [rows, 7] threshold and kept tables
@@ -559,16 +556,17 @@ static int masked_dense_rows(const float *x, int64_t B, int64_t K, const void *w
 // sparse (R == B), or mixed: the R sparse rows (sparse_rows, ascending) through wina_project with
 // their thresholds' and kept counts' column `column` ([R, 7] tables), the others through
 // dense_parallel; each row gets what a call on its group alone gives it (both kernels compute a row
-// independently of the others), which is what the model's separate calls give it.
+// independently of the others), which is what the model's separate calls give it. With
+// masked_dense, every row through masked_dense_rows instead (the same numbers).
 static int project_rows(const float *x, int64_t B, int64_t K, const void *weight, const void *weight_t, int64_t N,
                         int dtype, const float *factors, const int64_t *segments, int64_t G, const float *bias,
                         float *out, int gate_up, const float *thresholds, int32_t *kept, int column,
-                        const int64_t *sparse_rows, int64_t R, int64_t masked_dense_min) {
+                        const int64_t *sparse_rows, int64_t R, int masked_dense) {
     if (!thresholds) {
         dense_parallel(x, B, K, weight, N, gate_up ? 2 : 1, dtype, bias, out, DTYPE_F32, gate_up);
         return 0;
     }
-    if (masked_dense_min > 0 && R >= masked_dense_min) {
+    if (masked_dense) {
         const int status = masked_dense_rows(x, B, K, weight, N, dtype, factors, segments, G, bias, out, gate_up,
                                              thresholds, kept, column, R < B ? sparse_rows : NULL, R);
         if (status <= 0) return status;  // else (segments not on panel boundaries) the sparse kernel
@@ -601,7 +599,7 @@ static int project_rows(const float *x, int64_t B, int64_t K, const void *weight
 // The attention half of the layer on h [B, hidden], in place: h += o_proj(attention(norm(h))).
 static int attention_block(const DecodeLayer *layer, void *keys, void *values, float *h, int64_t B,
                            const int64_t *slots, const int64_t *positions, const float *thresholds, int32_t *kept,
-                           const int64_t *sparse_rows, int64_t R) {
+                           const int64_t *sparse_rows, int64_t R, int masked_dense) {
     const int64_t hidden = layer->hidden, H = layer->heads, KVH = layer->kv_heads, D = layer->head_dim;
     const int64_t qkv_width = (H + 2 * KVH) * D;
     const int dtype = (int)layer->dtype;
@@ -615,12 +613,12 @@ static int attention_block(const DecodeLayer *layer, void *keys, void *values, f
         const int64_t o_segments[1] = {hidden};
         status = project_rows(x, B, hidden, layer->qkv_w, layer->qkv_wt, qkv_width, dtype, layer->qkv_factors,
                               layer->qkv_segments, 3, layer->qkv_b, qkv, 0, thresholds, kept, 0, sparse_rows, R,
-                              layer->masked_dense_rows);
+                              masked_dense);
         if (status == 0) status = attention_rows(layer, qkv, keys, values, B, slots, positions, attn);
         if (status == 0) {
             status = project_rows(attn, B, H * D, layer->o_w, layer->o_wt, hidden, dtype, layer->o_factors, o_segments,
                                   1, layer->o_b, proj, 0, thresholds, kept, 3, sparse_rows, R,
-                                  layer->masked_dense_rows);
+                                  masked_dense);
         }
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
@@ -667,8 +665,8 @@ static int remove_subspace(float *act, int64_t B, int64_t I, const float *basis,
 // removes the subspace `basis` (NULL: none; see remove_subspace) from the rows that ask.
 static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float *keep, const float *basis,
                      const float *basis_t, const float *offset, int64_t rank, const uint8_t *basis_rows,
-                     const float *thresholds,
-                     int32_t *kept, const int64_t *sparse_rows, int64_t R) {
+                     const float *thresholds, int32_t *kept, const int64_t *sparse_rows, int64_t R,
+                     int masked_dense) {
     const int64_t hidden = layer->hidden, I = layer->intermediate;
     const int dtype = (int)layer->dtype;
     float *x = malloc(sizeof(float) * B * hidden);
@@ -680,7 +678,7 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
         const int64_t gate_up_segments[2] = {I, I}, down_segments[1] = {hidden};
         status = project_rows(x, B, hidden, layer->gate_up_w, layer->gate_up_wt, 2 * I, dtype, layer->gate_up_factors,
                               gate_up_segments, 2, layer->gate_up_b, act, 1, thresholds, kept, 4, sparse_rows, R,
-                              layer->masked_dense_rows);
+                              masked_dense);
         if (status == 0 && keep) {
             for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
         }
@@ -688,7 +686,7 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
         if (status == 0) {
             status = project_rows(act, B, I, layer->down_w, layer->down_wt, hidden, dtype, layer->down_factors,
                                   down_segments, 1, layer->down_b, proj, 0, thresholds, kept, 6, sparse_rows, R,
-                                  layer->masked_dense_rows);
+                                  masked_dense);
         }
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
@@ -705,13 +703,14 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
 // thresholds: NULL (dense), or the WINA thresholds [R, 7] float32 (q, k, v, o, gate, up, down) of
 // the R sparse rows, sparse_rows [R] (ascending batch indices; NULL when every row is sparse, R == B):
 // their projections run through wina_project (the same call, and so the same numbers, as the
-// separate sparse projections), writing the channels each kept to kept [R, 7] int32; the other
-// rows' run dense, as in a dense step. Returns 0, or -1 on bad arguments or no memory.
+// separate sparse projections), or with masked_dense as dense ones over their kept inputs
+// (masked_dense_rows: the same numbers again), writing the channels each kept to kept [R, 7] int32;
+// the other rows' run dense, as in a dense step. Returns 0, or -1 on bad arguments or no memory.
 int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num_slots, const float *h_in,
                  float *h_out, int64_t B, const int64_t *slots, const int64_t *positions, const float *keep,
                  const float *basis, const float *basis_t, const float *offset, int64_t rank,
                  const uint8_t *basis_rows, const float *thresholds, int32_t *kept, const int64_t *sparse_rows,
-                 int64_t R) {
+                 int64_t R, int masked_dense) {
     if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
     if (basis && (!basis_t || !offset || rank < 1)) return -1;
     if (thresholds && (!layer->qkv_wt || !kept || R < 1 || R > B || (R < B && !sparse_rows))) return -1;
@@ -719,9 +718,12 @@ int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num
         if (sparse_rows[s] < (s ? sparse_rows[s - 1] + 1 : 0) || sparse_rows[s] >= B) return -1;  // ascending, in range
     }
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
-    if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R)) return -1;
+    if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R,
+                        masked_dense)) {
+        return -1;
+    }
     return mlp_block(layer, h_out, B, keep, basis, basis_t, offset, rank, basis_rows, thresholds, kept, sparse_rows,
-                     R);
+                     R, masked_dense);
 }
 
 // The layer in parts, for a step with more sparse rows than the fused call takes, or that edits

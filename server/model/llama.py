@@ -202,8 +202,10 @@ class LlamaDecoder(nn.Module):
             raise ValueError(f"position {kv_len - 1} is past max_model_len {self.max_model_len}")
         h = F.embedding(token_ids, self.embed).float()  # [B, T, hidden]
         # On CPU, a decode step (one new token per row) runs each layer as one kernel call (neuron
-        # keep masks and one memorization subspace included, and WINA sparsity for up to 8 sparse rows); a layer with more sparse
-        # rows, or that edits neurons otherwise, runs the kernel's parts around torch projections,
+        # keep masks and one memorization subspace included, and WINA sparsity: up to 8 sparse rows
+        # through the sparse kernel, any number as masked dense projections, see masked_dense
+        # below); a layer with more sparse rows than that, or that edits neurons otherwise, runs the
+        # kernel's parts around torch projections,
         # which give the other rows the same numbers.
         # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
         # of one slot (each attends to the keys up to its own position), unless it is sparse or
@@ -215,6 +217,9 @@ class LlamaDecoder(nn.Module):
             fused = self.decode_layers
         if fused is not None:
             sparse_count = 0 if sparsity is None else (B if sparsity.sparse_rows is None else sparsity.sparse_rows.numel())
+            # sparse rows that together ask for much of the weight: dense projections over their kept
+            # inputs (the same numbers as the sparse kernel, faster there; any number of rows)
+            masked_dense = sparsity is not None and sparsity.kept_share > self.dense_kernel.sparse_kernel_max_kept
             fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
             fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
         else:
@@ -247,12 +252,13 @@ class LlamaDecoder(nn.Module):
                 rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]: a view when T == 1
                 h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
                              subspace=subspace).view(B, T, -1)
-            elif fused[i].sparse and sparse_count <= CPU_KERNEL_MAX_ROWS and (neurons is None or kernel_edit is not None):
+            elif fused[i].sparse and (masked_dense or sparse_count <= CPU_KERNEL_MAX_ROWS) and (
+                    neurons is None or kernel_edit is not None):
                 # T == 1 here: the sparse rows' projections inside the one call (the others' dense),
                 # with the numbers forward_decode's separate kernel calls would give
                 h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
                              layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr, sparsity.sparse_rows,
-                             subspace=subspace)
+                             subspace=subspace, masked_dense=masked_dense)
             else:  # T == 1 here
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)

@@ -124,6 +124,7 @@ class SparsityPlan:
     tokens_per_row: int
     weight_sizes: torch.Tensor  # [7] float32: output width N_p of each projection
     layer_weight_total: float  # sum over the 7 projections of K_p * N_p
+    kept_share: float  # sum over the sparse rows of 1 - their target: how much of the weight they ask for
 
     @classmethod
     def build(cls, table: WinaTable, targets: list[float], tokens_per_row: int,
@@ -143,6 +144,7 @@ class SparsityPlan:
             tokens_per_row=tokens_per_row,
             weight_sizes=weight_sizes,
             layer_weight_total=layer_weight_total,
+            kept_share=sum(1.0 - targets[i] for i in sparse),
         )
 
     def layer(self, index: int) -> "LayerSparsity":
