@@ -5,8 +5,10 @@ holds zeros, which costs what real keys cost. A second copy of the model, its st
 with ours in this one process, can be the baseline: --baseline-kv-float32 (this code with a
 float32 KV cache), --baseline-isa NAME (this code's kernel built for another instruction set, e.g.
 avx2 on an AVX-512 CPU), or --baseline-tree DIR (another checkout's build of
-kernels/csrc/dense_cpu.c for AVX2, e.g. a `git worktree` of an earlier commit; its kernel must take
-this tree's arguments: the same DecodeLayer fields and KV cache dtype).
+kernels/csrc/dense_cpu.c for the instruction set ours runs, e.g. a `git worktree` of an earlier
+commit; its kernel must take this tree's arguments: the same DecodeLayer fields, KV cache dtype and
+decode_layer signature). --sparsity S runs every row of both at WINA sparsity S (the
+wina-uniform profile), for A/Bs of the sparse path.
 
     python benchmarks/decode_context.py [--positions 100,500,1500] [--batch-sizes 1,8]
                                         [--baseline-kv-float32 | --baseline-isa NAME | --baseline-tree DIR]
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,8", help="rows per step (comma-separated)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per point (median)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="every row at this WINA sparsity (the default wina-uniform profile; both models)")
     baseline = parser.add_mutually_exclusive_group()
     baseline.add_argument("--baseline-tree", type=Path, default=None,
                           help="also time the kernel built from DIR/kernels/csrc/dense_cpu.c, interleaved")
@@ -49,17 +53,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from kernels.cpu_build import build_library
+    from kernels.cpu_build import INSTRUCTION_SETS, build_library
     from kernels.dense_cpu import CpuDenseKernel
     from server.model.config import ModelConfig
     from server.model.llama import LlamaDecoder
     from server.model.loader import load_checkpoint
-    from server.runtime import load_model
+    from server.runtime import attach_wina, load_model
     from server.settings import ServerSettings
 
     positions = [int(p) for p in args.positions.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    settings = ServerSettings(max_model_len=max(16, max(positions) + 1), wina_profile="none", dtype=args.dtype,
+    settings = ServerSettings(max_model_len=max(16, max(positions) + 1), dtype=args.dtype,
+                              wina_profile="wina-uniform" if args.sparsity > 0 else "none",
                               load_interventions=False, log_level="warning")
     loaded = load_model(settings)
     models = {"ours": loaded.model}
@@ -67,14 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         ours, ckpt = loaded.model, load_checkpoint(settings.model, settings.cache_dir)
         kernel, kv_dtype = ours.dense_kernel, torch.float32
         if args.baseline_tree is not None:
-            library = build_library(args.baseline_tree / "kernels" / "csrc" / "dense_cpu.c", Path(tempfile.mkdtemp()))
-            kernel, kv_dtype = CpuDenseKernel(ctypes.CDLL(str(library)), "avx2"), None
+            isa = INSTRUCTION_SETS[ours.dense_kernel.instruction_set]  # the build ours runs
+            library = build_library(args.baseline_tree / "kernels" / "csrc" / "dense_cpu.c", Path(tempfile.mkdtemp()),
+                                    isa)
+            kernel, kv_dtype = CpuDenseKernel(ctypes.CDLL(str(library)), isa.name), None
         if args.baseline_isa is not None:
             kernel, kv_dtype = CpuDenseKernel.load(settings.cache_dir / "kernels", args.baseline_isa), None
             if kernel is None:
                 parser.error(f"this CPU cannot run the {args.baseline_isa} build")
         models["baseline"] = LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, ours.dtype, ours.device,
                                           ours.max_model_len, kernel, kv_dtype=kv_dtype)
+        if args.sparsity > 0:
+            attach_wina(models["baseline"], loaded.wina_profile, settings)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     caches = {name: model.new_cache(max(batch_sizes)) for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
@@ -86,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[float]] = {name: [] for name in models}
             for step in range(args.steps + 1):  # the first, a warm-up, is not counted
                 for name, model in models.items():
+                    plan = model.sparsity_plan([args.sparsity] * B, 1)
                     start = time.perf_counter()
-                    model(tokens, slots, starts, caches[name])
+                    model(tokens, slots, starts, caches[name], sparsity=plan)
                     if step:
                         times[name].append(time.perf_counter() - start)
             row = {"batch": B, "position": position}
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     model = loaded.model
     text = "\n".join([
         (f"decode_context  {started}  {loaded.name}  {args.dtype}  torch {torch.__version__}  threads "
-         f"{torch.get_num_threads()}  fused kernel: {model.decode_layers is not None}  (median of {args.steps} steps)"),
+         f"{torch.get_num_threads()}  fused kernel: {model.decode_layers is not None}  sparsity {args.sparsity}  "
+         f"(median of {args.steps} steps)"),
         format_table(["batch", "position", "step ms", "tok/s"] + (["baseline step ms", "baseline / ours"] if baseline else []),
                      [[str(r["batch"]), str(r["position"]), f"{r['ours_step_ms']:.1f}", f"{r['ours_tokens_per_s']:.1f}"]
                       + ([f"{r['baseline_step_ms']:.1f}", f"{r['baseline_step_ms'] / r['ours_step_ms']:.2f}"]
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
               "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree),
               "baseline_kv_float32": args.baseline_kv_float32, "baseline_isa": args.baseline_isa,
+              "sparsity": args.sparsity,
               "instruction_set": None if model.dense_kernel is None else model.dense_kernel.instruction_set,
               "results": rows}
     write_report(report, text, args.out)

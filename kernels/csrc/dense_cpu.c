@@ -22,9 +22,10 @@
 // equal parts (gate_up: 2) pads each part to whole panels, so gate panel i and up panel i hold the
 // same neurons.
 //
-// Each output is one float32 sum over k in order, whatever B is and whichever thread computes it:
-// a row's result never depends on its batch neighbours or the thread count (the model relies on
-// this to give a request the same numbers whoever it is batched with).
+// Each output is two float32 chains over k in order, k < K_SPLIT(K) and the rest, added at the
+// end (as the WINA kernel forms its sums, wina_core.h), whatever B is and whichever thread computes
+// it: a row's result never depends on its batch neighbours or the thread count (the model relies
+// on this to give a request the same numbers whoever it is batched with).
 // Built on first use by kernels/cpu_build.py and called through ctypes (see kernels/dense_cpu.py).
 
 #include <immintrin.h>
@@ -39,10 +40,11 @@
 // (kernels/cpu_build.py picks the build from the CPU's flags), 8 otherwise. The AVX-512 build
 // has 32 vector registers, so a block of 8 rows x 32 outputs keeps its 16 sums in registers and
 // reads each panel once for 8 rows (the AVX2 build's 16 registers hold 4 rows x 24 outputs). Only
-// the blocking changes between builds: each output is still the same float32 chain of FMAs over
+// the blocking changes between builds: each output is still the same float32 chains of FMAs over
 // k, so both give the same bits (tests/test_dense_cpu.py compares them). Projections of one
-// forward pass on an Intel Xeon with AVX-512 (benchmarks/cpu_gemm.py, RESULTS.md): 8 rows 1.5x
-// faster than the AVX2 build, one row the same (it waits on memory either way).
+// forward pass on an Intel Xeon with AVX-512 (benchmarks/cpu_gemm.py, RESULTS.md): 8 rows 1.8x
+// faster than the AVX2 build, whole 8-row decode steps 1.5x, one row the same (it waits on
+// memory either way).
 #ifdef __AVX512F__
 #define BLOCK_ROWS 8
 typedef __m512 lanes_t;
@@ -54,6 +56,8 @@ static inline lanes_t lanes_zero(void) { return _mm512_setzero_ps(); }
 static inline lanes_t lanes_broadcast(const float *x) { return _mm512_set1_ps(*x); }
 static inline lanes_t lanes_fma(lanes_t a, lanes_t b, lanes_t c) { return _mm512_fmadd_ps(a, b, c); }
 static inline void lanes_store(float *out, lanes_t v) { _mm512_storeu_ps(out, v); }
+static inline lanes_t lanes_add(lanes_t a, lanes_t b) { return _mm512_add_ps(a, b); }
+static inline lanes_t lanes_load_f32(const float *in) { return _mm512_loadu_ps(in); }
 static inline lanes_t lanes_load(const void *base, int64_t offset, int dtype) {
     if (dtype == DTYPE_F16) {
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset)));
@@ -75,6 +79,8 @@ static inline lanes_t lanes_zero(void) { return _mm256_setzero_ps(); }
 static inline lanes_t lanes_broadcast(const float *x) { return _mm256_broadcast_ss(x); }
 static inline lanes_t lanes_fma(lanes_t a, lanes_t b, lanes_t c) { return _mm256_fmadd_ps(a, b, c); }
 static inline void lanes_store(float *out, lanes_t v) { _mm256_storeu_ps(out, v); }
+static inline lanes_t lanes_add(lanes_t a, lanes_t b) { return _mm256_add_ps(a, b); }
+static inline lanes_t lanes_load_f32(const float *in) { return _mm256_loadu_ps(in); }
 static inline lanes_t lanes_load(const void *base, int64_t offset, int dtype) { return load8(base, offset, dtype); }
 #endif
 enum { PANEL_VECTORS = PANEL / LANES };
@@ -100,7 +106,12 @@ static inline __attribute__((always_inline)) void panel_block(const float *x, in
         }
     }
     const int64_t bytes_per_k = PANEL * (dtype == DTYPE_F32 ? 4 : 2);
-    for (int64_t k = 0; k < K; ++k) {
+    // Two chains per output, over k < K_SPLIT(K) and over the rest, added at the end: the sums the
+    // WINA kernel forms (wina_core.h), so that a sparse row computed as a masked dense one
+    // (masked_dense_rows) gets the sparse kernel's numbers.
+    for (int half = 0; half < 2; ++half) {
+    const int64_t k_begin = half ? K_SPLIT(K) : 0, k_end = half ? K : K_SPLIT(K);
+    for (int64_t k = k_begin; k < k_end; ++k) {
         // The panel's next lines, PREFETCH_BYTES ahead (into the next panel near the end, which
         // comes next): the hardware prefetcher alone left the first row block waiting on DRAM.
         _mm_prefetch((const char *)panel0 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
@@ -123,10 +134,15 @@ static inline __attribute__((always_inline)) void panel_block(const float *x, in
             }
         }
     }
-    for (int64_t q = 0; q < Q; ++q) {
+    for (int64_t q = 0; q < Q; ++q) {  // the first half's sums put by, or the second's added to them
         for (int64_t r = 0; r < R; ++r) {
-            for (int64_t v = 0; v < PANEL_VECTORS; ++v) lanes_store(sums[q][r] + v * LANES, acc[q][r][v]);
+            for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
+                float *at = sums[q][r] + v * LANES;
+                lanes_store(at, half ? lanes_add(lanes_load_f32(at), acc[q][r][v]) : acc[q][r][v]);
+                acc[q][r][v] = lanes_zero();
+            }
         }
+    }
     }
 }
 

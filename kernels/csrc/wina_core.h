@@ -3,18 +3,25 @@
 // float32. Semantics: kernels/wina_reference.py (wina_linear_reference and
 // wina_gate_up_reference), the oracle the tests compare this against.
 //
-// Batch invariance: every output's sum starts at 0 and visits the kept channels in ascending
-// order, one fused multiply-add each; a channel that only a neighbour keeps contributes
-// fma(0, w, acc) == acc, which leaves the sum bit-for-bit unchanged. So a row's output never
-// depends on its neighbours, nor on the thread count (threads split the outputs, never a sum).
+// Batch invariance: every output is two float32 chains, one over the kept channels below
+// K_SPLIT(K) and one over the rest, each starting at 0 and visiting its channels in ascending
+// order, one fused multiply-add each, added at the end; a channel that only a neighbour keeps
+// contributes fma(0, w, acc) == acc, which leaves a chain bit-for-bit unchanged. So a row's output
+// never depends on its neighbours, nor on the thread count (the split point is fixed). The dense
+// kernel (dense_cpu.c) forms its sums the same way, so a sparse row computed as a dense one over
+// its kept inputs gets these numbers too.
 //
-// Layout of the work: threads split the output columns; each streams the kept rows' pieces of its
-// columns eight rows side by side into float32 sums, so no sum is ever split between threads:
-// no barrier, no partial sums to add, the same result at any thread count. The kept-channel sets
-// are built eight channels per vector compare, and float32 outputs are rounded eight at a time.
-// (The first version split the channels between threads, which cost a barrier and a reduction
-// per call.) On the development CPU the limit is reading kept rows from DRAM, not this code:
-// benchmarks/row_skip_bandwidth.py measures what skipping rows can save there.
+// Layout of the work: threads take one half of the channels each (and with more than two
+// threads, shares of the output columns within it), so each reads whole kept rows of W^T; each
+// streams the kept rows' pieces of its columns eight rows side by side into float32 sums; one
+// barrier, then every thread adds the halves of its share of the outputs and finishes them. The
+// kept-channel sets are built eight channels per vector compare, and float32 outputs are rounded
+// eight at a time. (Until the sixteenth session threads split the output columns, each reading
+// part of every kept row: on the AVX-512 Xeon that session ran on, reading whole rows is 1.6-1.7x
+// faster at half the rows kept against 1.3-1.4x (benchmarks/row_skip_bandwidth.py), and batch-1
+// decode at 50% went from 0.94x to about 1.3x dense; the first version of all split the channels
+// between threads at a point that depended on the kept set, which made sums depend on neighbours.)
+// The limit is reading kept rows from DRAM, not this code.
 //
 // A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
 // and dense_cpu.c (whose fused decode layer runs sparse rows through it).
@@ -32,6 +39,8 @@
 #include "simd_cpu.h"
 
 enum { MAX_SEGMENTS = 4 };
+// Where each output's float32 sum splits in two over the K input channels (see wina_project)
+#define K_SPLIT(K) ((K) / 2)
 
 // One segment's kept channels: the ascending union over rows, and each row's coefficient per
 // union entry (its input where it keeps the channel, 0 where only a neighbour does).
@@ -190,16 +199,27 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
         }
     }
 
-    // Threads split each segment's output columns at fixed, 8-aligned boundaries (with gate_up the
-    // same gate and up columns, which the epilogue pairs); every output's sum runs whole in one
-    // thread, so the thread count changes no result and no partial sums need adding. Small calls
-    // stay on one thread.
+    // Each output is two float32 chains, over the kept channels below K_SPLIT(K) and over those
+    // from it on, added at the end: the split point is fixed, so the result depends only on the
+    // row's own kept channels. Threads take one half each (and with more than two threads, shares
+    // of the columns within it): each reads whole rows of W^T, which on the AVX-512 Xeon reads
+    // kept rows 1.6-1.7x faster than every thread reading part of every row
+    // (benchmarks/row_skip_bandwidth.py). Small calls stay on one thread.
     const int64_t out_width = gate_up ? N / 2 : N;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
-    float *acc = malloc(sizeof(float) * B * N);  // [B, N]
+    float *acc = calloc((size_t)(2 * B * N), sizeof(float));  // [2, B, N]: each half's sums
     if (!acc) {
         free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
         return -1;
+    }
+    ActiveSet halves[2][MAX_SEGMENTS];
+    const int32_t split = (int32_t)K_SPLIT(K);
+    for (int64_t g = 0; g < G; ++g) {
+        int32_t first_high = 0;
+        while (first_high < sets[g].count && sets[g].channels[first_high] < split) ++first_high;
+        halves[0][g] = (ActiveSet){first_high, sets[g].channels, sets[g].coefficients};
+        halves[1][g] = (ActiveSet){sets[g].count - first_high, sets[g].channels + first_high,
+                                   sets[g].coefficients + (int64_t)first_high * B};
     }
     int64_t bytes = 0;
     for (int64_t g = 0; g < G; ++g) bytes += (int64_t)sets[g].count * segment_sizes[g] * elem;
@@ -208,25 +228,34 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
 #pragma omp parallel num_threads((int)threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        for (int64_t g = 0; g < G; ++g) {
-            int64_t c0, c1;
-            owned_columns(segment_sizes[g], t, nt, &c0, &c1);
-            if (c0 >= c1) continue;
-            for (int64_t b = 0; b < B; ++b) memset(acc + b * N + segment_start[g] + c0, 0, sizeof(float) * (c1 - c0));
-            accumulate(&sets[g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0, acc + segment_start[g] + c0, N);
+        for (int h = 0; h < 2; ++h) {
+            if (nt > 1 && h != t % 2) continue;  // one thread: both halves
+            const int share = nt > 1 ? t / 2 : 0, shares = nt > 1 ? (nt - h + 1) / 2 : 1;
+            float *sums = acc + h * B * N;
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t c0, c1;
+                owned_columns(segment_sizes[g], share, shares, &c0, &c1);
+                if (c0 >= c1) continue;
+                accumulate(&halves[h][g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0,
+                           sums + segment_start[g] + c0, N);
+            }
         }
-        // Epilogue for the owned columns: bias, rounding to the weight dtype, SwiGLU for gate_up.
+#pragma omp barrier
+        // Epilogue for the owned columns: the halves added, bias, rounding to the weight dtype, SwiGLU.
         for (int64_t g = 0; g < (gate_up ? 1 : G); ++g) {
             int64_t c0, c1;
             owned_columns(segment_sizes[g], t, nt, &c0, &c1);
             for (int64_t b = 0; b < B; ++b) {
-                const float *row = acc + b * N;
+                const float *low = acc + b * N, *high = acc + B * N + b * N;
                 for (int64_t c = c0; c < c1; c += 8) {  // 8 outputs at a time, the last group padded
                     const int64_t j = segment_start[g] + c;  // output column (gate column with gate_up)
                     const int64_t n = c1 - c < 8 ? c1 - c : 8;
-                    const __m256 up = gate_up ? load_padded8(row + out_width + j, n) : _mm256_setzero_ps();
-                    const __m256 v = finish8(load_padded8(row + j, n), up, bias ? bias + j : NULL,
-                                             bias && gate_up ? bias + out_width + j : NULL, n, dtype, gate_up);
+                    const __m256 up = gate_up ? _mm256_add_ps(load_padded8(low + out_width + j, n),
+                                                              load_padded8(high + out_width + j, n))
+                                              : _mm256_setzero_ps();
+                    const __m256 v = finish8(_mm256_add_ps(load_padded8(low + j, n), load_padded8(high + j, n)), up,
+                                             bias ? bias + j : NULL, bias && gate_up ? bias + out_width + j : NULL, n,
+                                             dtype, gate_up);
                     store_first(out, b * out_width + j, out_dtype, v, n);
                 }
             }
