@@ -252,7 +252,8 @@ class CpuDenseKernel:
 class PreparedDecodeLayer:
     """One decoder layer for decode steps (one new token per row) in one kernel call: the model's
     DecoderLayer.forward without neuron edits beyond keep masks (and, after attach_sparsity, with
-    WINA sparsity for up to 8 sparse rows), on a KV cache in float32, float16 or bfloat16 (the
+    WINA sparsity: up to 8 sparse rows through the sparse kernel, any number as masked dense
+    projections), on a KV cache in float32, float16 or bfloat16 (the
     model's dtype by default). `norm` and `attend` are its parts between the projections, for the
     other steps: the model then runs the projections through Linear (the dense kernel for the
     dense rows), so every such row gets the same numbers as the whole-layer call gives it."""
