@@ -547,6 +547,7 @@ static int masked_dense_rows(const float *x, int64_t B, int64_t K, const void *w
         dense_parallel_units(masked, B, K, weight, N, 2, dtype, bias, both, DTYPE_F32, 0, 0, panels_part);
         dense_parallel_units(masked + B * K, B, K, weight, N, 2, dtype, bias, both, DTYPE_F32, 0, panels_part,
                              2 * panels_part);
+#pragma omp parallel for schedule(static) if (B > 1)
         for (int64_t b = 0; b < B; ++b) {
             for (int64_t j = 0; j < width; j += 8) {
                 const int64_t n = width - j < 8 ? width - j : 8;

@@ -18,10 +18,10 @@
 // kept-channel sets are built eight channels per vector compare, and float32 outputs are rounded
 // eight at a time. (Until the sixteenth session threads split the output columns, each reading
 // part of every kept row: on the AVX-512 Xeon that session ran on, reading whole rows is 1.6-1.7x
-// faster at half the rows kept against 1.3-1.4x (benchmarks/row_skip_bandwidth.py), and batch-1
-// decode at 50% went from 0.94x to about 1.3x dense; the first version of all split the channels
-// between threads at a point that depended on the kept set, which made sums depend on neighbours.)
-// The limit is reading kept rows from DRAM, not this code.
+// faster at half the rows kept against 1.3-1.4x (benchmarks/row_skip_bandwidth.py), and whole
+// batch-1 decode steps at 50% became 1.06-1.08x faster (benchmarks/decode_context.py --sparsity).
+// The very first version also split the channels, with a reduction per call.) The limit is reading
+// kept rows from memory, not this code.
 //
 // A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
 // and dense_cpu.c (whose fused decode layer runs sparse rows through it).
