@@ -58,10 +58,6 @@ def supported_instruction_sets(flags: frozenset[str] | None = None) -> list[Inst
     return [isa for isa in INSTRUCTION_SETS.values() if isa.cpu_flags <= flags]
 
 
-def cpu_supports_kernels() -> bool:
-    return bool(supported_instruction_sets())
-
-
 def pick_instruction_set(requested: str = "auto", flags: frozenset[str] | None = None) -> InstructionSet | None:
     """`requested` ("auto": the widest the CPU supports, else a name of INSTRUCTION_SETS) if a CPU
     with these flags (default: this one's) runs it, else None."""

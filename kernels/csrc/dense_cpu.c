@@ -58,16 +58,7 @@ static inline lanes_t lanes_fma(lanes_t a, lanes_t b, lanes_t c) { return _mm512
 static inline void lanes_store(float *out, lanes_t v) { _mm512_storeu_ps(out, v); }
 static inline lanes_t lanes_add(lanes_t a, lanes_t b) { return _mm512_add_ps(a, b); }
 static inline lanes_t lanes_load_f32(const float *in) { return _mm512_loadu_ps(in); }
-static inline lanes_t lanes_load(const void *base, int64_t offset, int dtype) {
-    if (dtype == DTYPE_F16) {
-        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset)));
-    }
-    if (dtype == DTYPE_BF16) {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
-    return _mm512_loadu_ps((const float *)base + offset);
-}
+static inline lanes_t lanes_load(const void *base, int64_t offset, int dtype) { return load16(base, offset, dtype); }
 #else
 #define BLOCK_ROWS 4
 typedef __m256 lanes_t;
@@ -110,39 +101,39 @@ static inline __attribute__((always_inline)) void panel_block(const float *x, in
     // WINA kernel forms (wina_core.h), so that a sparse row computed as a masked dense one
     // (masked_dense_rows) gets the sparse kernel's numbers.
     for (int half = 0; half < 2; ++half) {
-    const int64_t k_begin = half ? K_SPLIT(K) : 0, k_end = half ? K : K_SPLIT(K);
-    for (int64_t k = k_begin; k < k_end; ++k) {
-        // The panel's next lines, PREFETCH_BYTES ahead (into the next panel near the end, which
-        // comes next): the hardware prefetcher alone left the first row block waiting on DRAM.
-        _mm_prefetch((const char *)panel0 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
-        if (Q == 2) _mm_prefetch((const char *)panel1 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
-        if (Q == 1) {  // the panel's weight vectors, and one broadcast at a time (AVX2, 4 rows: 16 registers)
-            lanes_t w[PANEL_VECTORS];
-            for (int64_t v = 0; v < PANEL_VECTORS; ++v) w[v] = lanes_load(panel0, k * PANEL + v * LANES, dtype);
-            for (int64_t r = 0; r < R; ++r) {
-                const lanes_t xr = lanes_broadcast(x + r * K + k);
-                for (int64_t v = 0; v < PANEL_VECTORS; ++v) acc[0][r][v] = lanes_fma(xr, w[v], acc[0][r][v]);
-            }
-        } else {  // the (at most 2) broadcasts held, one weight vector at a time
-            lanes_t xr[2];
-            for (int64_t r = 0; r < R; ++r) xr[r] = lanes_broadcast(x + r * K + k);
-            for (int64_t q = 0; q < Q; ++q) {
-                for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
-                    const lanes_t w = lanes_load(q ? panel1 : panel0, k * PANEL + v * LANES, dtype);
-                    for (int64_t r = 0; r < R; ++r) acc[q][r][v] = lanes_fma(xr[r], w, acc[q][r][v]);
+        const int64_t k_begin = half ? K_SPLIT(K) : 0, k_end = half ? K : K_SPLIT(K);
+        for (int64_t k = k_begin; k < k_end; ++k) {
+            // The panel's next lines, PREFETCH_BYTES ahead (into the next panel near the end, which
+            // comes next): the hardware prefetcher alone left the first row block waiting on DRAM.
+            _mm_prefetch((const char *)panel0 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
+            if (Q == 2) _mm_prefetch((const char *)panel1 + k * bytes_per_k + PREFETCH_BYTES, _MM_HINT_T0);
+            if (Q == 1) {  // the panel's weight vectors, and one broadcast at a time (AVX2, 4 rows: 16 registers)
+                lanes_t w[PANEL_VECTORS];
+                for (int64_t v = 0; v < PANEL_VECTORS; ++v) w[v] = lanes_load(panel0, k * PANEL + v * LANES, dtype);
+                for (int64_t r = 0; r < R; ++r) {
+                    const lanes_t xr = lanes_broadcast(x + r * K + k);
+                    for (int64_t v = 0; v < PANEL_VECTORS; ++v) acc[0][r][v] = lanes_fma(xr, w[v], acc[0][r][v]);
+                }
+            } else {  // the (at most 2) broadcasts held, one weight vector at a time
+                lanes_t xr[2];
+                for (int64_t r = 0; r < R; ++r) xr[r] = lanes_broadcast(x + r * K + k);
+                for (int64_t q = 0; q < Q; ++q) {
+                    for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
+                        const lanes_t w = lanes_load(q ? panel1 : panel0, k * PANEL + v * LANES, dtype);
+                        for (int64_t r = 0; r < R; ++r) acc[q][r][v] = lanes_fma(xr[r], w, acc[q][r][v]);
+                    }
                 }
             }
         }
-    }
-    for (int64_t q = 0; q < Q; ++q) {  // the first half's sums put by, or the second's added to them
-        for (int64_t r = 0; r < R; ++r) {
-            for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
-                float *at = sums[q][r] + v * LANES;
-                lanes_store(at, half ? lanes_add(lanes_load_f32(at), acc[q][r][v]) : acc[q][r][v]);
-                acc[q][r][v] = lanes_zero();
+        for (int64_t q = 0; q < Q; ++q) {  // the first half's sums put by, or the second's added to them
+            for (int64_t r = 0; r < R; ++r) {
+                for (int64_t v = 0; v < PANEL_VECTORS; ++v) {
+                    float *at = sums[q][r] + v * LANES;
+                    lanes_store(at, half ? lanes_add(lanes_load_f32(at), acc[q][r][v]) : acc[q][r][v]);
+                    acc[q][r][v] = lanes_zero();
+                }
             }
         }
-    }
     }
 }
 
@@ -509,10 +500,11 @@ static int attention_rows(const DecodeLayer *layer, const float *qkv, void *keys
 // (the R sparse ones: sparse_rows, or all when NULL) keep channel i of segment g where
 // |x_i| * factors[g, i] > their threshold, as wina_project decides, and write the kept counts as it
 // does; every output then runs the dense kernel over the masked inputs. The same bits as
-// wina_project: both sum one float32 FMA chain over k in ascending order from zero, and a zero
-// input adds fma(0, w, acc) == acc. Worth it where the sparse rows are several: their kept channels
-// together cover most of the weight, and the dense kernel's register blocks beat accumulating the
-// kept rows one row of sums at a time (RESULTS.md, "WINA sparsity: speed"). Returns 0, -1 without
+// wina_project: both sum the same two float32 FMA chains (k below K_SPLIT(K), and the rest) in
+// ascending order from zero, and a zero input adds fma(0, w, acc) == acc. Worth it where the
+// sparse rows are several: their kept channels together cover most of the weight, and the dense
+// kernel's register blocks beat accumulating the kept rows one row of sums at a time (RESULTS.md,
+// "WINA sparsity: speed"). Returns 0, -1 without
 // memory, or 1 where it cannot run: a segment boundary inside a panel (the panels of one segment
 // must see only its mask).
 static int masked_dense_rows(const float *x, int64_t B, int64_t K, const void *weight, int64_t N, int dtype,

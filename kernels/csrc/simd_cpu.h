@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernels (wina_cpu.c, dense_cpu.c): loads and stores of float32,
-// float16 and bfloat16 with AVX2/F16C, rounding to a storage dtype, and SiLU, 8 lanes at a time.
+// float16 and bfloat16 with AVX2/F16C, rounding to a storage dtype, and SiLU, 8 lanes at a time
+// (and load16, 16 lanes, where the build has AVX-512).
 
 #ifndef NEURONSERVE_SIMD_CPU_H
 #define NEURONSERVE_SIMD_CPU_H
@@ -21,6 +22,20 @@ static inline __m256 load8(const void *base, int64_t offset, int dtype) {
     }
     return _mm256_loadu_ps((const float *)base + offset);
 }
+
+#ifdef __AVX512F__
+// load8 on 16 lanes (the AVX-512 build)
+static inline __m512 load16(const void *base, int64_t offset, int dtype) {
+    if (dtype == DTYPE_F16) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset)));
+    }
+    if (dtype == DTYPE_BF16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + offset);
+}
+#endif
 
 static inline float load1(const void *base, int64_t offset, int dtype) {
     if (dtype == DTYPE_F16) return _cvtsh_ss(((const uint16_t *)base)[offset]);
