@@ -7,12 +7,15 @@ float32 KV cache), --baseline-isa NAME (this code's kernel built for another ins
 avx2 on an AVX-512 CPU), or --baseline-tree DIR (another checkout's build of
 kernels/csrc/dense_cpu.c for the instruction set ours runs, e.g. a `git worktree` of an earlier
 commit; its kernel must take this tree's arguments: the same DecodeLayer fields, KV cache dtype and
-decode_layer signature). --sparsity S runs every row of both at WINA sparsity S (the
-wina-uniform profile), for A/Bs of the sparse path.
+decode_layer signature); the two models take turns going first, step by step. --sparsity S runs
+every row of both at WINA sparsity S (the wina-uniform profile), for A/Bs of the sparse path; add
+--text-tokens for those: each row then reads WikiText-2 test text, one token per step (rows at
+different offsets), so its kept channels change from step to step as in real decoding, where one
+repeated token keeps the same rows, which the caches then hold.
 
     python benchmarks/decode_context.py [--positions 100,500,1500] [--batch-sizes 1,8]
                                         [--baseline-kv-float32 | --baseline-isa NAME | --baseline-tree DIR]
-                                        [--out FILE]
+                                        [--sparsity S [--text-tokens]] [--out FILE]
 
 Prints a table, writes JSON (default benchmarks/out/decode_context.json). Nothing runs on import.
 """
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--sparsity", type=float, default=0.0,
                         help="every row at this WINA sparsity (the default wina-uniform profile; both models)")
+    parser.add_argument("--text-tokens", action="store_true",
+                        help="feed WikiText-2 test tokens (one per step and row) instead of one fixed random token")
     baseline = parser.add_mutually_exclusive_group()
     baseline.add_argument("--baseline-tree", type=Path, default=None,
                           help="also time the kernel built from DIR/kernels/csrc/dense_cpu.c, interleaved")
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     caches = {name: model.new_cache(max(batch_sizes)) for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
+    text_ids = None
+    if args.text_tokens:
+        from server.calibration.data import default_data_dir
+
+        text = (default_data_dir() / "wikitext2" / "wiki.test.tokens").read_text()[:400_000]
+        text_ids = torch.tensor(loaded.tokenizer(text)["input_ids"])
     rows = []
     for B in batch_sizes:
         for position in positions:
@@ -94,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             slots, starts = torch.arange(B), torch.full((B,), position)
             times: dict[str, list[float]] = {name: [] for name in models}
             for step in range(args.steps + 1):  # the first, a warm-up, is not counted
-                for name, model in models.items():
+                if text_ids is not None:  # row b reads from offset 1000 b, one token per step
+                    tokens = text_ids[(torch.arange(B) * 1000 + step) % len(text_ids)].view(B, 1)
+                order = list(models.items())
+                for name, model in order if step % 2 else order[::-1]:
                     plan = model.sparsity_plan([args.sparsity] * B, 1)
                     start = time.perf_counter()
                     model(tokens, slots, starts, caches[name], sparsity=plan)
@@ -111,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         (f"decode_context  {started}  {loaded.name}  {args.dtype}  torch {torch.__version__}  threads "
          f"{torch.get_num_threads()}  fused kernel: {model.decode_layers is not None}  sparsity {args.sparsity}  "
+         f"{'WikiText-2 tokens  ' if args.text_tokens else ''}"
          f"(median of {args.steps} steps)"),
         format_table(["batch", "position", "step ms", "tok/s"] + (["baseline step ms", "baseline / ours"] if baseline else []),
                      [[str(r["batch"]), str(r["position"]), f"{r['ours_step_ms']:.1f}", f"{r['ours_tokens_per_s']:.1f}"]
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
               "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree),
               "baseline_kv_float32": args.baseline_kv_float32, "baseline_isa": args.baseline_isa,
-              "sparsity": args.sparsity,
+              "sparsity": args.sparsity, "text_tokens": args.text_tokens,
               "instruction_set": None if model.dense_kernel is None else model.dense_kernel.instruction_set,
               "results": rows}
     write_report(report, text, args.out)

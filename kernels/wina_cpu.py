@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from kernels.cpu_build import CSRC, DTYPE_CODES, load_library
+from kernels.cpu_build import CSRC, DTYPE_CODES, InstructionSet, load_library
 
 SOURCE = CSRC / "wina_cpu.c"
 MAX_SEGMENTS = 4
@@ -24,7 +24,8 @@ MAX_SEGMENTS = 4
 class CpuWinaKernel:
     """A loaded kernel library. One instance per model; stateless between calls."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, instruction_set: InstructionSet) -> None:
+        self.instruction_set = instruction_set.name
         fn = lib.wina_linear
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         fn.argtypes = [p, i64, i64, p, i64, i32, p, p, i64, p, i64, p, p, i32, p, i64, i32]
@@ -33,11 +34,12 @@ class CpuWinaKernel:
         self._library = lib
 
     @classmethod
-    def load(cls, cache_dir: Path | None = None) -> "CpuWinaKernel | None":
-        # the AVX2 build: this kernel has no wider code (its limit is reading rows from memory)
+    def load(cls, cache_dir: Path | None = None, instruction_set: str = "auto") -> "CpuWinaKernel | None":
+        """instruction_set: as kernels.cpu_build.pick_instruction_set takes it (every build gives the
+        same bits; AVX-512 streams kept rows in 16-lane vectors, half the instructions of AVX2's)."""
         loaded = load_library(SOURCE, cache_dir, "WINA sparsity runs the masked dense path (same numbers, no speed-up)",
-                              "avx2")
-        return None if loaded is None else cls(loaded[0])
+                              instruction_set)
+        return None if loaded is None else cls(*loaded)
 
     def prepare(self, weight_t: torch.Tensor, col_norms: torch.Tensor, segments: Sequence[int],
                 bias: torch.Tensor | None = None, gate_up: bool = False,

@@ -127,7 +127,8 @@ def attach_wina(model: LlamaDecoder, profile: Profile, settings: ServerSettings)
 
     table = WinaTable(profile.header["parameters"]["criterion"], profile.tensors["levels"].float(),
                       profile.tensors["thresholds"].float())
-    kernel = CpuWinaKernel.load(settings.cache_dir / "kernels") if model.device.type == "cpu" else None
+    kernel = (CpuWinaKernel.load(settings.cache_dir / "kernels", settings.cpu_instruction_set)
+              if model.device.type == "cpu" else None)
     model.attach_sparsity(table, kernel, settings.wina_gpu_kernel)
 
 

@@ -61,7 +61,7 @@ class ServerSettings(BaseSettings):
         "Without AVX2/F16C or gcc, torch's are used either way.",
     )
     cpu_instruction_set: Literal["auto", "avx2", "avx512"] = Field(
-        "auto", description="Which build of the CPU kernel to run: 'auto' takes the widest this CPU "
+        "auto", description="Which build of the CPU kernels (dense and WINA) to run: 'auto' takes the widest this CPU "
         "supports (AVX-512 where it has AVX-512F/VL/BW/DQ, else AVX2). Both builds give the same "
         "numbers; naming one this CPU lacks stops the server at start-up.",
     )

@@ -86,22 +86,51 @@ def test_row_does_not_depend_on_neighbours(dtype):
         assert torch.equal(alone, together[i:i + 1])
 
 
-def test_row_does_not_depend_on_thread_count():
-    """Threads split the outputs, never a sum: one thread and two give the same bits."""
+@pytest.mark.parametrize("lopsided", [False, True])
+def test_row_does_not_depend_on_thread_count(lopsided):
+    """Threads split the reading of kept rows, never a sum's order: one, two and three threads give
+    the same bits, also where one half of the channels keeps far more than the other (lopsided: the
+    threads' shares then cut through a half's columns)."""
     K, segments = 576, (1536, 1536)
     weight, x, bias = _case(K, segments, 3, torch.float16, seed=4)
+    if lopsided:
+        x[:, : K // 2] *= 8.0  # most kept channels fall below K / 2
     norms = column_norms(weight, segments)
     thresholds = thresholds_for_topk(x, norms, K // 2)
     weight_t = weight.t().contiguous()
     threads = torch.get_num_threads()
     try:
         results = []
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             results.append(KERNEL.linear(x, weight_t, norms, thresholds, segments, bias, gate_up=True))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for y, kept in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(kept, results[0][1])
+    expected, expected_kept = wina_gate_up_reference(x, weight_t, norms, thresholds, bias)
+    assert torch.equal(results[0][1], expected_kept)
+    if lopsided:  # the case this test is about
+        low = (x[:, : K // 2].abs() * norms[:, None, : K // 2] > thresholds.t()[:, :, None]).sum()
+        assert low > 0.8 * expected_kept.sum()
+    atol, rtol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(results[0][0].float(), expected.float(), atol=atol * K, rtol=rtol * 2)
+
+
+@pytest.mark.skipif(KERNEL is None or KERNEL.instruction_set != "avx512", reason="needs an AVX-512 CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_avx2_and_avx512_builds_agree(dtype):
+    """Both builds form each output's float32 chains in the same order (AVX-512 only reads 16
+    columns per vector): the same bits, over widths that leave 8-column and scalar tails."""
+    avx2 = CpuWinaKernel.load(instruction_set="avx2")
+    for K, segments, B in [(576, (576, 192, 192), 1), (100, (70, 70), 3), (64, (40, 24, 24), 8), (37, (53,), 2)]:
+        weight, x, bias = _case(K, segments, B, dtype, seed=5)
+        norms = column_norms(weight, segments)
+        thresholds = thresholds_for_topk(x, norms, K // 2)
+        weight_t = weight.t().contiguous()
+        wide = KERNEL.linear(x, weight_t, norms, thresholds, segments, bias)
+        narrow = avx2.linear(x, weight_t, norms, thresholds, segments, bias)
+        assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

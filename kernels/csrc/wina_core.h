@@ -1,6 +1,6 @@
-// WINA sparse linear layer for x86-64 CPUs with AVX2, FMA and F16C: reads only the rows of the
-// transposed weight W^T [K, N] whose input channel some batch row keeps, and accumulates in
-// float32. Semantics: kernels/wina_reference.py (wina_linear_reference and
+// WINA sparse linear layer for x86-64 CPUs with AVX2, FMA and F16C (AVX-512 where built for it):
+// reads only the rows of the transposed weight W^T [K, N] whose input channel some batch row keeps,
+// and accumulates in float32. Semantics: kernels/wina_reference.py (wina_linear_reference and
 // wina_gate_up_reference), the oracle the tests compare this against.
 //
 // Batch invariance: every output is two float32 chains, one over the kept channels below
@@ -11,17 +11,20 @@
 // kernel (dense_cpu.c) forms its sums the same way, so a sparse row computed as a dense one over
 // its kept inputs gets these numbers too.
 //
-// Layout of the work: threads take one half of the channels each (and with more than two
-// threads, shares of the output columns within it), so each reads whole kept rows of W^T; each
-// streams the kept rows' pieces of its columns eight rows side by side into float32 sums; one
-// barrier, then every thread adds the halves of its share of the outputs and finishes them. The
-// kept-channel sets are built eight channels per vector compare, and float32 outputs are rounded
-// eight at a time. (Until the sixteenth session threads split the output columns, each reading
-// part of every kept row: on the AVX-512 Xeon that session ran on, reading whole rows is 1.6-1.7x
-// faster at half the rows kept against 1.3-1.4x (benchmarks/row_skip_bandwidth.py), and whole
-// batch-1 decode steps at 50% became 1.06-1.08x faster (benchmarks/decode_context.py --sparsity).
-// The very first version also split the channels, with a reduction per call.) The limit is reading
-// kept rows from memory, not this code.
+// Layout of the work: threads 0 and 1 build the kept-channel sets of one half of the channels
+// each (eight channels per vector compare), then all cut the reading of kept rows into parts of
+// equal cost (work_cut): with halves that keep alike, each of two threads reads whole kept rows of
+// its half; where one half keeps more, the other thread also takes part of its columns. Each part
+// streams its kept rows' pieces eight rows side by side into float32 sums (16 columns per vector in
+// the AVX-512 build, 8 in the AVX2 one: the same chains); one barrier, then every thread adds the
+// halves of its share of the outputs and finishes them, eight at a time. (Until the sixteenth
+// session threads split the output columns, each reading part of every kept row: on the AVX-512
+// Xeon that session ran on, reading whole rows is 1.6-1.7x faster at half the rows kept against
+// 1.3-1.4x (benchmarks/row_skip_bandwidth.py), and whole batch-1 decode steps at 50% became
+// 1.06-1.08x faster (benchmarks/decode_context.py --sparsity). Until the seventeenth, the sets were
+// built by one thread before the others started, and the halves were never rebalanced.) The limit
+// at one row is reading kept rows from memory: at 50% a step's sparse projections take 0.8-0.9x
+// of the dense ones' time (RESULTS.md, "WINA sparsity: speed"), though they read under half the bytes.
 //
 // A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
 // and dense_cpu.c (whose fused decode layer runs sparse rows through it).
@@ -83,15 +86,38 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
         for (int i = 0; i < PASS_CHANNELS; ++i) r[i] = (int64_t)set->channels[a + i] * ldw + col0;
         const float *coef = set->coefficients + (int64_t)a * B;
         if (B == 1) {  // the eight coefficients stay in registers across the row pieces
+            int64_t j = 0;
+#ifdef __AVX512F__
+            __m512 c16[PASS_CHANNELS];
+            for (int i = 0; i < PASS_CHANNELS; ++i) c16[i] = _mm512_set1_ps(coef[i]);
+            for (; j + 16 <= vec_end; j += 16) {
+                __m512 v = _mm512_loadu_ps(acc + j);
+                for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm512_fmadd_ps(c16[i], load16(weight_t, r[i] + j, dtype), v);
+                _mm512_storeu_ps(acc + j, v);
+            }
+#endif
             __m256 c[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i]);
-            for (int64_t j = 0; j < vec_end; j += 8) {
+            for (; j < vec_end; j += 8) {
                 __m256 v = _mm256_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
                 _mm256_storeu_ps(acc + j, v);
             }
         } else {  // each weight vector loaded and converted once for every row
-            for (int64_t j = 0; j < vec_end; j += 8) {
+            int64_t j = 0;
+#ifdef __AVX512F__
+            for (; j + 16 <= vec_end; j += 16) {
+                __m512 w[PASS_CHANNELS];
+                for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load16(weight_t, r[i] + j, dtype);
+                for (int64_t b = 0; b < B; ++b) {
+                    float *dst = acc + b * acc_stride + j;
+                    __m512 v = _mm512_loadu_ps(dst);
+                    for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(coef[i * B + b]), w[i], v);
+                    _mm512_storeu_ps(dst, v);
+                }
+            }
+#endif
+            for (; j < vec_end; j += 8) {
                 __m256 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load8(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
@@ -117,7 +143,14 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
         for (int64_t b = 0; b < B; ++b) {
             const __m256 c0 = _mm256_set1_ps(coef[b]);
             float *dst = acc + b * acc_stride;
-            for (int64_t j = 0; j < vec_end; j += 8) {
+            int64_t j = 0;
+#ifdef __AVX512F__
+            for (; j + 16 <= vec_end; j += 16) {
+                _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(_mm512_set1_ps(coef[b]), load16(weight_t, r0 + j, dtype),
+                                                          _mm512_loadu_ps(dst + j)));
+            }
+#endif
+            for (; j < vec_end; j += 8) {
                 _mm256_storeu_ps(dst + j, _mm256_fmadd_ps(c0, load8(weight_t, r0 + j, dtype), _mm256_loadu_ps(dst + j)));
             }
             for (int64_t j = vec_end; j < width; ++j) dst[j] = fmaf(coef[b], load1(weight_t, r0 + j, dtype), dst[j]);
@@ -125,12 +158,88 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
     }
 }
 
-// Columns [*c0, *c1) of a segment of `size` that thread t of nt owns: fixed, 8-aligned shares, the
-// same for the accumulation and the epilogue (and for gate and up, which have equal sizes).
+// Columns [*c0, *c1) of a segment of `size` that thread t of nt finishes: fixed, 8-aligned shares
+// (the same for gate and up, which have equal sizes).
 static inline void owned_columns(int64_t size, int t, int nt, int64_t *c0, int64_t *c1) {
     const int64_t vectors = (size + 7) / 8, end = 8 * (vectors * (t + 1) / nt);
     *c0 = 8 * (vectors * t / nt);
     *c1 = end < size ? end : size;
+}
+
+// The kept channels [lo, hi) of every segment (one half of K): sets[g] gets their ascending union
+// over the B rows and each row's coefficient per entry, in the buffers at offset lo (so the two
+// halves are built at once, by different threads), and kept_half[b * G + g] each row's count.
+// Eight channels per step: each row's keep bits from one vector compare (the same
+// |x| * norm > threshold as the scalar tail), then the union's channels in order.
+static void build_half(const float *x, int64_t B, int64_t K, int64_t lo, int64_t hi, const float *col_norms,
+                       const float *thresholds, int64_t threshold_stride, int64_t G, int32_t *channel_buffer,
+                       float *coef_buffer, unsigned *row_bits, ActiveSet *sets, int32_t *kept_half) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t g = 0; g < G; ++g) {
+        ActiveSet *set = &sets[g];
+        set->count = 0;
+        set->channels = channel_buffer + g * K + lo;
+        set->coefficients = coef_buffer + (g * K + lo) * B;
+        const float *norms = col_norms + g * K;
+        int32_t *kept = kept_half + g;
+        for (int64_t b = 0; b < B; ++b) kept[b * G] = 0;
+        int64_t i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 n = _mm256_loadu_ps(norms + i);
+            unsigned any = 0;
+            for (int64_t b = 0; b < B; ++b) {
+                const __m256 score = _mm256_mul_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + b * K + i)), n);
+                const __m256 threshold = _mm256_set1_ps(thresholds[b * threshold_stride + g]);
+                row_bits[b] = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(score, threshold, _CMP_GT_OQ));
+                kept[b * G] += __builtin_popcount(row_bits[b]);
+                any |= row_bits[b];
+            }
+            for (; any; any &= any - 1) {
+                const int bit = __builtin_ctz(any);
+                float *coef = set->coefficients + (int64_t)set->count * B;
+                for (int64_t b = 0; b < B; ++b) coef[b] = (row_bits[b] >> bit) & 1u ? x[b * K + i + bit] : 0.0f;
+                set->channels[set->count++] = (int32_t)(i + bit);
+            }
+        }
+        for (; i < hi; ++i) {
+            int any = 0;
+            float *coef = set->coefficients + (int64_t)set->count * B;
+            for (int64_t b = 0; b < B; ++b) {
+                const float xi = x[b * K + i];
+                const int keep = fabsf(xi) * norms[i] > thresholds[b * threshold_stride + g];
+                coef[b] = keep ? xi : 0.0f;
+                kept[b * G] += keep;
+                any |= keep;
+            }
+            if (any) set->channels[set->count++] = (int32_t)i;
+        }
+    }
+}
+
+// Where thread t of nt starts in the accumulation's work: the (half, segment) blocks laid end to
+// end as 2 N "columns" (half h's columns at h N + the segment's own), a column of a block costing
+// its kept count (rows read), cut into nt parts of equal cost at 8-column steps within a block.
+// Every thread computes every cut the same way, so the parts tile the columns exactly.
+static int64_t work_cut(const ActiveSet halves[2][MAX_SEGMENTS], const int64_t *segment_start, int64_t G, int64_t N,
+                        int t, int nt) {
+    if (t <= 0) return 0;
+    if (t >= nt) return 2 * N;
+    int64_t total = 0;
+    for (int h = 0; h < 2; ++h)
+        for (int64_t g = 0; g < G; ++g) total += (int64_t)halves[h][g].count * (segment_start[g + 1] - segment_start[g]);
+    const int64_t target = total * t / nt;
+    int64_t before = 0;
+    for (int h = 0; h < 2; ++h) {
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t count = halves[h][g].count, size = segment_start[g + 1] - segment_start[g];
+            if (target >= before + count * size) {
+                before += count * size;
+                continue;
+            }
+            return h * N + segment_start[g] + ((target - before) / count) / 8 * 8;
+        }
+    }
+    return 2 * N;
 }
 
 // The sparse projection; arguments and result as wina_linear's (wina_cpu.c).
@@ -145,99 +254,63 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
     for (int64_t g = 0; g < G; ++g) segment_start[g + 1] = segment_start[g] + segment_sizes[g];
     if (segment_start[G] != N) return -1;
 
-    ActiveSet sets[MAX_SEGMENTS];
     int32_t *channel_buffer = malloc(sizeof(int32_t) * G * K);
     float *coef_buffer = malloc(sizeof(float) * G * K * B);
-    float *row_thresholds = malloc(sizeof(float) * B);
-    unsigned *row_bits = malloc(sizeof(unsigned) * B);
-    if (!channel_buffer || !coef_buffer || !row_thresholds || !row_bits) {
-        free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
+    // per half, 64 bytes apart: the two threads building them must not write one cache line
+    const int64_t bits_stride = B + 16, kept_stride_half = B * G + 16;
+    unsigned *row_bits = malloc(sizeof(unsigned) * 2 * bits_stride);
+    int32_t *kept_half = malloc(sizeof(int32_t) * 2 * kept_stride_half);  // [2, B, G], halves padded
+    float *acc = malloc(sizeof(float) * 2 * B * N);  // [2, B, N]: each half's sums
+    if (!channel_buffer || !coef_buffer || !row_bits || !kept_half || !acc) {
+        free(channel_buffer), free(coef_buffer), free(row_bits), free(kept_half), free(acc);
         return -1;
-    }
-    for (int64_t g = 0; g < G; ++g) {
-        ActiveSet *set = &sets[g];
-        set->count = 0;
-        set->channels = channel_buffer + g * K;
-        set->coefficients = coef_buffer + g * K * B;
-        const float *norms = col_norms + g * K;
-        for (int64_t b = 0; b < B; ++b) {
-            kept[b * kept_stride + g] = 0;
-            row_thresholds[b] = thresholds[b * threshold_stride + g];
-        }
-        // Eight channels at a time: each row's keep bits from one vector compare (the same
-        // |x| * norm > threshold as the scalar tail), then the union's channels in order.
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        int64_t i = 0;
-        for (; i + 8 <= K; i += 8) {
-            const __m256 n = _mm256_loadu_ps(norms + i);
-            unsigned any = 0;
-            for (int64_t b = 0; b < B; ++b) {
-                const __m256 score = _mm256_mul_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + b * K + i)), n);
-                row_bits[b] = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(score, _mm256_set1_ps(row_thresholds[b]),
-                                                                          _CMP_GT_OQ));
-                kept[b * kept_stride + g] += __builtin_popcount(row_bits[b]);
-                any |= row_bits[b];
-            }
-            for (; any; any &= any - 1) {
-                const int bit = __builtin_ctz(any);
-                float *coef = set->coefficients + (int64_t)set->count * B;
-                for (int64_t b = 0; b < B; ++b) coef[b] = (row_bits[b] >> bit) & 1u ? x[b * K + i + bit] : 0.0f;
-                set->channels[set->count++] = (int32_t)(i + bit);
-            }
-        }
-        for (; i < K; ++i) {
-            int any = 0;
-            float *coef = set->coefficients + (int64_t)set->count * B;
-            for (int64_t b = 0; b < B; ++b) {
-                const float xi = x[b * K + i];
-                const int keep = fabsf(xi) * norms[i] > row_thresholds[b];
-                coef[b] = keep ? xi : 0.0f;
-                kept[b * kept_stride + g] += keep;
-                any |= keep;
-            }
-            if (any) set->channels[set->count++] = (int32_t)i;
-        }
     }
 
     // Each output is two float32 chains, over the kept channels below K_SPLIT(K) and over those
     // from it on, added at the end: the split point is fixed, so the result depends only on the
-    // row's own kept channels. Threads take one half each (and with more than two threads, shares
-    // of the columns within it): each reads whole rows of W^T, which on the AVX-512 Xeon reads
+    // row's own kept channels. Threads 0 and 1 each build one half's kept sets (no serial
+    // part), then all cut the reading of kept rows into parts of equal cost (work_cut): with equal
+    // halves, each of two threads reads whole rows of its half, which on the AVX-512 Xeon reads
     // kept rows 1.6-1.7x faster than every thread reading part of every row
-    // (benchmarks/row_skip_bandwidth.py). Small calls stay on one thread.
+    // (benchmarks/row_skip_bandwidth.py); where one half keeps more, the other thread also takes
+    // part of its columns. Which thread forms a chain never changes its order. The thread count
+    // is fixed before the kept counts are known, by the weight's size: small ones stay on one.
     const int64_t out_width = gate_up ? N / 2 : N;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
-    float *acc = calloc((size_t)(2 * B * N), sizeof(float));  // [2, B, N]: each half's sums
-    if (!acc) {
-        free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
-        return -1;
-    }
-    ActiveSet halves[2][MAX_SEGMENTS];
     const int32_t split = (int32_t)K_SPLIT(K);
-    for (int64_t g = 0; g < G; ++g) {
-        int32_t first_high = 0;
-        while (first_high < sets[g].count && sets[g].channels[first_high] < split) ++first_high;
-        halves[0][g] = (ActiveSet){first_high, sets[g].channels, sets[g].coefficients};
-        halves[1][g] = (ActiveSet){sets[g].count - first_high, sets[g].channels + first_high,
-                                   sets[g].coefficients + (int64_t)first_high * B};
-    }
-    int64_t bytes = 0;
-    for (int64_t g = 0; g < G; ++g) bytes += (int64_t)sets[g].count * segment_sizes[g] * elem;
+    ActiveSet halves[2][MAX_SEGMENTS];
     int64_t threads = omp_get_max_threads();
-    if (bytes / BYTES_PER_THREAD + 1 < threads) threads = bytes / BYTES_PER_THREAD + 1;
+    const int64_t weight_bytes = K * N * elem;
+    if (weight_bytes / (2 * BYTES_PER_THREAD) + 1 < threads) threads = weight_bytes / (2 * BYTES_PER_THREAD) + 1;
 #pragma omp parallel num_threads((int)threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int h = 0; h < 2; ++h) {
-            if (nt > 1 && h != t % 2) continue;  // one thread: both halves
-            const int share = nt > 1 ? t / 2 : 0, shares = nt > 1 ? (nt - h + 1) / 2 : 1;
-            float *sums = acc + h * B * N;
+            if (nt > 1 ? h == t : t == 0) {
+                build_half(x, B, K, h ? split : 0, h ? K : split, col_norms, thresholds, threshold_stride, G,
+                           channel_buffer, coef_buffer, row_bits + h * bits_stride, halves[h],
+                           kept_half + h * kept_stride_half);
+            }
+        }
+        const int64_t acc_len = 2 * B * N;
+        memset(acc + acc_len * t / nt, 0, sizeof(float) * (acc_len * (t + 1) / nt - acc_len * t / nt));
+#pragma omp barrier
+        if (t == 0) {
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t g = 0; g < G; ++g) {
+                    kept[b * kept_stride + g] = kept_half[b * G + g] + kept_half[kept_stride_half + b * G + g];
+                }
+        }
+        const int64_t first = work_cut(halves, segment_start, G, N, t, nt);
+        const int64_t last = work_cut(halves, segment_start, G, N, t + 1, nt);
+        for (int h = 0; h < 2; ++h) {
             for (int64_t g = 0; g < G; ++g) {
-                int64_t c0, c1;
-                owned_columns(segment_sizes[g], share, shares, &c0, &c1);
-                if (c0 >= c1) continue;
+                const int64_t block = h * N + segment_start[g];
+                const int64_t c0 = first > block ? first - block : 0;
+                const int64_t c1 = last < block + segment_sizes[g] ? last - block : segment_sizes[g];
+                if (c0 >= c1 || halves[h][g].count == 0) continue;
                 accumulate(&halves[h][g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0,
-                           sums + segment_start[g] + c0, N);
+                           acc + h * B * N + segment_start[g] + c0, N);
             }
         }
 #pragma omp barrier
@@ -261,8 +334,7 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
             }
         }
     }
-    free(acc);
-    free(channel_buffer), free(coef_buffer), free(row_thresholds), free(row_bits);
+    free(channel_buffer), free(coef_buffer), free(row_bits), free(kept_half), free(acc);
     return 0;
 }
 

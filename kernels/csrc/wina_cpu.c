@@ -1,9 +1,9 @@
 // WINA sparse linear layer for x86-64 CPUs with AVX2, FMA and F16C: the exported entry point of
 // wina_core.h (which says how it works), called on its own for each sparse projection.
 //
-// Built on first use by kernels/wina_cpu.py (gcc -O3 -mavx2 -mfma -mf16c -fopenmp) and called
-// through ctypes; OpenMP resolves to the libgomp that torch has already loaded, so the kernel
-// shares torch's thread pool instead of starting a second one.
+// Built on first use by kernels/wina_cpu.py (gcc -O3 -fopenmp, for AVX2/FMA/F16C or AVX-512: see
+// kernels/cpu_build.py) and called through ctypes; OpenMP resolves to the libgomp that torch has
+// already loaded, so the kernel shares torch's thread pool instead of starting a second one.
 
 #include "wina_core.h"
 
