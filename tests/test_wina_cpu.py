@@ -89,8 +89,7 @@ def test_row_does_not_depend_on_neighbours(dtype):
 @pytest.mark.parametrize("lopsided", [False, True])
 def test_row_does_not_depend_on_thread_count(lopsided):
     """Threads split the reading of kept rows, never a sum's order: one, two and three threads give
-    the same bits, also where one half of the channels keeps far more than the other (lopsided: the
-    threads' shares then cut through a half's columns)."""
+    the same bits, also where one half of the channels keeps far more than the other (lopsided)."""
     K, segments = 576, (1536, 1536)
     weight, x, bias = _case(K, segments, 3, torch.float16, seed=4)
     if lopsided:

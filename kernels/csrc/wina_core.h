@@ -12,19 +12,19 @@
 // its kept inputs gets these numbers too.
 //
 // Layout of the work: threads 0 and 1 build the kept-channel sets of one half of the channels
-// each (eight channels per vector compare), then all cut the reading of kept rows into parts of
-// equal cost (work_cut): with halves that keep alike, each of two threads reads whole kept rows of
-// its half; where one half keeps more, the other thread also takes part of its columns. Each part
-// streams its kept rows' pieces eight rows side by side into float32 sums (16 columns per vector in
-// the AVX-512 build, 8 in the AVX2 one: the same chains); one barrier, then every thread adds the
-// halves of its share of the outputs and finishes them, eight at a time. (Until the sixteenth
-// session threads split the output columns, each reading part of every kept row: on the AVX-512
-// Xeon that session ran on, reading whole rows is 1.6-1.7x faster at half the rows kept against
-// 1.3-1.4x (benchmarks/row_skip_bandwidth.py), and whole batch-1 decode steps at 50% became
-// 1.06-1.08x faster (benchmarks/decode_context.py --sparsity). Until the seventeenth, the sets were
-// built by one thread before the others started, and the halves were never rebalanced.) The limit
-// at one row is reading kept rows from memory: at 50% a step's sparse projections take 0.8-0.9x
-// of the dense ones' time (RESULTS.md, "WINA sparsity: speed"), though they read under half the bytes.
+// each (AVX-512 with one row: two compress-stores per 16 channels; else eight channels per vector
+// compare), then each reads the kept rows of its half (with more than two threads, shares of the
+// output columns within it), so each reads whole kept rows of W^T; each streams the kept rows'
+// pieces eight rows side by side into float32 sums (16 columns per vector in the AVX-512 build, 8
+// in the AVX2 one: the same chains); one barrier, then every thread adds the halves of its share of
+// the outputs and finishes them, eight at a time. (Until the sixteenth session threads split the
+// output columns, each reading part of every kept row: on the AVX-512 Xeon that session ran on,
+// reading whole rows is 1.6-1.7x faster at half the rows kept against 1.3-1.4x
+// (benchmarks/row_skip_bandwidth.py), and whole batch-1 decode steps at 50% became 1.06-1.08x
+// faster (benchmarks/decode_context.py --sparsity). Until the seventeenth, one thread built the
+// sets while the others waited.) The limit at one row is reading kept rows from memory: at 50% a
+// step's sparse projections take 0.8-0.9x of the dense ones' time (RESULTS.md, "WINA sparsity:
+// speed"), though they read under half the bytes.
 //
 // A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
 // and dense_cpu.c (whose fused decode layer runs sparse rows through it).
@@ -158,8 +158,8 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
     }
 }
 
-// Columns [*c0, *c1) of a segment of `size` that thread t of nt finishes: fixed, 8-aligned shares
-// (the same for gate and up, which have equal sizes).
+// Columns [*c0, *c1) of a segment of `size` that share t of nt takes: fixed, 8-aligned shares (the
+// same for gate and up, which have equal sizes).
 static inline void owned_columns(int64_t size, int t, int nt, int64_t *c0, int64_t *c1) {
     const int64_t vectors = (size + 7) / 8, end = 8 * (vectors * (t + 1) / nt);
     *c0 = 8 * (vectors * t / nt);
@@ -184,6 +184,22 @@ static void build_half(const float *x, int64_t B, int64_t K, int64_t lo, int64_t
         int32_t *kept = kept_half + g;
         for (int64_t b = 0; b < B; ++b) kept[b * G] = 0;
         int64_t i = lo;
+#ifdef __AVX512F__
+        if (B == 1) {  // one row: its kept channels and inputs written by two compress-stores per 16
+            const __m512 threshold = _mm512_set1_ps(thresholds[g]);
+            const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            for (; i + 16 <= hi; i += 16) {
+                const __m512 xv = _mm512_loadu_ps(x + i);
+                const __m512 score = _mm512_mul_ps(_mm512_abs_ps(xv), _mm512_loadu_ps(norms + i));
+                const __mmask16 keep = _mm512_cmp_ps_mask(score, threshold, _CMP_GT_OQ);
+                _mm512_mask_compressstoreu_epi32(set->channels + set->count, keep,
+                                                 _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)i)));
+                _mm512_mask_compressstoreu_ps(set->coefficients + set->count, keep, xv);
+                set->count += __builtin_popcount(keep);
+            }
+            kept[0] = set->count;
+        }
+#endif
         for (; i + 8 <= hi; i += 8) {
             const __m256 n = _mm256_loadu_ps(norms + i);
             unsigned any = 0;
@@ -216,32 +232,6 @@ static void build_half(const float *x, int64_t B, int64_t K, int64_t lo, int64_t
     }
 }
 
-// Where thread t of nt starts in the accumulation's work: the (half, segment) blocks laid end to
-// end as 2 N "columns" (half h's columns at h N + the segment's own), a column of a block costing
-// its kept count (rows read), cut into nt parts of equal cost at 8-column steps within a block.
-// Every thread computes every cut the same way, so the parts tile the columns exactly.
-static int64_t work_cut(const ActiveSet halves[2][MAX_SEGMENTS], const int64_t *segment_start, int64_t G, int64_t N,
-                        int t, int nt) {
-    if (t <= 0) return 0;
-    if (t >= nt) return 2 * N;
-    int64_t total = 0;
-    for (int h = 0; h < 2; ++h)
-        for (int64_t g = 0; g < G; ++g) total += (int64_t)halves[h][g].count * (segment_start[g + 1] - segment_start[g]);
-    const int64_t target = total * t / nt;
-    int64_t before = 0;
-    for (int h = 0; h < 2; ++h) {
-        for (int64_t g = 0; g < G; ++g) {
-            const int64_t count = halves[h][g].count, size = segment_start[g + 1] - segment_start[g];
-            if (target >= before + count * size) {
-                before += count * size;
-                continue;
-            }
-            return h * N + segment_start[g] + ((target - before) / count) / 8 * 8;
-        }
-    }
-    return 2 * N;
-}
-
 // The sparse projection; arguments and result as wina_linear's (wina_cpu.c).
 static int wina_project(const float *x, int64_t B, int64_t K, const void *weight_t, int64_t N, int dtype,
                         const float *col_norms, const float *thresholds, int64_t threshold_stride,
@@ -268,13 +258,13 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
 
     // Each output is two float32 chains, over the kept channels below K_SPLIT(K) and over those
     // from it on, added at the end: the split point is fixed, so the result depends only on the
-    // row's own kept channels. Threads 0 and 1 each build one half's kept sets (no serial
-    // part), then all cut the reading of kept rows into parts of equal cost (work_cut): with equal
-    // halves, each of two threads reads whole rows of its half, which on the AVX-512 Xeon reads
-    // kept rows 1.6-1.7x faster than every thread reading part of every row
-    // (benchmarks/row_skip_bandwidth.py); where one half keeps more, the other thread also takes
-    // part of its columns. Which thread forms a chain never changes its order. The thread count
-    // is fixed before the kept counts are known, by the weight's size: small ones stay on one.
+    // row's own kept channels. Threads 0 and 1 each build one half's kept sets (no serial part),
+    // then read its kept rows (with more than two threads, shares of its columns each): each
+    // reads whole rows of W^T, which on the AVX-512 Xeon reads kept rows 1.6-1.7x faster than
+    // every thread reading part of every row (benchmarks/row_skip_bandwidth.py). Where one half
+    // keeps more, its thread takes longer: handing the other thread part of its columns (rows read
+    // in pieces) measured 4% slower over whole steps than waiting (RESULTS.md). The thread count is
+    // fixed before the kept counts are known, by the weight's size: small ones stay on one.
     const int64_t out_width = gate_up ? N / 2 : N;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
     const int32_t split = (int32_t)K_SPLIT(K);
@@ -296,18 +286,18 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
         memset(acc + acc_len * t / nt, 0, sizeof(float) * (acc_len * (t + 1) / nt - acc_len * t / nt));
 #pragma omp barrier
         if (t == 0) {
-            for (int64_t b = 0; b < B; ++b)
+            for (int64_t b = 0; b < B; ++b) {
                 for (int64_t g = 0; g < G; ++g) {
                     kept[b * kept_stride + g] = kept_half[b * G + g] + kept_half[kept_stride_half + b * G + g];
                 }
+            }
         }
-        const int64_t first = work_cut(halves, segment_start, G, N, t, nt);
-        const int64_t last = work_cut(halves, segment_start, G, N, t + 1, nt);
         for (int h = 0; h < 2; ++h) {
+            if (nt > 1 && h != t % 2) continue;  // one thread: both halves
+            const int share = nt > 1 ? t / 2 : 0, shares = nt > 1 ? (nt - h + 1) / 2 : 1;
             for (int64_t g = 0; g < G; ++g) {
-                const int64_t block = h * N + segment_start[g];
-                const int64_t c0 = first > block ? first - block : 0;
-                const int64_t c1 = last < block + segment_sizes[g] ? last - block : segment_sizes[g];
+                int64_t c0, c1;
+                owned_columns(segment_sizes[g], share, shares, &c0, &c1);
                 if (c0 >= c1 || halves[h][g].count == 0) continue;
                 accumulate(&halves[h][g], B, weight_t, N, dtype, segment_start[g] + c0, c1 - c0,
                            acc + h * B * N + segment_start[g] + c0, N);
