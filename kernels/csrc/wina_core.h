@@ -92,7 +92,9 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             for (int i = 0; i < PASS_CHANNELS; ++i) c16[i] = _mm512_set1_ps(coef[i]);
             for (; j + 16 <= vec_end; j += 16) {
                 __m512 v = _mm512_loadu_ps(acc + j);
-                for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm512_fmadd_ps(c16[i], load16(weight_t, r[i] + j, dtype), v);
+                for (int i = 0; i < PASS_CHANNELS; ++i) {
+                    v = _mm512_fmadd_ps(c16[i], load16(weight_t, r[i] + j, dtype), v);
+                }
                 _mm512_storeu_ps(acc + j, v);
             }
 #endif
@@ -112,7 +114,9 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
                 for (int64_t b = 0; b < B; ++b) {
                     float *dst = acc + b * acc_stride + j;
                     __m512 v = _mm512_loadu_ps(dst);
-                    for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(coef[i * B + b]), w[i], v);
+                    for (int i = 0; i < PASS_CHANNELS; ++i) {
+                        v = _mm512_fmadd_ps(_mm512_set1_ps(coef[i * B + b]), w[i], v);
+                    }
                     _mm512_storeu_ps(dst, v);
                 }
             }
@@ -170,7 +174,8 @@ static inline void owned_columns(int64_t size, int t, int nt, int64_t *c0, int64
 // over the B rows and each row's coefficient per entry, in the buffers at offset lo (so the two
 // halves are built at once, by different threads), and kept_half[b * G + g] each row's count.
 // Eight channels per step: each row's keep bits from one vector compare (the same
-// |x| * norm > threshold as the scalar tail), then the union's channels in order.
+// |x| * norm > threshold as the scalar tail), then the union's channels in order; one row in the
+// AVX-512 build: 16 channels per step, its kept channels and inputs written by compress-stores.
 static void build_half(const float *x, int64_t B, int64_t K, int64_t lo, int64_t hi, const float *col_norms,
                        const float *thresholds, int64_t threshold_stride, int64_t G, int32_t *channel_buffer,
                        float *coef_buffer, unsigned *row_bits, ActiveSet *sets, int32_t *kept_half) {
@@ -185,7 +190,7 @@ static void build_half(const float *x, int64_t B, int64_t K, int64_t lo, int64_t
         for (int64_t b = 0; b < B; ++b) kept[b * G] = 0;
         int64_t i = lo;
 #ifdef __AVX512F__
-        if (B == 1) {  // one row: its kept channels and inputs written by two compress-stores per 16
+        if (B == 1) {
             const __m512 threshold = _mm512_set1_ps(thresholds[g]);
             const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
             for (; i + 16 <= hi; i += 16) {
@@ -263,7 +268,7 @@ static int wina_project(const float *x, int64_t B, int64_t K, const void *weight
     // reads whole rows of W^T, which on the AVX-512 Xeon reads kept rows 1.6-1.7x faster than
     // every thread reading part of every row (benchmarks/row_skip_bandwidth.py). Where one half
     // keeps more, its thread takes longer: handing the other thread part of its columns (rows read
-    // in pieces) measured 4% slower over whole steps than waiting (RESULTS.md). The thread count is
+    // in pieces) made whole steps 0.94-0.95x as fast as waiting (RESULTS.md). The thread count is
     // fixed before the kept counts are known, by the weight's size: small ones stay on one.
     const int64_t out_width = gate_up ? N / 2 : N;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
