@@ -74,10 +74,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "neuronserve" / "kernels"
 
 
-def build_library(source: Path, cache_dir: Path, isa: InstructionSet = AVX2) -> Path:
-    """Compile `source` (with the shared headers beside it) for `isa` once per version into
-    cache_dir; concurrent builds are safe (each writes a temporary file and renames it into place)."""
-    flags = [*BASE_FLAGS, *isa.compile_flags]
+def build_library(source: Path, cache_dir: Path, isa: InstructionSet = AVX2, defines: tuple[str, ...] = ()) -> Path:
+    """Compile `source` (with the shared headers beside it) for `isa`, with the macros `defines`
+    (e.g. NEURONSERVE_STAGE_TIMERS, for benchmarks), once per version into cache_dir; concurrent
+    builds are safe (each writes a temporary file and renames it into place)."""
+    flags = [*BASE_FLAGS, *isa.compile_flags, *(f"-D{name}" for name in defines)]
     digest = hashlib.sha256(source.read_bytes())
     for header in sorted(CSRC.glob("*.h")):
         digest.update(header.read_bytes())

@@ -191,3 +191,25 @@ def test_a_weight_packed_for_one_build_is_refused_by_the_other():
     weight, x, _ = _case(64, 40, 2, torch.float16)
     with pytest.raises(ValueError, match="panels of 24 columns, this avx512 build reads 32"):
         BUILDS["avx512"].linear(x, BUILDS["avx2"].pack(weight))
+
+
+def test_stage_timer_build_counts_and_computes_the_same(tmp_path):
+    """The build benchmarks/decode_breakdown.py times with (-DNEURONSERVE_STAGE_TIMERS) compiles,
+    counts the seconds of a dense_linear call, and gives the served build's bits; the served build
+    exports no timers."""
+    import ctypes
+
+    from kernels.cpu_build import INSTRUCTION_SETS, build_library
+    from kernels.dense_cpu import SOURCE
+
+    isa = INSTRUCTION_SETS[KERNEL.instruction_set]
+    library = ctypes.CDLL(str(build_library(SOURCE, tmp_path, isa, ("NEURONSERVE_STAGE_TIMERS",))))
+    library.stage_timers.restype = ctypes.POINTER(ctypes.c_double)
+    timed = CpuDenseKernel(library, isa.name)
+    weight, x, bias = _case(576, 960, 3, torch.float16)
+    stage_dense_linear = 6  # dense_cpu.c's STAGE_DENSE_LINEAR
+    before = library.stage_timers()[stage_dense_linear]
+    got = timed.linear(x, timed.pack(weight), bias)
+    assert library.stage_timers()[stage_dense_linear] > before
+    assert torch.equal(got, KERNEL.linear(x, KERNEL.pack(weight), bias))
+    assert not hasattr(KERNEL._library, "stage_timers")

@@ -36,6 +36,20 @@
 #include "simd_cpu.h"
 #include "wina_core.h"
 
+// Seconds spent in each stage of the decode path since the library was loaded, in a build with
+// -DNEURONSERVE_STAGE_TIMERS only (benchmarks/decode_breakdown.py makes one; the served build has
+// no timers and no state): where a decode step's time goes, projection by projection.
+enum { STAGE_QKV, STAGE_ATTENTION, STAGE_O, STAGE_GATE_UP, STAGE_DOWN, STAGE_LAYER, STAGE_DENSE_LINEAR, STAGES };
+#ifdef NEURONSERVE_STAGE_TIMERS
+static double stage_seconds[STAGES];
+double *stage_timers(void) { return stage_seconds; }
+#define STAGE_BEGIN(name) const double name##_begin = omp_get_wtime()
+#define STAGE_END(name, stage) (stage_seconds[stage] += omp_get_wtime() - name##_begin)
+#else
+#define STAGE_BEGIN(name) ((void)0)
+#define STAGE_END(name, stage) ((void)0)
+#endif
+
 // The panel loop's vectors: 16 float32 lanes where the library is built for AVX-512
 // (kernels/cpu_build.py picks the build from the CPU's flags), 8 otherwise. The AVX-512 build
 // has 32 vector registers, so a block of 8 rows x 32 outputs keeps its 16 sums in registers and
@@ -264,7 +278,9 @@ int dense_linear(const float *x, int64_t B, int64_t K, const void *panels, int64
         !valid_dtype(dtype) || !valid_dtype(out_dtype)) {
         return -1;
     }
+    STAGE_BEGIN(linear);
     dense_parallel(x, B, K, panels, N, parts, dtype, bias, out, out_dtype, gate_up);
+    STAGE_END(linear, STAGE_DENSE_LINEAR);
     return 0;
 }
 
@@ -309,11 +325,14 @@ static void rms_norm_rows(const float *x, int64_t B, int64_t n, const float *w, 
     }
 }
 
-// x[i] * cos[i] + x[(i + D/2) % D] * signed_sin[i]: rotate-half RoPE (apply_rope in layers.py)
+// x[i] * cos[i] + x[(i + D/2) % D] * signed_sin[i]: rotate-half RoPE (apply_rope in layers.py),
+// as two loops without the modulo (a division per element), which the compiler vectorizes: the
+// same products and sums
 static void rope_head(float *x, int64_t D, const float *cos, const float *signed_sin) {
     float rotated[512];
     const int64_t half = D / 2;
-    for (int64_t i = 0; i < D; ++i) rotated[i] = x[i] * cos[i] + x[(i + half) % D] * signed_sin[i];
+    for (int64_t i = 0; i < half; ++i) rotated[i] = x[i] * cos[i] + x[i + half] * signed_sin[i];
+    for (int64_t i = half; i < D; ++i) rotated[i] = x[i] * cos[i] + x[i - half] * signed_sin[i];
     memcpy(x, rotated, sizeof(float) * D);
 }
 
@@ -620,15 +639,21 @@ static int attention_block(const DecodeLayer *layer, void *keys, void *values, f
     if (x && qkv && attn && proj) {
         rms_norm_rows(h, B, hidden, layer->attn_norm, layer->eps, x);
         const int64_t o_segments[1] = {hidden};
+        STAGE_BEGIN(qkv_projection);
         status = project_rows(x, B, hidden, layer->qkv_w, layer->qkv_wt, qkv_width, dtype, layer->qkv_factors,
                               layer->qkv_segments, 3, layer->qkv_b, qkv, 0, thresholds, kept, 0, sparse_rows, R,
                               masked_dense);
+        STAGE_END(qkv_projection, STAGE_QKV);
+        STAGE_BEGIN(attention);
         if (status == 0) status = attention_rows(layer, qkv, keys, values, B, slots, positions, attn);
+        STAGE_END(attention, STAGE_ATTENTION);
+        STAGE_BEGIN(o_projection);
         if (status == 0) {
             status = project_rows(attn, B, H * D, layer->o_w, layer->o_wt, hidden, dtype, layer->o_factors, o_segments,
                                   1, layer->o_b, proj, 0, thresholds, kept, 3, sparse_rows, R,
                                   masked_dense);
         }
+        STAGE_END(o_projection, STAGE_O);
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
         }
@@ -685,18 +710,22 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
     if (x && act && proj) {
         rms_norm_rows(h, B, hidden, layer->mlp_norm, layer->eps, x);
         const int64_t gate_up_segments[2] = {I, I}, down_segments[1] = {hidden};
+        STAGE_BEGIN(gate_up_projection);
         status = project_rows(x, B, hidden, layer->gate_up_w, layer->gate_up_wt, 2 * I, dtype, layer->gate_up_factors,
                               gate_up_segments, 2, layer->gate_up_b, act, 1, thresholds, kept, 4, sparse_rows, R,
                               masked_dense);
+        STAGE_END(gate_up_projection, STAGE_GATE_UP);
         if (status == 0 && keep) {
             for (int64_t i = 0; i < B * I; ++i) act[i] *= keep[i];
         }
         if (status == 0 && basis) status = remove_subspace(act, B, I, basis, basis_t, offset, rank, basis_rows);
+        STAGE_BEGIN(down_projection);
         if (status == 0) {
             status = project_rows(act, B, I, layer->down_w, layer->down_wt, hidden, dtype, layer->down_factors,
                                   down_segments, 1, layer->down_b, proj, 0, thresholds, kept, 6, sparse_rows, R,
                                   masked_dense);
         }
+        STAGE_END(down_projection, STAGE_DOWN);
         if (status == 0) {
             for (int64_t i = 0; i < B * hidden; ++i) h[i] += proj[i];
         }
@@ -726,13 +755,16 @@ int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num
     for (int64_t s = 0; thresholds && R < B && s < R; ++s) {
         if (sparse_rows[s] < (s ? sparse_rows[s - 1] + 1 : 0) || sparse_rows[s] >= B) return -1;  // ascending, in range
     }
+    STAGE_BEGIN(layer);
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
-    if (attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R,
-                        masked_dense)) {
-        return -1;
+    int status = attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R,
+                                 masked_dense);
+    if (status == 0) {
+        status = mlp_block(layer, h_out, B, keep, basis, basis_t, offset, rank, basis_rows, thresholds, kept,
+                           sparse_rows, R, masked_dense);
     }
-    return mlp_block(layer, h_out, B, keep, basis, basis_t, offset, rank, basis_rows, thresholds, kept, sparse_rows,
-                     R, masked_dense);
+    STAGE_END(layer, STAGE_LAYER);
+    return status;
 }
 
 // The layer in parts, for a step with more sparse rows than the fused call takes, or that edits
