@@ -19,7 +19,6 @@ benchmarks/out/decode_breakdown.json). Nothing runs on import.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import sys
 import tempfile
@@ -29,7 +28,6 @@ from pathlib import Path
 from bench_common import command_line, describe_machine, format_table, write_report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "decode_breakdown.json"
-STAGES = ["qkv", "attention", "o", "gate_up", "down", "layer", "dense_linear"]  # dense_cpu.c's STAGE_* order
 WARMUP_STEPS = 10
 
 
@@ -44,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be more than {WARMUP_STEPS}")
     import torch
 
-    from kernels.cpu_build import INSTRUCTION_SETS, build_library
-    from kernels.dense_cpu import SOURCE, CpuDenseKernel
+    from kernels.dense_cpu import STAGES, CpuDenseKernel
     from server.calibration.data import default_data_dir
     from server.model.config import ModelConfig
     from server.model.llama import LlamaDecoder
@@ -60,13 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(settings)
     if loaded.model.dense_kernel is None:
         parser.error("the CPU decode kernel is unavailable here (it needs AVX2/FMA/F16C and gcc)")
-    isa = INSTRUCTION_SETS[loaded.model.dense_kernel.instruction_set]
-    library = ctypes.CDLL(str(build_library(SOURCE, Path(tempfile.mkdtemp()), isa, ("NEURONSERVE_STAGE_TIMERS",))))
-    library.stage_timers.restype = ctypes.POINTER(ctypes.c_double)
-    timers = library.stage_timers()
+    kernel, read_timers = CpuDenseKernel.load_stage_timed(Path(tempfile.mkdtemp()),
+                                                          loaded.model.dense_kernel.instruction_set)
     ckpt = load_checkpoint(settings.model, settings.cache_dir)
     model = LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, loaded.model.dtype,
-                         loaded.model.device, loaded.model.max_model_len, CpuDenseKernel(library, isa.name))
+                         loaded.model.device, loaded.model.max_model_len, kernel)
     attach_wina(model, loaded.wina_profile, settings)
     text = (default_data_dir() / "wikitext2" / "wiki.test.tokens").read_text()[:400_000]
     text_ids = torch.tensor(loaded.tokenizer(text)["input_ids"])
@@ -78,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, sparsity in enumerate(sparsities):
             slots = torch.arange(B) + i * B  # each sparsity its own cache slots
             plan = model.sparsity_plan([sparsity] * B, 1) if sparsity > 0 else None
-            before = [timers[k] for k in range(len(STAGES))]
+            before = read_timers()
             start = time.perf_counter()
             model(tokens, slots, torch.full((B,), step), cache, sparsity=plan)
             elapsed = time.perf_counter() - start
             if step >= WARMUP_STEPS:
-                for k, name in enumerate(STAGES):
-                    totals[sparsity][name] += timers[k] - before[k]
+                for name, seconds in read_timers().items():
+                    totals[sparsity][name] += seconds - before[name]
                 totals[sparsity]["step"] += elapsed
     counted = args.steps - WARMUP_STEPS
     rows = []
@@ -100,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['projections_ms'] / dense['projections_ms']:.2f}" if dense else "-", f"{r['layer_ms']:.2f}",
               f"{r['dense_linear_ms']:.2f}", f"{r['rest_ms']:.2f}", f"{r['step_ms']:.2f}"] for r in rows]
     title = (f"decode_breakdown  {started}  {loaded.name}  batch {B}  {args.steps} steps (first {WARMUP_STEPS} not "
-             f"counted)  CPU kernel {isa.name}  ms per step; 'x dense': the projections' time over dense's")
+             f"counted)  CPU kernel {kernel.instruction_set}  ms per step; 'x dense': the projections' time over dense's")
     report_text = "\n".join([title, format_table(headers, table)])
     report = {"benchmark": "decode_breakdown", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "batch_size": B, "steps": args.steps,
-              "warmup_steps": WARMUP_STEPS, "instruction_set": isa.name, "results": rows}
+              "warmup_steps": WARMUP_STEPS, "instruction_set": kernel.instruction_set, "results": rows}
     write_report(report, report_text, args.out)
     return 0
 

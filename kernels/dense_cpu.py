@@ -20,15 +20,25 @@ summation order.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import CSRC, DTYPE_CODES, load_library
+from kernels.cpu_build import (
+    CSRC,
+    DTYPE_CODES,
+    INSTRUCTION_SETS,
+    build_library,
+    load_library,
+)
 
 SOURCE = CSRC / "dense_cpu.c"
+# What a build with -DNEURONSERVE_STAGE_TIMERS times, in dense_cpu.c's STAGE_* order (at decode,
+# dense_linear is the LM head)
+STAGES = ("qkv", "attention", "o", "gate_up", "down", "layer", "dense_linear")
 
 
 def pack_panels(weight: torch.Tensor, panel: int, parts: int = 1) -> torch.Tensor:
@@ -152,6 +162,18 @@ class CpuDenseKernel:
         that build cannot run here. sparse_kernel_max_kept: as __init__'s."""
         loaded = load_library(SOURCE, cache_dir, "decode steps and projections run through torch", instruction_set)
         return None if loaded is None else cls(loaded[0], loaded[1].name, sparse_kernel_max_kept)
+
+    @classmethod
+    def load_stage_timed(cls, cache_dir: Path, instruction_set: str) -> tuple[CpuDenseKernel, Callable[[], dict]]:
+        """For benchmarks (benchmarks/decode_breakdown.py): a build of dense_cpu.c for
+        `instruction_set` ("avx2" or "avx512") with -DNEURONSERVE_STAGE_TIMERS, which adds up the
+        seconds spent in each of STAGES (the served build has no timers), and a function that
+        reads them: {stage: seconds since the library was loaded}."""
+        isa = INSTRUCTION_SETS[instruction_set]
+        library = ctypes.CDLL(str(build_library(SOURCE, cache_dir, isa, ("NEURONSERVE_STAGE_TIMERS",))))
+        library.stage_timers.restype = ctypes.POINTER(ctypes.c_double)
+        timers = library.stage_timers()
+        return cls(library, isa.name), lambda: {name: timers[i] for i, name in enumerate(STAGES)}
 
     def pack(self, weight: torch.Tensor, parts: int = 1) -> PanelWeight:
         """weight [N, K] contiguous CPU float32/16/bf16 in this build's layout (one more copy of

@@ -197,19 +197,10 @@ def test_stage_timer_build_counts_and_computes_the_same(tmp_path):
     """The build benchmarks/decode_breakdown.py times with (-DNEURONSERVE_STAGE_TIMERS) compiles,
     counts the seconds of a dense_linear call, and gives the served build's bits; the served build
     exports no timers."""
-    import ctypes
-
-    from kernels.cpu_build import INSTRUCTION_SETS, build_library
-    from kernels.dense_cpu import SOURCE
-
-    isa = INSTRUCTION_SETS[KERNEL.instruction_set]
-    library = ctypes.CDLL(str(build_library(SOURCE, tmp_path, isa, ("NEURONSERVE_STAGE_TIMERS",))))
-    library.stage_timers.restype = ctypes.POINTER(ctypes.c_double)
-    timed = CpuDenseKernel(library, isa.name)
+    timed, read_timers = CpuDenseKernel.load_stage_timed(tmp_path, KERNEL.instruction_set)
     weight, x, bias = _case(576, 960, 3, torch.float16)
-    stage_dense_linear = 6  # dense_cpu.c's STAGE_DENSE_LINEAR
-    before = library.stage_timers()[stage_dense_linear]
+    before = read_timers()["dense_linear"]
     got = timed.linear(x, timed.pack(weight), bias)
-    assert library.stage_timers()[stage_dense_linear] > before
+    assert read_timers()["dense_linear"] > before
     assert torch.equal(got, KERNEL.linear(x, KERNEL.pack(weight), bias))
     assert not hasattr(KERNEL._library, "stage_timers")
