@@ -49,6 +49,41 @@ def best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def measure(name: str, K: int, segments: tuple[int, ...], gate_up: bool, args: argparse.Namespace, dense_kernel,
+            wina_kernel, probe, generator) -> dict:
+    """One projection shape: the four timings (us per call) and their ratios."""
+    import torch
+
+    N, G = sum(segments), len(segments)
+    copies = max(1, args.megabytes * 2**20 // (K * N * 2))
+    weights_t = [(torch.randn(K, N, generator=generator) * 0.05).half() for _ in range(copies)]  # [K, N]
+    panels = [dense_kernel.pack(w.t().contiguous(), 2 if gate_up else 1) for w in weights_t]
+    sparse = [wina_kernel.prepare(w, torch.ones(G, K), segments, gate_up=gate_up) for w in weights_t]
+    x = torch.randn(1, K, generator=generator)
+    # every segment keeps the channels whose |x| is above the (1 - kept) quantile
+    threshold = float(x.abs().flatten().sort().values[round((1 - args.kept) * K) - 1])
+    thresholds = torch.full((1, G), threshold)
+    kept_counts = torch.zeros(1, G, dtype=torch.int32)
+    kept_rows = torch.nonzero(x.abs()[0] > threshold).flatten().to(torch.int32)
+    every_row = torch.arange(K, dtype=torch.int32)
+    pointers = (ctypes.c_void_p * copies)(*[w.data_ptr() for w in weights_t])
+    calls = {
+        "dense": lambda: [dense_kernel.linear(x, w, gate_up=gate_up) for w in panels],
+        "wina": lambda: [p(x, thresholds.data_ptr(), G, kept_counts.data_ptr(), G) for p in sparse],
+        "probe_all": lambda: probe.read_rows_two_threads(pointers, copies, N * 2, every_row.data_ptr(), K, 16, 1),
+        "probe_kept": lambda: probe.read_rows_two_threads(pointers, copies, N * 2, kept_rows.data_ptr(),
+                                                          kept_rows.numel(), 16, 1),
+    }
+    us = {key: best_seconds(fn, args.repeats) / copies * 1e6 for key, fn in calls.items()}
+    if kept_counts.tolist() != [[kept_rows.numel()] * G]:
+        raise RuntimeError(f"{name}: the kernel kept {kept_counts.tolist()}, the probe reads {kept_rows.numel()}")
+    return {"projection": name, "in_features": K, "segments": list(segments), "copies": copies,
+            "kept_rows": kept_rows.numel(), "kept_fraction": kept_rows.numel() / K,
+            **{f"{key}_us": value for key, value in us.items()},
+            "wina_over_dense": us["wina"] / us["dense"], "probe_kept_over_all": us["probe_kept"] / us["probe_all"],
+            "wina_over_probe_kept": us["wina"] / us["probe_kept"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kept", type=float, default=0.42, help="fraction of input channels kept (default 0.42, "
@@ -74,47 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     generator = torch.Generator().manual_seed(0)
-    rows = []
-    for name, (K, segments, gate_up) in SHAPES.items():
-        N, G = sum(segments), len(segments)
-        copies = max(1, args.megabytes * 2**20 // (K * N * 2))
-        weights_t = [(torch.randn(K, N, generator=generator) * 0.05).half() for _ in range(copies)]  # [K, N]
-        panels = [dense_kernel.pack(w.t().contiguous(), 2 if gate_up else 1) for w in weights_t]
-        sparse = [wina_kernel.prepare(w, torch.ones(G, K), segments, gate_up=gate_up) for w in weights_t]
-        x = torch.randn(1, K, generator=generator)
-        # every segment keeps the channels whose |x| is above the (1 - kept) quantile
-        threshold = float(x.abs().flatten().sort().values[int(round((1 - args.kept) * K)) - 1])
-        thresholds = torch.full((1, G), threshold)
-        kept_counts = torch.zeros(1, G, dtype=torch.int32)
-        kept_rows = torch.nonzero(x.abs()[0] > threshold).flatten().to(torch.int32)
-        every_row = torch.arange(K, dtype=torch.int32)
-        pointers = (ctypes.c_void_p * copies)(*[w.data_ptr() for w in weights_t])
-
-        def dense():
-            for w in panels:
-                dense_kernel.linear(x, w, gate_up=gate_up)
-
-        def wina():
-            for p in sparse:
-                p(x, thresholds.data_ptr(), G, kept_counts.data_ptr(), G)
-
-        def probe_rows(selected):
-            return lambda: probe.read_rows_two_threads(pointers, copies, N * 2, selected.data_ptr(), selected.numel(),
-                                                       16, 1)
-
-        us = {key: best_seconds(fn, args.repeats) / copies * 1e6
-              for key, fn in (("dense", dense), ("wina", wina), ("probe_all", probe_rows(every_row)),
-                              ("probe_kept", probe_rows(kept_rows)))}
-        if kept_counts.tolist() != [[kept_rows.numel()] * G]:
-            raise RuntimeError(f"{name}: the kernel kept {kept_counts.tolist()}, the probe reads {kept_rows.numel()}")
-        rows.append({"projection": name, "in_features": K, "segments": list(segments), "copies": copies,
-                     "kept_rows": kept_rows.numel(), "kept_fraction": kept_rows.numel() / K,
-                     **{f"{key}_us": value for key, value in us.items()},
-                     "wina_over_dense": us["wina"] / us["dense"], "probe_kept_over_all": us["probe_kept"] / us["probe_all"],
-                     "wina_over_probe_kept": us["wina"] / us["probe_kept"]})
+    rows = [measure(name, K, segments, gate_up, args, dense_kernel, wina_kernel, probe, generator)
+            for name, (K, segments, gate_up) in SHAPES.items()]
+    title = (f"wina_kernel_vs_probe  {started}  batch 1, kept {args.kept}, weights from memory "
+             f"(~{args.megabytes} MB of copies), us per call, best of {args.repeats}")
     text = "\n".join([
-        f"wina_kernel_vs_probe  {started}  batch 1, kept {args.kept}, weights from memory "
-        f"(~{args.megabytes} MB of copies), us per call, best of {args.repeats}",
+        title,
         format_table(["projection", "kept", "dense", "WINA kernel", "probe all rows", "probe kept rows",
                       "kernel / dense", "probe kept / all", "kernel / probe kept"],
                      [[r["projection"], f"{r['kept_rows']}/{r['in_features']}", f"{r['dense_us']:.1f}",
