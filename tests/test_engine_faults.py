@@ -34,6 +34,13 @@ class _NanLogitsForSlots:
                 logits[row] = float("nan")
         return logits
 
+    def forward_rows(self, tokens, slots, positions, cache, logit_rows):  # a prompt chunk beside decode rows
+        logits = self._model.forward_rows(tokens, slots, positions, cache, logit_rows).clone()
+        for row, slot in enumerate(slots[logit_rows].tolist()):
+            if slot in self.poisoned:
+                logits[row] = float("nan")
+        return logits
+
 
 @pytest.fixture(scope="module")
 def loaded():

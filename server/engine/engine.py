@@ -3,8 +3,10 @@
 One worker thread owns the model and the KV cache. Each step it (1) takes in new requests and
 aborts, (2) gives free slots to waiting sequences, (3) prefills one chunk of at most
 `prefill_chunk_tokens` of one prompt, and (4) advances every running sequence by one token in one
-batched forward pass. The asyncio side only enqueues requests and reads per-request queues, so
-the API stays responsive while the model computes.
+batched forward pass; where the CPU kernel takes them together (a short chunk, rows without
+sparsity or interventions), (3) and (4) are one pass that reads the weights once. The asyncio
+side only enqueues requests and reads per-request queues, so the API stays responsive while the
+model computes.
 """
 
 from __future__ import annotations
@@ -111,8 +113,12 @@ def _top(ids: torch.Tensor | None, lps: torch.Tensor | None, row: int, n: int) -
 
 class Engine:
     def __init__(self, model: LlamaDecoder, tokenizer: Any, limits: EngineLimits,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, merge_prompt_chunks: bool = True) -> None:
+        """merge_prompt_chunks: run a prompt chunk and the decode step in one pass where the model
+        can (see _merges_with_decode); off only to measure what that saves
+        (benchmarks/engine_throughput.py)."""
         self.model = model
+        self.merge_prompt_chunks = merge_prompt_chunks
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics
@@ -254,6 +260,10 @@ class Engine:
     def step(self) -> None:
         self.steps += 1
         self._admit()
+        if self._prefilling and self._running and self._merges_with_decode(self._prefilling[0]):
+            self._prefill_and_decode(self._prefilling[0])
+            self._update_gauges()
+            return
         if self._prefilling:
             seq = self._prefilling[0]
             try:
@@ -279,6 +289,70 @@ class Engine:
             seq.scheduled_at = now
             self.metrics.queue_time.observe(now - seq.arrival)
             self._prefilling.append(seq)
+
+    @staticmethod
+    def _plain(seq: _Sequence) -> bool:
+        return seq.request.sparsity == 0 and (seq.request.interventions is None or seq.request.interventions.empty)
+
+    def _merges_with_decode(self, seq: _Sequence) -> bool:
+        """Whether the next prompt chunk of `seq` and the running rows' decode step go through the
+        model in one pass (LlamaDecoder.forward_rows): each row then gets the numbers it gets in
+        its own pass, so only the time changes. The chunk is the one `seq` would get alone (chunk
+        boundaries never depend on the batch); rows with sparsity or interventions, and prompts
+        that want their logprobs, keep separate passes."""
+        chunk = min(len(seq.prompt) - seq.num_cached, self.limits.prefill_chunk_tokens)
+        return (self.merge_prompt_chunks and self.model.can_forward_rows(chunk + len(self._running))
+                and seq.request.params.prompt_logprobs is None
+                and self._plain(seq) and all(self._plain(r) for r in self._running))
+
+    def _prefill_and_decode(self, seq: _Sequence) -> None:
+        """One prompt chunk of `seq` and one decode step of the running rows in one forward
+        pass: the weights are read once for both (a prefill of ~30 tokens beside 7 decode rows:
+        51 instead of 59 ms on the 2-core CPU, benchmarks/RESULTS.md). A sequence whose prompt
+        this completes joins the running rows from the next step."""
+        rows = list(self._running)
+        prompt, start = seq.prompt, seq.num_cached
+        end = min(len(prompt), start + self.limits.prefill_chunk_tokens)
+        device = self.model.device
+        n = end - start
+        tokens = torch.tensor([*prompt[start:end], *(s.output_ids[-1] for s in rows)], device=device)  # [n + B]
+        slots = torch.tensor([seq.slot] * n + [s.slot for s in rows], device=device)
+        positions = torch.tensor([*range(start, end), *(s.num_cached for s in rows)], device=device)
+        completes = end == len(prompt)
+        logit_rows = torch.arange(n - 1 if completes else n, n + len(rows), device=device)
+        try:
+            logits = self.model.forward_rows(tokens, slots, positions, self.cache, logit_rows)  # [(1 +) B, V]
+        except Exception as exc:
+            logger.exception("prefill of %s with a decode step failed", seq.request.request_id)
+            for s in [seq, *rows]:
+                self._finish(s, "abort", error=f"internal error: {exc}")
+            return
+        seq.num_cached = end
+        self.metrics.prompt_tokens.inc(n)
+        for s in rows:
+            s.num_cached += 1
+        if completes:  # as _prefill_chunk, with its faults kept to this sequence
+            self._prefilling.popleft()
+            self.metrics.prompt_len.observe(len(prompt))
+            try:
+                if seq.request.params.max_tokens == 0:  # echo-only scoring request
+                    self._finish(seq, "length")
+                else:
+                    self._sample_and_emit([seq], logits[:1])
+            except Exception as exc:
+                logger.exception("sampling the first token of %s failed", seq.request.request_id)
+                self._finish(seq, "abort", error=f"internal error: {exc}")
+            logits = logits[1:]
+        try:  # as _decode
+            self._sample_and_emit(list(rows), logits)
+        except Exception as exc:
+            logger.exception("decode step failed")
+            for s in rows:
+                self._finish(s, "abort", error=f"internal error: {exc}")
+        self._running = [s for s in rows if not s.finished]
+        if completes and not seq.finished:
+            self._running.append(seq)
+            self._running.sort(key=lambda s: s.slot)  # batch rows in slot order (see _free_slots)
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.prompt

@@ -270,6 +270,32 @@ class LlamaDecoder(nn.Module):
         logits = self.head.forward(hidden).float()
         return logits if edits is None else edits.logits(hidden, logits)
 
+    def can_forward_rows(self, num_rows: int) -> bool:
+        """Whether forward_rows takes this many rows here (the CPU kernel's fused layers)."""
+        return self.decode_layers is not None and 1 <= num_rows <= CpuDenseKernel.MAX_ROWS
+
+    @torch.inference_mode()
+    def forward_rows(self, token_ids: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
+                     cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+        """Rows of different sequences in one pass, dense, without interventions: row r is token
+        token_ids[r] at positions[r] of slot slot_ids[r] ([R] each, a sequence's rows in ascending
+        positions, e.g. one prompt chunk beside the decode rows of a step) -> float32 logits
+        [len(logit_rows), V] of the rows logit_rows. Each row gets the numbers forward gives it
+        when its sequence runs alone (the fused layer computes every row on its own and writes
+        every row's key and value before any row attends); needs can_forward_rows(R)."""
+        R = token_ids.shape[0]
+        if not self.can_forward_rows(R):
+            raise ValueError(f"forward_rows takes 1 to {CpuDenseKernel.MAX_ROWS} rows with the CPU kernel, got {R}")
+        slots = slot_ids.to(torch.int64).contiguous()  # [R]
+        positions = positions.to(torch.int64).contiguous()  # [R]
+        if int(positions.max()) >= self.max_model_len:
+            raise ValueError(f"position {int(positions.max())} is past max_model_len {self.max_model_len}")
+        h = F.embedding(token_ids, self.embed).float().view(R, 1, -1)  # [R, 1, hidden]
+        for i, fused in enumerate(self.decode_layers):
+            h = fused(h, cache.keys[i], cache.values[i], slots, positions)
+        hidden = self.norm.forward(h[logit_rows, 0])  # [S, hidden]
+        return self.head.forward(hidden).float()
+
     @torch.inference_mode()
     def residual_stream(self, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """token_ids: [B, T] whole sequences (no padding) -> float32 residual stream after decoder

@@ -1,0 +1,113 @@
+"""Generation throughput of the engine in-process (no HTTP, no client on the same cores): N
+requests of serve_load.py's prompts (Alpaca seed tasks), greedy with ignore_eos, submitted at once
+to an engine with C slots, so C run at a time and each finished one is replaced at the next step,
+as C closed-loop clients would keep it; for each C, with a prompt chunk and the decode step in one
+pass (the served engine) and in separate passes, interleaved. Tokens generated / wall time, and
+each C's throughput over C = 1's: what the engine itself does with concurrent streams, apart from
+serve_load.py's HTTP and load generator.
+
+    python benchmarks/engine_throughput.py [--concurrency 1,8] [--requests 32] [--max-tokens 64]
+        [--rounds 2] [--out benchmarks/out/engine_throughput.json]
+
+Prints a table, writes JSON. Nothing runs on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_common import command_line, describe_machine, format_table, write_report
+from serve_load import DEFAULT_PROMPTS, load_prompts
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "engine_throughput.json"
+
+
+def run_once(loaded, prompts: list[tuple[int, ...]], concurrency: int, max_tokens: int, merge: bool) -> dict:
+    from server.engine.engine import Engine, EngineLimits
+    from server.engine.request import GenerationRequest, SamplingParams
+    from server.metrics import ServerMetrics
+
+    limits = EngineLimits(max_batch_size=concurrency, max_model_len=loaded.model.max_model_len,
+                          max_queued_requests=len(prompts), prefill_chunk_tokens=256)
+    engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics("bench"), merge_prompt_chunks=merge)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    requests = [GenerationRequest(f"r{i}", ids, params) for i, ids in enumerate(prompts)]
+
+    async def go() -> int:
+        streams = engine.submit(requests)
+        engine.drain_incoming()
+        while engine.has_work:
+            engine.step()
+            await asyncio.sleep(0)
+        generated = 0
+        for stream in streams:
+            async for out in stream:
+                if out.error:
+                    raise RuntimeError(out.error)
+                generated += len(out.token_ids)
+        return generated
+
+    start = time.perf_counter()
+    generated = asyncio.run(go())
+    seconds = time.perf_counter() - start
+    return {"generated_tokens": generated, "seconds": seconds, "tok_s": generated / seconds, "steps": engine.steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,8", help="engine slots (comma-separated; the first is the baseline)")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case (median)")
+    parser.add_argument("--prompts", type=Path, default=None, help=f"JSONL prompts (default {DEFAULT_PROMPTS})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if any(c < 1 for c in levels) or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
+        parser.error("concurrency levels, --requests, --max-tokens and --rounds must be positive")
+    from server.runtime import load_model
+    from server.settings import ServerSettings
+
+    loaded = load_model(ServerSettings(log_level="warning", load_interventions=False))
+    texts, source = load_prompts(args.prompts)
+    prompts = [tuple(loaded.tokenizer.encode(texts[i % len(texts)])) for i in range(args.requests)]
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    cases = [(c, merge) for c in levels for merge in (True, False)]
+    runs: dict[tuple[int, bool], list[dict]] = {case: [] for case in cases}
+    run_once(loaded, prompts[:2], levels[0], 4, True)  # warm-up
+    for _ in range(args.rounds):
+        for concurrency, merge in cases:
+            runs[(concurrency, merge)].append(run_once(loaded, prompts, concurrency, args.max_tokens, merge))
+    tok_s = {case: statistics.median(r["tok_s"] for r in runs[case]) for case in cases}
+    rows = [{"concurrency": c, "merged_prompt_chunks": merge, "tok_s": tok_s[(c, merge)],
+             "ratio_vs_first_level": tok_s[(c, merge)] / tok_s[(levels[0], merge)],
+             "merge_gain": tok_s[(c, True)] / tok_s[(c, False)], "runs": runs[(c, merge)]} for c, merge in cases]
+    title = (f"engine_throughput  {started}  {loaded.name}  {args.requests} requests x {args.max_tokens} tokens, "
+             f"prompts {source}  (median of {args.rounds} interleaved rounds)")
+    text = "\n".join([
+        title,
+        format_table(["concurrency", "prompt chunk with decode", "tok/s", f"x concurrency {levels[0]}",
+                      "merged / separate"],
+                     [[str(r["concurrency"]), "one pass" if r["merged_prompt_chunks"] else "separate passes",
+                       f"{r['tok_s']:.1f}", f"{r['ratio_vs_first_level']:.2f}",
+                       f"{r['merge_gain']:.3f}" if r["merged_prompt_chunks"] else ""] for r in rows]),
+    ])
+    report = {"benchmark": "engine_throughput", "started_utc": started, "command": command_line(argv),
+              "machine": describe_machine(), "model": loaded.name, "requests": args.requests,
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "prompts": source, "results": rows}
+    write_report(report, text, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""A prompt chunk and the running rows' decode step in one forward pass (Engine._prefill_and_decode,
+LlamaDecoder.forward_rows): the same tokens as separate passes, fewer passes, and only for the
+rows it is meant for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from kernels.dense_cpu import CpuDenseKernel
+from server.engine.engine import Engine, EngineLimits
+from server.engine.request import GenerationRequest, SamplingParams
+from server.metrics import ServerMetrics
+from server.runtime import load_model
+from server.settings import ServerSettings
+
+pytestmark = pytest.mark.skipif(CpuDenseKernel.load() is None, reason="needs the CPU kernel (AVX2/FMA/F16C and gcc)")
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea,", "def add(a, b):",
+           "List three colours:", "The quick brown fox"]
+
+
+class _CountingModel:
+    """The real model, counting its passes; `merge` False makes the engine keep separate passes."""
+
+    def __init__(self, model, merge: bool = True) -> None:
+        self._model, self._merge = model, merge
+        self.passes = self.merged_passes = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        self.passes += 1
+        return self._model(*args, **kwargs)
+
+    def can_forward_rows(self, num_rows: int) -> bool:
+        return self._merge and self._model.can_forward_rows(num_rows)
+
+    def forward_rows(self, *args):
+        self.passes += 1
+        self.merged_passes += 1
+        return self._model.forward_rows(*args)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(ServerSettings(max_model_len=128, log_level="warning", load_interventions=False))
+
+
+def _generate(loaded, model, requests: list[GenerationRequest]) -> list[list[int]]:
+    limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=64)
+    engine = Engine(model, loaded.tokenizer, limits, ServerMetrics("test"))
+
+    async def go():
+        streams = engine.submit(requests)
+        engine.drain_incoming()
+        while engine.has_work:
+            engine.step()
+            await asyncio.sleep(0)
+        results = []
+        for stream in streams:
+            tokens = []
+            async for out in stream:
+                assert out.error is None, out.error
+                tokens += out.token_ids
+            results.append(tokens)
+        return results
+
+    return asyncio.run(go())
+
+
+def _requests(loaded, sparsity: float = 0.0, prompt_logprobs: int | None = None) -> list[GenerationRequest]:
+    out = []
+    for i, text in enumerate(PROMPTS):
+        params = SAMPLED if i == 2 else GREEDY
+        if prompt_logprobs is not None and i == 3:
+            params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, prompt_logprobs=prompt_logprobs)
+        out.append(GenerationRequest(f"r{i}", tuple(loaded.tokenizer.encode(text)), params,
+                                     sparsity=sparsity if i == 1 else 0.0))
+    return out
+
+
+def test_prompt_chunks_share_the_decode_pass_with_the_same_tokens(loaded):
+    merged, separate = _CountingModel(loaded.model), _CountingModel(loaded.model, merge=False)
+    together = _generate(loaded, merged, _requests(loaded))
+    apart = _generate(loaded, separate, _requests(loaded))
+    assert together == apart and all(len(t) == 10 for t in together)
+    # the first prompt prefills alone; each later one beside the running rows' decode step (and
+    # joins them from the next step, where a separate prefill's sequence joins the same step's)
+    assert merged.merged_passes == len(PROMPTS) - 1 and separate.merged_passes == 0
+    assert merged.passes < separate.passes
+
+
+@pytest.mark.parametrize("case", ["sparse row", "prompt logprobs"])
+def test_rows_that_need_their_own_pass_keep_it(loaded, case):
+    if case == "sparse row" and loaded.model.wina is None:
+        pytest.skip("no WINA profile loaded")
+    requests = _requests(loaded, sparsity=0.5) if case == "sparse row" else _requests(loaded, prompt_logprobs=2)
+    merged, separate = _CountingModel(loaded.model), _CountingModel(loaded.model, merge=False)
+    assert _generate(loaded, merged, requests) == _generate(loaded, separate, requests)
+    # a sparse row (the second request) running blocks merging until it ends; a prompt that wants
+    # its logprobs (the fourth) prefills in its own pass
+    assert merged.merged_passes < len(PROMPTS) - 1
+
+
+def test_forward_rows_gives_each_row_its_own_pass_numbers(loaded):
+    model = loaded.model
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    history, prompt = torch.randint(0, V, (3, 12), generator=g), torch.randint(0, V, (1, 9), generator=g)
+    next_tokens = torch.randint(0, V, (3, 1), generator=g)
+    caches = [model.new_cache(4), model.new_cache(4)]
+    for cache in caches:
+        for b in range(3):
+            model(history[b:b + 1], torch.tensor([b]), torch.tensor([0]), cache)
+    prompt_logits = model(prompt, torch.tensor([3]), torch.tensor([0]), caches[0])  # [1, V]
+    decode_logits = model(next_tokens, torch.arange(3), torch.full((3,), 12), caches[0])  # [3, V]
+    rows = model.forward_rows(torch.cat([prompt[0], next_tokens[:, 0]]), torch.tensor([3] * 9 + [0, 1, 2]),
+                              torch.cat([torch.arange(9), torch.full((3,), 12)]), caches[1], torch.arange(8, 12))
+    assert torch.equal(rows[0], prompt_logits[0]) and torch.equal(rows[1:], decode_logits)
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+    with pytest.raises(ValueError, match="forward_rows takes 1 to"):
+        model.forward_rows(torch.zeros(CpuDenseKernel.MAX_ROWS + 1, dtype=torch.long),
+                           torch.zeros(CpuDenseKernel.MAX_ROWS + 1, dtype=torch.long),
+                           torch.arange(CpuDenseKernel.MAX_ROWS + 1), caches[1], torch.tensor([0]))
