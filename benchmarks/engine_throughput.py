@@ -32,13 +32,14 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "engine_throughput.json"
 
 
-def run_once(loaded, prompts: list[tuple[int, ...]], concurrency: int, max_tokens: int, merge: bool) -> dict:
+def run_once(loaded, prompts: list[tuple[int, ...]], concurrency: int, max_tokens: int, merge: bool,
+             prefill_chunk_tokens: int) -> dict:
     from server.engine.engine import Engine, EngineLimits
     from server.engine.request import GenerationRequest, SamplingParams
     from server.metrics import ServerMetrics
 
     limits = EngineLimits(max_batch_size=concurrency, max_model_len=loaded.model.max_model_len,
-                          max_queued_requests=len(prompts), prefill_chunk_tokens=256)
+                          max_queued_requests=len(prompts), prefill_chunk_tokens=prefill_chunk_tokens)
     engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics("bench"), merge_prompt_chunks=merge)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     requests = [GenerationRequest(f"r{i}", ids, params) for i, ids in enumerate(prompts)]
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case (median)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                        help="prompt tokens per prefill step (default: the server's default)")
     parser.add_argument("--prompts", type=Path, default=None, help=f"JSONL prompts (default {DEFAULT_PROMPTS})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -78,22 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     from server.runtime import load_model
     from server.settings import ServerSettings
 
-    loaded = load_model(ServerSettings(log_level="warning", load_interventions=False))
+    settings = ServerSettings(log_level="warning", load_interventions=False)
+    chunk = args.prefill_chunk_tokens or settings.prefill_chunk_tokens
+    loaded = load_model(settings)
     texts, source = load_prompts(args.prompts)
     prompts = [tuple(loaded.tokenizer.encode(texts[i % len(texts)])) for i in range(args.requests)]
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     cases = [(c, merge) for c in levels for merge in (True, False)]
     runs: dict[tuple[int, bool], list[dict]] = {case: [] for case in cases}
-    run_once(loaded, prompts[:2], levels[0], 4, True)  # warm-up
+    run_once(loaded, prompts[:2], levels[0], 4, True, chunk)  # warm-up
     for _ in range(args.rounds):
         for concurrency, merge in cases:
-            runs[(concurrency, merge)].append(run_once(loaded, prompts, concurrency, args.max_tokens, merge))
+            runs[(concurrency, merge)].append(run_once(loaded, prompts, concurrency, args.max_tokens, merge, chunk))
     tok_s = {case: statistics.median(r["tok_s"] for r in runs[case]) for case in cases}
     rows = [{"concurrency": c, "merged_prompt_chunks": merge, "tok_s": tok_s[(c, merge)],
              "ratio_vs_first_level": tok_s[(c, merge)] / tok_s[(levels[0], merge)],
              "merge_gain": tok_s[(c, True)] / tok_s[(c, False)], "runs": runs[(c, merge)]} for c, merge in cases]
     title = (f"engine_throughput  {started}  {loaded.name}  {args.requests} requests x {args.max_tokens} tokens, "
-             f"prompts {source}  (median of {args.rounds} interleaved rounds)")
+             f"prompts {source}, prefill chunks of {chunk}  (median of {args.rounds} interleaved rounds)")
     text = "\n".join([
         title,
         format_table(["concurrency", "prompt chunk with decode", "tok/s", f"x concurrency {levels[0]}",
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
     report = {"benchmark": "engine_throughput", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "requests": args.requests,
-              "max_tokens": args.max_tokens, "rounds": args.rounds, "prompts": source, "results": rows}
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "prompts": source,
+              "prefill_chunk_tokens": chunk, "results": rows}
     write_report(report, text, args.out)
     return 0
 

@@ -38,8 +38,8 @@ class _CountingModel:
         self.passes += 1
         return self._model(*args, **kwargs)
 
-    def can_forward_rows(self, num_rows: int) -> bool:
-        return self._merge and self._model.can_forward_rows(num_rows)
+    def can_forward_rows(self, prompt_rows: int, decode_rows: int) -> bool:
+        return self._merge and self._model.can_forward_rows(prompt_rows, decode_rows)
 
     def forward_rows(self, *args):
         self.passes += 1
@@ -124,7 +124,8 @@ def test_forward_rows_gives_each_row_its_own_pass_numbers(loaded):
                               torch.cat([torch.arange(9), torch.full((3,), 12)]), caches[1], torch.arange(8, 12))
     assert torch.equal(rows[0], prompt_logits[0]) and torch.equal(rows[1:], decode_logits)
     assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+    too_many = 2 * CpuDenseKernel.MAX_ROWS + 1
     with pytest.raises(ValueError, match="forward_rows takes 1 to"):
-        model.forward_rows(torch.zeros(CpuDenseKernel.MAX_ROWS + 1, dtype=torch.long),
-                           torch.zeros(CpuDenseKernel.MAX_ROWS + 1, dtype=torch.long),
-                           torch.arange(CpuDenseKernel.MAX_ROWS + 1), caches[1], torch.tensor([0]))
+        model.forward_rows(torch.zeros(too_many, dtype=torch.long), torch.zeros(too_many, dtype=torch.long),
+                           torch.arange(too_many), caches[1], torch.tensor([0]))
+    assert model.can_forward_rows(CpuDenseKernel.MAX_ROWS, 8) and not model.can_forward_rows(CpuDenseKernel.MAX_ROWS + 1, 1)

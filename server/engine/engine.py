@@ -298,10 +298,11 @@ class Engine:
         """Whether the next prompt chunk of `seq` and the running rows' decode step go through the
         model in one pass (LlamaDecoder.forward_rows): each row then gets the numbers it gets in
         its own pass, so only the time changes. The chunk is the one `seq` would get alone (chunk
-        boundaries never depend on the batch); rows with sparsity or interventions, and prompts
-        that want their logprobs, keep separate passes."""
+        boundaries never depend on the batch) and must run fused on its own, as must the decode
+        step; rows with sparsity or interventions, and prompts that want their logprobs, keep
+        separate passes."""
         chunk = min(len(seq.prompt) - seq.num_cached, self.limits.prefill_chunk_tokens)
-        return (self.merge_prompt_chunks and self.model.can_forward_rows(chunk + len(self._running))
+        return (self.merge_prompt_chunks and self.model.can_forward_rows(chunk, len(self._running))
                 and seq.request.params.prompt_logprobs is None
                 and self._plain(seq) and all(self._plain(r) for r in self._running))
 

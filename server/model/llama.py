@@ -270,9 +270,12 @@ class LlamaDecoder(nn.Module):
         logits = self.head.forward(hidden).float()
         return logits if edits is None else edits.logits(hidden, logits)
 
-    def can_forward_rows(self, num_rows: int) -> bool:
-        """Whether forward_rows takes this many rows here (the CPU kernel's fused layers)."""
-        return self.decode_layers is not None and 1 <= num_rows <= CpuDenseKernel.MAX_ROWS
+    def can_forward_rows(self, prompt_rows: int, decode_rows: int) -> bool:
+        """Whether forward_rows takes a prompt chunk of prompt_rows tokens beside decode_rows decode
+        rows here: the CPU kernel's fused layers, each part no longer than forward runs fused on its
+        own (so that each row gets the numbers of its own pass)."""
+        return (self.decode_layers is not None and 0 <= prompt_rows <= CpuDenseKernel.MAX_ROWS
+                and 0 <= decode_rows <= CpuDenseKernel.MAX_ROWS and prompt_rows + decode_rows > 0)
 
     @torch.inference_mode()
     def forward_rows(self, token_ids: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
@@ -282,10 +285,11 @@ class LlamaDecoder(nn.Module):
         positions, e.g. one prompt chunk beside the decode rows of a step) -> float32 logits
         [len(logit_rows), V] of the rows logit_rows. Each row gets the numbers forward gives it
         when its sequence runs alone (the fused layer computes every row on its own and writes
-        every row's key and value before any row attends); needs can_forward_rows(R)."""
+        every row's key and value before any row attends); at most 2 x CpuDenseKernel.MAX_ROWS rows
+        (a chunk and a decode step that can_forward_rows takes), with the CPU kernel."""
         R = token_ids.shape[0]
-        if not self.can_forward_rows(R):
-            raise ValueError(f"forward_rows takes 1 to {CpuDenseKernel.MAX_ROWS} rows with the CPU kernel, got {R}")
+        if self.decode_layers is None or not 1 <= R <= 2 * CpuDenseKernel.MAX_ROWS:
+            raise ValueError(f"forward_rows takes 1 to {2 * CpuDenseKernel.MAX_ROWS} rows with the CPU kernel, got {R}")
         slots = slot_ids.to(torch.int64).contiguous()  # [R]
         positions = positions.to(torch.int64).contiguous()  # [R]
         if int(positions.max()) >= self.max_model_len:
