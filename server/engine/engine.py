@@ -270,16 +270,19 @@ class Engine:
                 self._prefill_chunk(seq)
             except Exception as exc:  # one request's prefill failing must not touch the running rows
                 logger.exception("prefill of %s failed", seq.request.request_id)
-                self._finish(seq, "abort", error=f"internal error: {exc}")
+                self._fail([seq], exc)
         if self._running:
             rows = list(self._running)
             try:
                 self._decode()
             except Exception as exc:
                 logger.exception("decode step failed")
-                for seq in rows:
-                    self._finish(seq, "abort", error=f"internal error: {exc}")
+                self._fail(rows, exc)
         self._update_gauges()
+
+    def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            self._finish(seq, "abort", error=f"internal error: {exc}")
 
     def _admit(self) -> None:
         now = time.monotonic()
@@ -325,35 +328,22 @@ class Engine:
             logits = self.model.forward_rows(tokens, slots, positions, self.cache, logit_rows)  # [(1 +) B, V]
         except Exception as exc:
             logger.exception("prefill of %s with a decode step failed", seq.request.request_id)
-            for s in [seq, *rows]:
-                self._finish(s, "abort", error=f"internal error: {exc}")
+            self._fail([seq, *rows], exc)
             return
         seq.num_cached = end
         self.metrics.prompt_tokens.inc(n)
-        for s in rows:
-            s.num_cached += 1
-        if completes:  # as _prefill_chunk, with its faults kept to this sequence
-            self._prefilling.popleft()
-            self.metrics.prompt_len.observe(len(prompt))
-            try:
-                if seq.request.params.max_tokens == 0:  # echo-only scoring request
-                    self._finish(seq, "length")
-                else:
-                    self._sample_and_emit([seq], logits[:1])
-            except Exception as exc:
-                logger.exception("sampling the first token of %s failed", seq.request.request_id)
-                self._finish(seq, "abort", error=f"internal error: {exc}")
-            logits = logits[1:]
-        try:  # as _decode
-            self._sample_and_emit(list(rows), logits)
+        # each part's faults kept to its own sequences, as step() keeps them for separate passes
+        try:
+            self._advance_running(rows, logits[1:] if completes else logits)
         except Exception as exc:
             logger.exception("decode step failed")
-            for s in rows:
-                self._finish(s, "abort", error=f"internal error: {exc}")
-        self._running = [s for s in rows if not s.finished]
-        if completes and not seq.finished:
-            self._running.append(seq)
-            self._running.sort(key=lambda s: s.slot)  # batch rows in slot order (see _free_slots)
+            self._fail(rows, exc)
+        if completes:
+            try:
+                self._complete_prompt(seq, logits[:1])
+            except Exception as exc:
+                logger.exception("prefill of %s failed", seq.request.request_id)
+                self._fail([seq], exc)
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.prompt
@@ -374,10 +364,14 @@ class Engine:
         if want_prompt_lp:
             self._record_prompt_logprobs(seq, logits[0], start, end)
             logits = logits[:, -1]
-        if end < len(prompt):
-            return
+        if end == len(prompt):
+            self._complete_prompt(seq, logits)
+
+    def _complete_prompt(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """seq's prompt is all in the cache; logits [1, V] of its last token: its first token, and
+        a place among the running rows."""
         self._prefilling.popleft()
-        self.metrics.prompt_len.observe(len(prompt))
+        self.metrics.prompt_len.observe(len(seq.prompt))
         if seq.request.params.max_tokens == 0:  # echo-only scoring request
             self._finish(seq, "length")
             return
@@ -416,6 +410,10 @@ class Engine:
                 if s.request.sparsity > 0:
                     s.skipped_weight_tokens += next(skipped)
                     s.sparse_tokens += 1
+        self._advance_running(rows, logits)
+
+    def _advance_running(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
+        """The running rows' new tokens are in the cache; logits [B, V]: their next tokens."""
         for s in rows:
             s.num_cached += 1
         self._sample_and_emit(list(rows), logits)
