@@ -80,3 +80,17 @@ def write_report(report: dict[str, Any], text: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {out}")
+
+
+def wikitext_step_tokens(tokenizer):
+    """Decode-step inputs from WikiText-2 test text (its first 400,000 characters, tokenized once):
+    a function (step, B) -> [B, 1] token ids, row b reading from token offset 1000 b, one token
+    per step (teacher-forced), so that a sparse row's kept channels change from step to step as in
+    real decoding (benchmarks/decode_breakdown.py, decode_context.py --text-tokens)."""
+    import torch
+
+    from server.calibration.data import default_data_dir
+
+    text = (default_data_dir() / "wikitext2" / "wiki.test.tokens").read_text()[:400_000]
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    return lambda step, B: ids[(torch.arange(B) * 1000 + step) % len(ids)].view(B, 1)

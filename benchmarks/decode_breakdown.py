@@ -25,7 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import command_line, describe_machine, format_table, write_report
+from bench_common import (
+    command_line,
+    describe_machine,
+    format_table,
+    wikitext_step_tokens,
+    write_report,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "decode_breakdown.json"
 WARMUP_STEPS = 10
@@ -43,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kernels.dense_cpu import STAGES, CpuDenseKernel
-    from server.calibration.data import default_data_dir
     from server.model.config import ModelConfig
     from server.model.llama import LlamaDecoder
     from server.model.loader import load_checkpoint
@@ -63,13 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     model = LlamaDecoder(ModelConfig.from_hf(ckpt.hf_config), ckpt.state_dict, loaded.model.dtype,
                          loaded.model.device, loaded.model.max_model_len, kernel)
     attach_wina(model, loaded.wina_profile, settings)
-    text = (default_data_dir() / "wikitext2" / "wiki.test.tokens").read_text()[:400_000]
-    text_ids = torch.tensor(loaded.tokenizer(text)["input_ids"])
+    step_tokens = wikitext_step_tokens(loaded.tokenizer)
     cache = model.new_cache(B * len(sparsities))
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     totals = {s: {name: 0.0 for name in [*STAGES, "step"]} for s in sparsities}
     for step in range(args.steps):
-        tokens = text_ids[(torch.arange(B) * 1000 + step) % len(text_ids)].view(B, 1)  # row b from offset 1000 b
+        tokens = step_tokens(step, B)
         for i, sparsity in enumerate(sparsities):
             slots = torch.arange(B) + i * B  # each sparsity its own cache slots
             plan = model.sparsity_plan([sparsity] * B, 1) if sparsity > 0 else None

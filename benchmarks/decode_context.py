@@ -29,7 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import command_line, describe_machine, format_table, write_report
+from bench_common import (
+    command_line,
+    describe_machine,
+    format_table,
+    wikitext_step_tokens,
+    write_report,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "decode_context.json"
 
@@ -92,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     caches = {name: model.new_cache(max(batch_sizes)) for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
-    text_ids = None
-    if args.text_tokens:
-        from server.calibration.data import default_data_dir
-
-        text = (default_data_dir() / "wikitext2" / "wiki.test.tokens").read_text()[:400_000]
-        text_ids = torch.tensor(loaded.tokenizer(text)["input_ids"])
+    step_tokens = wikitext_step_tokens(loaded.tokenizer) if args.text_tokens else None
     rows = []
     for B in batch_sizes:
         for position in positions:
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             slots, starts = torch.arange(B), torch.full((B,), position)
             times: dict[str, list[float]] = {name: [] for name in models}
             for step in range(args.steps + 1):  # the first, a warm-up, is not counted
-                if text_ids is not None:  # row b reads from offset 1000 b, one token per step
-                    tokens = text_ids[(torch.arange(B) * 1000 + step) % len(text_ids)].view(B, 1)
+                if step_tokens is not None:
+                    tokens = step_tokens(step, B)
                 order = list(models.items())
                 for name, model in order if step % 2 else order[::-1]:
                     plan = model.sparsity_plan([args.sparsity] * B, 1)
