@@ -96,6 +96,7 @@ def serve(settings: ServerSettings) -> int:
         return 3
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           loop=settings.event_loop, http=settings.http_parser,
                                            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 1))
     state = app.state.server
 

@@ -164,3 +164,12 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Server log level."
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="The asyncio event loop uvicorn runs: 'auto' takes uvloop where it is "
+        "installed (a dependency on Linux and macOS), which spends less of the cores the model "
+        "shares on waking for and writing each streamed token (benchmarks/RESULTS.md).",
+    )
+    http_parser: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn's HTTP/1.1 implementation: 'auto' takes httptools where it is "
+        "installed (a dependency), else the pure-Python h11.",
+    )
