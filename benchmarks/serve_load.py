@@ -358,6 +358,7 @@ async def run_level(
     ignore_eos: bool,
     api_key: str | None,
     timeout_s: float,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     url = f"{base_url}/v1/completions"
     headers = _headers(api_key)
@@ -397,9 +398,13 @@ async def run_level(
                     return
                 results[i] = await run_request(client, url, payload(i), headers, timeout_s)
 
+        server_cpu_before = thread_cpu_seconds(server_pid)
+        client_cpu_before = time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
         duration = time.perf_counter() - t0
+        client_cpu = time.process_time() - client_cpu_before
+        server_cpu_after = thread_cpu_seconds(server_pid)
 
     done = [r for r in results if r is not None]
     ok = [r for r in done if r.success]
@@ -430,6 +435,7 @@ async def run_level(
         "tpot_ms": summarize_ms(t for t in (r.tpot_s for r in ok) if t is not None),
         "itl_ms": summarize_ms(g for r in ok for g in r.itl_s),
         "e2e_ms": summarize_ms(r.e2e_s for r in ok if r.e2e_s is not None),
+        "cpu": cpu_report(server_cpu_before, server_cpu_after, server_pid, client_cpu, total_out),
         "requests": [
             {
                 "success": r.success,
@@ -447,6 +453,43 @@ async def run_level(
         ],
     }
     return level
+
+
+def thread_cpu_seconds(pid: int | None) -> dict[int, float] | None:
+    """CPU seconds (user + system) each thread of process `pid` has used, by thread id; None
+    without a pid or without Linux's /proc."""
+    if pid is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended between the listing and the read
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15 of stat
+    return out
+
+
+def cpu_report(before: dict[int, float] | None, after: dict[int, float] | None, server_pid: int | None,
+               client_cpu_s: float, output_tokens: int) -> dict[str, Any]:
+    """Where the cores went during a level: the server's event-loop thread (uvicorn runs it on the
+    main thread, whose id is the pid), the whole server, and this load generator. Per output
+    token, these vary much less than throughput on a shared machine, so they compare HTTP paths."""
+    per_token = (lambda s: s * 1000.0 / output_tokens) if output_tokens else (lambda s: None)
+    report: dict[str, Any] = {"client_s": client_cpu_s, "client_ms_per_token": per_token(client_cpu_s)}
+    if before is not None and after is not None and server_pid is not None:
+        loop_s = after.get(server_pid, 0.0) - before.get(server_pid, 0.0)
+        all_s = sum(after.values()) - sum(before.get(tid, 0.0) for tid in after)
+        report.update(server_event_loop_s=loop_s, server_all_threads_s=all_s,
+                      server_event_loop_ms_per_token=per_token(loop_s),
+                      server_all_threads_ms_per_token=per_token(all_s))
+    return report
 
 
 # --------------------------------------------------------------------------- server launch
@@ -554,6 +597,13 @@ def format_report(report: dict[str, Any]) -> str:
             ])
     out.append("")
     out.append(_table(["conc", "metric", "n", "mean_ms", "median_ms", "p90_ms", "p99_ms"], rows))
+    cpu_rows = [[str(lv["concurrency"]), _fmt(lv["cpu"].get("server_event_loop_ms_per_token"), 3),
+                 _fmt(lv["cpu"].get("server_all_threads_ms_per_token"), 2), _fmt(lv["cpu"]["client_ms_per_token"], 3)]
+                for lv in levels if "cpu" in lv]
+    if cpu_rows:
+        out.append("")
+        out.append("CPU per output token (ms; the server's columns only when this script launched it):")
+        out.append(_table(["conc", "server event loop", "server all threads", "load generator"], cpu_rows))
     errs = [(lv["concurrency"], e, n) for lv in levels for e, n in lv["errors"].items()]
     if errs:
         out.append("")
@@ -648,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run_levels(args: argparse.Namespace, base_url: str, model: str, prompts: list[str]) -> list[dict]:
+async def _run_levels(args: argparse.Namespace, base_url: str, model: str, prompts: list[str],
+                      server_pid: int | None) -> list[dict]:
     levels = []
     for c in args.concurrency:
         n = args.requests_per_level if args.requests_per_level else max(8, 4 * c)
@@ -656,7 +707,7 @@ async def _run_levels(args: argparse.Namespace, base_url: str, model: str, promp
         lv = await run_level(
             base_url=base_url, model=model, prompts=prompts, concurrency=c, num_requests=n,
             max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos,
-            api_key=args.api_key, timeout_s=args.timeout,
+            api_key=args.api_key, timeout_s=args.timeout, server_pid=server_pid,
         )
         print(
             f"  done in {lv['duration_s']:.2f} s: ok={lv['completed']} failed={lv['failed']} "
@@ -719,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"server healthy after {healthy_s:.1f} s", file=sys.stderr)
         model = args.model or resolve_model(base_url, args.api_key, min(args.timeout, 60.0))
         started = _dt.datetime.now(_dt.timezone.utc)
-        levels = asyncio.run(_run_levels(args, base_url, model, prompts))
+        levels = asyncio.run(_run_levels(args, base_url, model, prompts, proc.pid if proc is not None else None))
         finished = _dt.datetime.now(_dt.timezone.utc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

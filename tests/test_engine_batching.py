@@ -129,3 +129,44 @@ def test_forward_rows_gives_each_row_its_own_pass_numbers(loaded):
         model.forward_rows(torch.zeros(too_many, dtype=torch.long), torch.zeros(too_many, dtype=torch.long),
                            torch.arange(too_many), caches[1], torch.tensor([0]))
     assert model.can_forward_rows(CpuDenseKernel.MAX_ROWS, 8) and not model.can_forward_rows(CpuDenseKernel.MAX_ROWS + 1, 1)
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts the callbacks handed to it from outside (the engine's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handoffs = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.handoffs += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_each_step_hands_its_outputs_to_the_event_loop_at_once(loaded):
+    """Five streams decoding together: one wake-up of the event loop per step, not one per stream,
+    and every token still arrives, in order, once."""
+    limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=64)
+    engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics("test"))
+    requests = [GenerationRequest(f"r{i}", tuple(loaded.tokenizer.encode(text)), GREEDY)
+                for i, text in enumerate(PROMPTS)]
+
+    async def go():
+        streams = engine.submit(requests)
+        engine.drain_incoming()
+        while engine.has_work:
+            engine.step()
+            await asyncio.sleep(0)
+        outputs = []
+        for stream in streams:
+            outputs.append([out async for out in stream])
+        return outputs
+
+    loop = _CountingLoop()
+    try:
+        outputs = loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert [sum(len(o.token_ids) for o in outs) for outs in outputs] == [GREEDY.max_tokens] * len(PROMPTS)
+    assert all(outs[-1].finished and not any(o.finished for o in outs[:-1]) for outs in outputs)
+    assert loop.handoffs <= engine.steps < sum(len(outs) for outs in outputs)

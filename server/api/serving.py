@@ -261,6 +261,11 @@ def expand_requests(prefix: str, prompts: list[list[int]], params: list[Sampling
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
     """Interleave several sequences' outputs as (index, output); closing it aborts them all."""
+    if len(streams) == 1:  # the common case (n = 1, one prompt), without a task and a queue hop per token
+        async with aclosing(streams[0]) as stream:
+            async for out in stream:
+                yield 0, out
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream) -> None:
