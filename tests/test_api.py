@@ -301,17 +301,21 @@ def test_metrics_move_with_a_request(client):
 def test_running_gauge_and_kv_usage_during_a_request(server, client):
     engine_metrics = server.state.metrics
     seen = []
+    done = threading.Event()
 
-    def watch():
-        for _ in range(200):
+    def watch():  # until the request has returned, however long a busy machine makes it take
+        while not done.is_set():
             seen.append((engine_metrics.num_requests_running._value.get(),
                          engine_metrics.kv_cache_usage._value.get()))
             time.sleep(0.005)
 
     t = threading.Thread(target=watch)
     t.start()
-    complete(client, prompt="Gauge test", max_tokens=30, ignore_eos=True, **GREEDY)
-    t.join()
+    try:
+        complete(client, prompt="Gauge test", max_tokens=30, ignore_eos=True, **GREEDY)
+    finally:
+        done.set()
+        t.join()
     assert max(r for r, _ in seen) >= 1 and max(u for _, u in seen) > 0
 
 
