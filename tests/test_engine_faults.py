@@ -23,6 +23,8 @@ class _NanLogitsForSlots:
     def __init__(self, model) -> None:
         self._model = model
         self.poisoned: set[int] = set()
+        self.bad_value = float("nan")
+        self.bad_token: int | None = None  # None: the whole row; else that one logit
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -31,14 +33,20 @@ class _NanLogitsForSlots:
         logits = self._model(tokens, slots, starts, cache, **kwargs).clone()
         for row, slot in enumerate(slots.tolist()):
             if slot in self.poisoned:
-                logits[row] = float("nan")
+                self._spoil(logits, row)
         return logits
+
+    def _spoil(self, logits, row: int) -> None:
+        if self.bad_token is None:
+            logits[row] = self.bad_value
+        else:
+            logits[row, self.bad_token] = self.bad_value
 
     def forward_rows(self, tokens, slots, positions, cache, logit_rows):  # a prompt chunk beside decode rows
         logits = self._model.forward_rows(tokens, slots, positions, cache, logit_rows).clone()
         for row, slot in enumerate(slots[logit_rows].tolist()):
             if slot in self.poisoned:
-                logits[row] = float("nan")
+                self._spoil(logits, row)
         return logits
 
 
@@ -101,6 +109,25 @@ def test_non_finite_logits_fail_only_their_row(loaded, poison_from_step):
     assert got[0] == alone
     assert got[1]["reason"] == "abort" and got[1]["error"] == NON_FINITE_LOGITS_ERROR and got[1]["status"] == 400
     assert len(got[1]["tokens"]) < 8
+    assert _all_slots_free(engine)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_logit_fails_its_row(loaded, bad_value):
+    """A single bad logit among finite ones is enough (the check reduces each row to its largest and
+    smallest logit)."""
+    model = _NanLogitsForSlots(loaded.model)
+    model.bad_value, model.bad_token = bad_value, 1234
+    engine = _engine(model, loaded.tokenizer)
+
+    def poison(step):
+        if step >= 2:
+            model.poisoned = {1}
+
+    got = _run(engine, [_request(loaded, "a", "The capital of France is"),
+                        _request(loaded, "b", "Once upon a time")], before_step=poison)
+    assert got[0]["error"] is None and len(got[0]["tokens"]) == 8
+    assert got[1]["reason"] == "abort" and got[1]["error"] == NON_FINITE_LOGITS_ERROR
     assert _all_slots_free(engine)
 
 

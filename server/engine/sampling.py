@@ -50,6 +50,15 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, controls: BatchControls) -> 
     return logits
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B] int64, the first index of each row's largest value (NaN counts as largest), as
+    torch.argmax gives it. On the CPU through numpy: torch 2.13's CPU argmax takes about 2 ns per
+    logit (90 us a row of this vocabulary, 0.5 ms for 8 rows), numpy's ~15x less."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, controls: BatchControls,
            penalty_state: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleResult:
     """logits: [B, V] float32 raw model output -> one token per row."""
@@ -62,7 +71,7 @@ def sample(logits: torch.Tensor, controls: BatchControls,
         logits = apply_penalties(logits, controls, *penalty_state)
     if controls.banned is not None:
         logits = logits.index_put(controls.banned, torch.tensor(float("-inf"), device=logits.device))
-    greedy_tokens = logits.argmax(dim=-1)  # [B]
+    greedy_tokens = greedy(logits)  # [B]
     if controls.all_greedy:
         tokens = greedy_tokens
     else:
