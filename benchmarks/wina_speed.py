@@ -7,7 +7,8 @@
    batch 8, every row greedy with ``ignore_eos``, all rows at the same sparsity; decode tok/s =
    tokens generated after each row's first / time from the first output to the last. Sparsities run
    interleaved (dense, 0.25, ..., then again) so drift on this shared machine hits all of them;
-   medians of ``--repeats``.
+   medians of ``--repeats``. ``--isolate``: each level in a fresh process of its own instead,
+   alternating, as a server that runs every request at one sparsity would.
 2. llama.cpp (llama-cpp-python, if installed) batch-1 tok/s on the same GGUF, for the ratio the
    issue asks to print beside ours.
 3. GEMV microbenchmark (a separate process): our CPU kernel at batch 1 and 8 against dense
@@ -16,7 +17,7 @@
    Llama-3-8B's MLP (4096 x 14336), with per-token top-k thresholds (exact sparsity).
 
     python benchmarks/wina_speed.py [--sparsities 0.25 0.4 0.5 0.65 0.9] [--tokens 64] [--repeats 3]
-        [--skip-decode] [--skip-micro] [--skip-llama-cpp] [--model PATH] [--device auto|cpu|cuda]
+        [--isolate] [--skip-decode] [--skip-micro] [--skip-llama-cpp] [--model PATH] [--device auto|cpu|cuda]
         [--out benchmarks/out/wina_speed.json]
 
 On a GPU the Triton kernel's microbenchmark is benchmarks/wina_kernel_gpu.py.
@@ -89,9 +90,11 @@ async def _batch(engine: Any, prompts: list[list[int]], tokens: int, sparsity: f
 
 
 def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, repeats: int,
-               model: str = "default", device: str = "auto", one_sparse_row: bool = False) -> dict:
+               model: str = "default", device: str = "auto", one_sparse_row: bool = False,
+               with_dense: bool = True) -> dict:
     """Decode tok/s per batch size and sparsity (every row at it), against dense in the same
-    session; with one_sparse_row, also batches > 1 where only the first row is sparse."""
+    session (with_dense False: no dense runs, no ratios); with one_sparse_row, also batches > 1
+    where only the first row is sparse."""
     from server.runtime import launch_engine
     from server.settings import ServerSettings
 
@@ -103,7 +106,7 @@ def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, rep
     kernel = ("triton" if sparse_qkv.weight_t is not None else
               "cpu" if sparse_qkv.prepared is not None else "none (masked dense)")
     prompts = [list(loaded.tokenizer(p).input_ids) for p in PROMPTS]
-    levels = [0.0, *sparsities]
+    levels = [0.0, *sparsities] if with_dense else list(sparsities)
     cases = [(b, s, False) for b in batch_sizes for s in levels]
     if one_sparse_row:
         cases += [(b, s, True) for b in batch_sizes if b > 1 for s in sparsities]
@@ -123,16 +126,43 @@ def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, rep
         engine.shutdown()
     rows = []
     for b, s, first in cases:
-        dense = statistics.median(x["decode_tok_s"] for x in runs[(b, 0.0, False)])
+        dense = statistics.median(x["decode_tok_s"] for x in runs[(b, 0.0, False)]) if with_dense else None
         tok_s = statistics.median(x["decode_tok_s"] for x in runs[(b, s, first)])
         rows.append({"batch": b, "sparsity": s, "sparse_rows": "first" if first else "all", "decode_tok_s": tok_s,
-                     "ratio_to_dense": tok_s / dense,
+                     "ratio_to_dense": tok_s / dense if dense else None,
                      "achieved_sparsity": statistics.mean(x["achieved"] for x in runs[(b, s, first)]),
                      "runs": runs[(b, s, first)]})
     return {"model": loaded.name, "device": str(loaded.model.device),
             "profile": loaded.wina_profile.name, "profile_path": str(loaded.wina_profile.path),
             "kernel": kernel, "dtype": str(loaded.model.dtype), "tokens": tokens, "repeats": repeats,
             "rows": rows}
+
+
+def run_decode_isolated(sparsities: list[float], batch_sizes: list[int], tokens: int, repeats: int,
+                        model: str = "default", device: str = "auto") -> dict:
+    """Each level (dense, then each sparsity) decodes in a fresh process of its own, the levels
+    alternating `repeats` times: what a server that runs every request at one sparsity gets, where
+    only one copy of the weights (the dense panels or the sparse kernel's W^T) is read step after
+    step. In one process (run_decode) the levels take turns, as in a server mixing dense and sparse
+    requests, and each path's copy evicts the other's from the caches."""
+    levels = [0.0, *sparsities]
+    runs: dict[tuple[int, float], list[dict]] = {(b, s): [] for b in batch_sizes for s in levels}
+    info: dict = {}
+    for _ in range(repeats):
+        for s in levels:
+            info = _in_subprocess(run_decode, [s] if s else [], batch_sizes, tokens, 1, model, device, False, s == 0.0)
+            for row in info["rows"]:
+                runs[(row["batch"], row["sparsity"])].extend(row["runs"])
+    rows = []
+    for b in batch_sizes:
+        dense = statistics.median(x["decode_tok_s"] for x in runs[(b, 0.0)])
+        for s in levels:
+            tok_s = statistics.median(x["decode_tok_s"] for x in runs[(b, s)])
+            rows.append({"batch": b, "sparsity": s, "sparse_rows": "all", "decode_tok_s": tok_s,
+                         "ratio_to_dense": tok_s / dense,
+                         "achieved_sparsity": statistics.mean(x["achieved"] for x in runs[(b, s)]),
+                         "runs": runs[(b, s)]})
+    return {**info, "repeats": repeats, "isolated": True, "rows": rows}
 
 
 def run_llama_cpp_batch1(tokens: int, repeats: int) -> dict | None:
@@ -230,9 +260,11 @@ def format_report(report: dict) -> str:
     decode = report.get("decode")
     if decode:
         llama = report.get("llama_cpp") or {}
+        where = ("each level in a process of its own, alternating" if decode.get("isolated") else
+                 "the levels interleaved in one process")
         parts.append(f"\nDecode through the engine ({decode.get('model', 'default')} on {decode.get('device', 'cpu')}, "
                      f"{decode['dtype']}, profile {decode['profile']}, sparse kernel: {decode['kernel']}; "
-                     f"{decode['tokens']} tokens, median of {decode['repeats']})")
+                     f"{decode['tokens']} tokens, median of {decode['repeats']}, {where})")
         rows = []
         for r in decode["rows"]:
             vs_llama = r["decode_tok_s"] / llama["tok_s"] if r["batch"] == 1 and llama.get("tok_s") else None
@@ -266,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one-sparse-row", action="store_true",
                         help="also decode batches > 1 where only the first request is sparse (a mixed batch)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="decode each level in a fresh process of its own, alternating (a server that runs "
+                        "every request at one sparsity), instead of interleaved in one process (a server mixing them)")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--skip-llama-cpp", action="store_true")
@@ -277,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]),
                               "utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    if not args.skip_decode:
+    if args.isolate and args.one_sparse_row:
+        parser.error("--one-sparse-row mixes dense and sparse rows in one batch, so it cannot --isolate")
+    if not args.skip_decode and args.isolate:
+        report["decode"] = run_decode_isolated(args.sparsities, args.batch_sizes, args.tokens, args.repeats,
+                                               args.model, args.device)
+    elif not args.skip_decode:
         report["decode"] = _in_subprocess(run_decode, args.sparsities, args.batch_sizes, args.tokens, args.repeats,
                                           args.model, args.device, args.one_sparse_row)
         if not args.skip_llama_cpp and args.model == "default":
