@@ -170,3 +170,54 @@ def test_each_step_hands_its_outputs_to_the_event_loop_at_once(loaded):
     assert [sum(len(o.token_ids) for o in outs) for outs in outputs] == [GREEDY.max_tokens] * len(PROMPTS)
     assert all(outs[-1].finished and not any(o.finished for o in outs[:-1]) for outs in outputs)
     assert loop.handoffs <= engine.steps < sum(len(outs) for outs in outputs)
+
+
+class _PlanCountingModel(_CountingModel):
+    """The real model, counting the sparsity plans it builds."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.plans_built = 0
+
+    def sparsity_plan(self, targets, tokens_per_row):
+        self.plans_built += 1
+        return self._model.sparsity_plan(targets, tokens_per_row)
+
+
+def _achieved(loaded, model, requests: list[GenerationRequest]) -> list[tuple[list[int], float]]:
+    limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=64)
+    engine = Engine(model, loaded.tokenizer, limits, ServerMetrics("test"))
+
+    async def go():
+        streams = engine.submit(requests)
+        engine.drain_incoming()
+        while engine.has_work:
+            engine.step()
+            await asyncio.sleep(0)
+        results = []
+        for stream in streams:
+            outs = [out async for out in stream]
+            results.append(([t for o in outs for t in o.token_ids], outs[-1].sparsity_achieved))
+        return results
+
+    return asyncio.run(go())
+
+
+def test_decode_steps_reuse_the_sparsity_plan_while_the_targets_stay(loaded):
+    """The plan is rebuilt when the batch's targets change (here when the 0.9 row finishes), not every
+    step, and the 0.5 row gets the tokens and the achieved sparsity it gets alone."""
+    if loaded.model.wina is None:
+        pytest.skip("no WINA profile loaded")
+    ids = tuple(loaded.tokenizer.encode(PROMPTS[1]))
+    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    alone = _achieved(loaded, _PlanCountingModel(loaded.model), [GenerationRequest("a", ids, long, sparsity=0.5)])
+    model = _PlanCountingModel(loaded.model)
+    together = _achieved(loaded, model, [GenerationRequest("a", ids, long, sparsity=0.5),
+                                         GenerationRequest("b", tuple(loaded.tokenizer.encode(PROMPTS[0])), short,
+                                                           sparsity=0.9)])
+    assert together[0] == alone[0]
+    assert 0.3 < alone[0][1] < 0.8 and together[1][1] > alone[0][1]
+    # prompt chunks build their own plans (one per prefill step); decode steps one per change of targets
+    decode_steps = long.max_tokens - 1
+    assert model.plans_built < decode_steps, model.plans_built

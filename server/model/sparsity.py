@@ -4,7 +4,8 @@ into per-layer, per-projection thresholds on the score |x_i| * ||W[:, i]||_2.
 - `WinaTable`: a calibrated profile's thresholds for a grid of target sparsities.
 - `SparseProjection`: what one fused projection (qkv, o, gate_up or down) needs to run sparse:
   its column norms per segment and, on CPU, the prepared C kernel over its transposed weight.
-- `SparsityPlan`: built once per engine step from the rows' targets; `plan.layer(i)` is handed to
+- `SparsityPlan`: built from the rows' targets (the engine's decode steps reuse it while those stay
+  the same); `plan.layer(i)` is handed to
   each decoder layer, whose blocks call `layer_sparsity.apply(...)` instead of the dense
   projection. Rows whose target is 0 take the dense path untouched, so they get exactly the
   numbers they would get in a batch with no sparsity at all.
@@ -146,6 +147,12 @@ class SparsityPlan:
             layer_weight_total=layer_weight_total,
             kept_share=sum(1.0 - targets[i] for i in sparse),
         )
+
+    def reuse(self) -> SparsityPlan:
+        """This plan for another pass of the same rows at the same targets (the thresholds depend on
+        nothing else): its kept counts start again from zero."""
+        self.kept.zero_()
+        return self
 
     def layer(self, index: int) -> "LayerSparsity":
         return LayerSparsity(self, index)
