@@ -296,7 +296,7 @@ class Engine:
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that loop has closed: nobody is left to read these streams
-                pass
+                logger.debug("dropped %d outputs for a closed event loop", len(items))
 
     def _step(self) -> None:
         self.steps += 1
@@ -312,6 +312,7 @@ class Engine:
             except Exception as exc:  # one request's prefill failing must not touch the running rows
                 logger.exception("prefill of %s failed", seq.request.request_id)
                 self._fail([seq], exc)
+            self._flush_outbox()  # a finished prompt's first token need not wait for the decode pass
         if self._running:
             rows = list(self._running)
             try:
