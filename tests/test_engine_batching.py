@@ -11,7 +11,7 @@ import torch
 
 from kernels.dense_cpu import CpuDenseKernel
 from server.engine.engine import Engine, EngineLimits
-from server.engine.request import GenerationRequest, SamplingParams
+from server.engine.request import GenerationRequest, SamplingParams, StepOutput
 from server.metrics import ServerMetrics
 from server.runtime import load_model
 from server.settings import ServerSettings
@@ -52,7 +52,10 @@ def loaded():
     return load_model(ServerSettings(max_model_len=128, log_level="warning", load_interventions=False))
 
 
-def _generate(loaded, model, requests: list[GenerationRequest]) -> list[list[int]]:
+def _run_engine(loaded, model, requests: list[GenerationRequest],
+                loop: asyncio.AbstractEventLoop | None = None) -> tuple[Engine, list[list[StepOutput]]]:
+    """Step an engine over `requests` until they finish (on `loop`, else a new one) -> the engine
+    and each request's outputs in order."""
     limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=64)
     engine = Engine(model, loaded.tokenizer, limits, ServerMetrics("test"))
 
@@ -62,16 +65,22 @@ def _generate(loaded, model, requests: list[GenerationRequest]) -> list[list[int
         while engine.has_work:
             engine.step()
             await asyncio.sleep(0)
-        results = []
+        outputs = []
         for stream in streams:
-            tokens = []
-            async for out in stream:
-                assert out.error is None, out.error
-                tokens += out.token_ids
-            results.append(tokens)
-        return results
+            outputs.append([out async for out in stream])
+        for outs in outputs:
+            assert all(out.error is None for out in outs), [out.error for out in outs]
+        return outputs
 
-    return asyncio.run(go())
+    loop = loop or asyncio.new_event_loop()
+    try:
+        return engine, loop.run_until_complete(go())
+    finally:
+        loop.close()
+
+
+def _generate(loaded, model, requests: list[GenerationRequest]) -> list[list[int]]:
+    return [[t for out in outs for t in out.token_ids] for outs in _run_engine(loaded, model, requests)[1]]
 
 
 def _requests(loaded, sparsity: float = 0.0, prompt_logprobs: int | None = None) -> list[GenerationRequest]:
@@ -147,27 +156,10 @@ def test_each_step_hands_its_outputs_to_the_event_loop_at_once(loaded):
     """Five streams decoding together: one wake-up of the event loop per step (and one more where a
     prompt's first token comes from a pass of its own), not one per stream; every token still
     arrives, in order, once."""
-    limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=64)
-    engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics("test"))
     requests = [GenerationRequest(f"r{i}", tuple(loaded.tokenizer.encode(text)), GREEDY)
                 for i, text in enumerate(PROMPTS)]
-
-    async def go():
-        streams = engine.submit(requests)
-        engine.drain_incoming()
-        while engine.has_work:
-            engine.step()
-            await asyncio.sleep(0)
-        outputs = []
-        for stream in streams:
-            outputs.append([out async for out in stream])
-        return outputs
-
     loop = _CountingLoop()
-    try:
-        outputs = loop.run_until_complete(go())
-    finally:
-        loop.close()
+    engine, outputs = _run_engine(loaded, loaded.model, requests, loop)
     assert [sum(len(o.token_ids) for o in outs) for outs in outputs] == [GREEDY.max_tokens] * len(PROMPTS)
     assert all(outs[-1].finished and not any(o.finished for o in outs[:-1]) for outs in outputs)
     assert loop.handoffs <= engine.steps + len(PROMPTS) < sum(len(outs) for outs in outputs)
@@ -186,22 +178,9 @@ class _PlanCountingModel(_CountingModel):
 
 
 def _achieved(loaded, model, requests: list[GenerationRequest]) -> list[tuple[list[int], float]]:
-    limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=64)
-    engine = Engine(model, loaded.tokenizer, limits, ServerMetrics("test"))
-
-    async def go():
-        streams = engine.submit(requests)
-        engine.drain_incoming()
-        while engine.has_work:
-            engine.step()
-            await asyncio.sleep(0)
-        results = []
-        for stream in streams:
-            outs = [out async for out in stream]
-            results.append(([t for o in outs for t in o.token_ids], outs[-1].sparsity_achieved))
-        return results
-
-    return asyncio.run(go())
+    """Each request's tokens and the sparsity it reports achieving."""
+    return [([t for out in outs for t in out.token_ids], outs[-1].sparsity_achieved)
+            for outs in _run_engine(loaded, model, requests)[1]]
 
 
 def test_decode_steps_reuse_the_sparsity_plan_while_the_targets_stay(loaded):
