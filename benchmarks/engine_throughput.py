@@ -15,7 +15,6 @@ Prints a table, writes JSON. Nothing runs on import.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as _dt
 import statistics
 import sys
@@ -34,34 +33,18 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "engine_throughput.json"
 
 def run_once(loaded, prompts: list[tuple[int, ...]], concurrency: int, max_tokens: int, merge: bool,
              prefill_chunk_tokens: int) -> dict:
-    from server.engine.engine import Engine, EngineLimits
-    from server.engine.request import GenerationRequest, SamplingParams
-    from server.metrics import ServerMetrics
+    from server.engine.offline import OfflineGenerator
+    from server.engine.request import SamplingParams
 
-    limits = EngineLimits(max_batch_size=concurrency, max_model_len=loaded.model.max_model_len,
-                          max_queued_requests=len(prompts), prefill_chunk_tokens=prefill_chunk_tokens)
-    engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics("bench"), merge_prompt_chunks=merge)
+    generator = OfflineGenerator(loaded, max_batch_size=concurrency, prefill_chunk_tokens=prefill_chunk_tokens,
+                                 merge_prompt_chunks=merge)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    requests = [GenerationRequest(f"r{i}", ids, params) for i, ids in enumerate(prompts)]
-
-    async def go() -> int:
-        streams = engine.submit(requests)
-        engine.drain_incoming()
-        while engine.has_work:
-            engine.step()
-            await asyncio.sleep(0)
-        generated = 0
-        for stream in streams:
-            async for out in stream:
-                if out.error:
-                    raise RuntimeError(out.error)
-                generated += len(out.token_ids)
-        return generated
-
     start = time.perf_counter()
-    generated = asyncio.run(go())
+    results = generator.generate([list(ids) for ids in prompts], params)
     seconds = time.perf_counter() - start
-    return {"generated_tokens": generated, "seconds": seconds, "tok_s": generated / seconds, "steps": engine.steps}
+    generated = sum(len(r.token_ids) for r in results)
+    return {"generated_tokens": generated, "seconds": seconds, "tok_s": generated / seconds,
+            "steps": generator.engine.steps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,10 +79,9 @@ def two_thread_seconds(lib, pointers, row_bytes: int, kept_rows, prefetch: int, 
     return best / len(pointers)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-
+def load_probe() -> ctypes.CDLL:
+    """benchmarks/csrc/row_skip.c, built on first use, with its two entry points typed (also used
+    by wina_kernel_vs_probe.py)."""
     from kernels.cpu_build import build_library, default_cache_dir
 
     lib = ctypes.CDLL(str(build_library(PROJECT_ROOT / "benchmarks" / "csrc" / "row_skip.c", default_cache_dir())))
@@ -91,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     lib.read_rows_two_threads.restype = ctypes.c_int64
     lib.read_rows_two_threads.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    lib = load_probe()
     rng = random.Random(0)
     results, two_threads = [], []
     for name, (row_bytes, rows) in SHAPES.items():

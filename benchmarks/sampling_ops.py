@@ -4,7 +4,8 @@ engine's way against torch's plain ops, on the logits of real forward passes (is
 
 For batch sizes 1 and 8: each row's greedy token (``torch.argmax`` against
 ``server.engine.sampling.greedy``, numpy's argmax on the CPU) and whether each row's logits are
-all finite (``torch.isfinite(logits).all(-1)`` against the engine's check, each row's max and min).
+all finite (``torch.isfinite(logits).all(-1)`` against ``sampling.finite_rows``, each row's max
+and min).
 Each op is timed right after a forward pass of the default model, as the engine runs it (the
 logits were just written by the LM head's threads), and alone on logits already in this core's
 cache; medians. If a torch release makes its argmax as fast, `greedy` can go back to it.
@@ -30,13 +31,13 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 def _ops():
     import torch
 
-    from server.engine.sampling import greedy
+    from server.engine.sampling import finite_rows, greedy
 
     return {
         "argmax: torch.argmax": lambda x: x.argmax(dim=-1),
         "argmax: greedy()": greedy,
         "finite: isfinite().all()": lambda x: torch.isfinite(x).all(dim=-1),
-        "finite: max and min": lambda x: torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1)),
+        "finite: finite_rows()": finite_rows,
     }
 
 

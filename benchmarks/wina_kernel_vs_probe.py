@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench_common import command_line, describe_machine, format_table, write_report
+from row_skip_bandwidth import load_probe
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -96,17 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kept must be between 0 and 1")
     import torch
 
-    from kernels.cpu_build import build_library, default_cache_dir
     from kernels.dense_cpu import CpuDenseKernel
     from kernels.wina_cpu import CpuWinaKernel
 
     dense_kernel, wina_kernel = CpuDenseKernel.load(), CpuWinaKernel.load()
     if dense_kernel is None or wina_kernel is None:
         raise SystemExit("the CPU kernels did not load here (they need AVX2/FMA/F16C and gcc)")
-    probe = ctypes.CDLL(str(build_library(PROJECT_ROOT / "benchmarks" / "csrc" / "row_skip.c", default_cache_dir())))
-    probe.read_rows_two_threads.restype = ctypes.c_int64
-    probe.read_rows_two_threads.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    probe = load_probe()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     generator = torch.Generator().manual_seed(0)
     rows = [measure(name, K, segments, gate_up, args, dense_kernel, wina_kernel, probe, generator)

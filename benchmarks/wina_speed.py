@@ -124,18 +124,24 @@ def run_decode(sparsities: list[float], batch_sizes: list[int], tokens: int, rep
         asyncio.run(session())
     finally:
         engine.shutdown()
-    rows = []
-    for b, s, first in cases:
-        dense = statistics.median(x["decode_tok_s"] for x in runs[(b, 0.0, False)]) if with_dense else None
-        tok_s = statistics.median(x["decode_tok_s"] for x in runs[(b, s, first)])
-        rows.append({"batch": b, "sparsity": s, "sparse_rows": "first" if first else "all", "decode_tok_s": tok_s,
-                     "ratio_to_dense": tok_s / dense if dense else None,
-                     "achieved_sparsity": statistics.mean(x["achieved"] for x in runs[(b, s, first)]),
-                     "runs": runs[(b, s, first)]})
     return {"model": loaded.name, "device": str(loaded.model.device),
             "profile": loaded.wina_profile.name, "profile_path": str(loaded.wina_profile.path),
             "kernel": kernel, "dtype": str(loaded.model.dtype), "tokens": tokens, "repeats": repeats,
-            "rows": rows}
+            "rows": _decode_rows(runs)}
+
+
+def _decode_rows(runs: dict[tuple[int, float, bool], list[dict]]) -> list[dict]:
+    """One row per case (batch, sparsity, only the first row sparse), in the order of `runs`: the
+    median tok/s and, where the runs hold the batch's dense case, the ratio to its median."""
+    rows = []
+    for (b, s, first), case_runs in runs.items():
+        dense_runs = runs.get((b, 0.0, False))
+        dense = statistics.median(x["decode_tok_s"] for x in dense_runs) if dense_runs else None
+        tok_s = statistics.median(x["decode_tok_s"] for x in case_runs)
+        rows.append({"batch": b, "sparsity": s, "sparse_rows": "first" if first else "all", "decode_tok_s": tok_s,
+                     "ratio_to_dense": tok_s / dense if dense else None,
+                     "achieved_sparsity": statistics.mean(x["achieved"] for x in case_runs), "runs": case_runs})
+    return rows
 
 
 def run_decode_isolated(sparsities: list[float], batch_sizes: list[int], tokens: int, repeats: int,
@@ -146,23 +152,14 @@ def run_decode_isolated(sparsities: list[float], batch_sizes: list[int], tokens:
     step. In one process (run_decode) the levels take turns, as in a server mixing dense and sparse
     requests, and each path's copy evicts the other's from the caches."""
     levels = [0.0, *sparsities]
-    runs: dict[tuple[int, float], list[dict]] = {(b, s): [] for b in batch_sizes for s in levels}
+    runs: dict[tuple[int, float, bool], list[dict]] = {(b, s, False): [] for b in batch_sizes for s in levels}
     info: dict = {}
     for _ in range(repeats):
         for s in levels:
             info = _in_subprocess(run_decode, [s] if s else [], batch_sizes, tokens, 1, model, device, False, s == 0.0)
             for row in info["rows"]:
-                runs[(row["batch"], row["sparsity"])].extend(row["runs"])
-    rows = []
-    for b in batch_sizes:
-        dense = statistics.median(x["decode_tok_s"] for x in runs[(b, 0.0)])
-        for s in levels:
-            tok_s = statistics.median(x["decode_tok_s"] for x in runs[(b, s)])
-            rows.append({"batch": b, "sparsity": s, "sparse_rows": "all", "decode_tok_s": tok_s,
-                         "ratio_to_dense": tok_s / dense,
-                         "achieved_sparsity": statistics.mean(x["achieved"] for x in runs[(b, s)]),
-                         "runs": runs[(b, s)]})
-    return {**info, "repeats": repeats, "isolated": True, "rows": rows}
+                runs[(row["batch"], row["sparsity"], False)].extend(row["runs"])
+    return {**info, "repeats": repeats, "isolated": True, "rows": _decode_rows(runs)}
 
 
 def run_llama_cpp_batch1(tokens: int, repeats: int) -> dict | None:

@@ -26,7 +26,7 @@ import torch
 from server.engine.controls import BatchControls
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import GenerationRequest, StepOutput, TokenLogprob
-from server.engine.sampling import sample
+from server.engine.sampling import finite_rows, sample
 from server.interventions.plan import InterventionPlan
 from server.metrics import ServerMetrics
 from server.model.llama import LlamaDecoder
@@ -346,8 +346,8 @@ class Engine:
         boundaries never depend on the batch) and must run fused on its own, as must the decode
         step; rows with sparsity or interventions, and prompts that want their logprobs, keep
         separate passes."""
-        chunk = min(len(seq.prompt) - seq.num_cached, self.limits.prefill_chunk_tokens)
-        return (self.merge_prompt_chunks and self.model.can_forward_rows(chunk, len(self._running))
+        start, end = self._next_chunk(seq)
+        return (self.merge_prompt_chunks and self.model.can_forward_rows(end - start, len(self._running))
                 and seq.request.params.prompt_logprobs is None
                 and self._plain(seq) and all(self._plain(r) for r in self._running))
 
@@ -357,8 +357,8 @@ class Engine:
         51 instead of 59 ms on the 2-core CPU, benchmarks/RESULTS.md). A sequence whose prompt
         this completes joins the running rows from the next step."""
         rows = list(self._running)
-        prompt, start = seq.prompt, seq.num_cached
-        end = min(len(prompt), start + self.limits.prefill_chunk_tokens)
+        prompt = seq.prompt
+        start, end = self._next_chunk(seq)
         device = self.model.device
         n = end - start
         tokens = torch.tensor([*prompt[start:end], *(s.output_ids[-1] for s in rows)], device=device)  # [n + B]
@@ -387,10 +387,14 @@ class Engine:
                 logger.exception("prefill of %s failed", seq.request.request_id)
                 self._fail([seq], exc)
 
+    def _next_chunk(self, seq: _Sequence) -> tuple[int, int]:
+        """[start, end) of seq's next prompt chunk: the same whether it runs alone or beside the
+        decode step."""
+        return seq.num_cached, min(len(seq.prompt), seq.num_cached + self.limits.prefill_chunk_tokens)
+
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.prompt
-        start = seq.num_cached
-        end = min(len(prompt), start + self.limits.prefill_chunk_tokens)
+        start, end = self._next_chunk(seq)
         want_prompt_lp = seq.request.params.prompt_logprobs is not None
         tokens = torch.tensor([prompt[start:end]], device=self.model.device)
         plan = self.model.sparsity_plan([seq.request.sparsity], end - start)
@@ -500,9 +504,7 @@ class Engine:
         return counts, seen
 
     def _sample_and_emit(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
-        # a row is finite when its largest and smallest logits are (a NaN propagates into both);
-        # two reductions cost a tenth of what isfinite(logits).all() does on the CPU
-        finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))  # [B]
+        finite = finite_rows(logits)  # [B]
         if not bool(finite.all()):
             # A row's own interventions (e.g. a huge steering strength) overflowed its logits:
             # fail that request alone, the batch's other rows sample as usual.

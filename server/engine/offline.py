@@ -28,13 +28,14 @@ class Generated:
 
 class OfflineGenerator:
     def __init__(self, loaded: LoadedModel, registry: InterventionRegistry | None = None,
-                 max_batch_size: int = 8, prefill_chunk_tokens: int = 256) -> None:
+                 max_batch_size: int = 8, prefill_chunk_tokens: int = 256, merge_prompt_chunks: bool = True) -> None:
+        """merge_prompt_chunks: as Engine's (off only to measure what merging saves)."""
         self.loaded = loaded
         self.registry = registry or loaded.interventions or InterventionRegistry(
             loaded.model, loaded.fingerprint, loaded.name)
         limits = EngineLimits(max_batch_size=max_batch_size, max_model_len=loaded.model.max_model_len,
                               max_queued_requests=1 << 30, prefill_chunk_tokens=prefill_chunk_tokens)
-        self.engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics(loaded.name))
+        self.engine = Engine(loaded.model, loaded.tokenizer, limits, ServerMetrics(loaded.name), merge_prompt_chunks)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  interventions: list[list[dict] | None] | None = None, sparsity: float = 0.0,
