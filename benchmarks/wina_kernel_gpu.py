@@ -158,17 +158,19 @@ def layer_names(text: str) -> list[str]:
     return names
 
 
-GRID_FIELDS = "chunk:block_n[:unroll[:num_warps[:reduce_block_n[:reduce_unroll[:fused]]]]]"
+GRID_FIELDS = "chunk:block_n[:unroll[:num_warps[:reduce_block_n[:reduce_unroll[:fused[:loop_stages]]]]]]"
 
 
 def gather_config_arg(text: str) -> tuple:
     """An argparse type: "256:1024:8:4" -> (256, 1024, 8, 4), GatherConfig's fields in order
-    (fused as 0 or 1)."""
-    values = [int(v) for v in text.split(":")]
-    if not 2 <= len(values) <= 7 or (len(values) == 7 and values[6] not in (0, 1)):
+    (fused as 0 or 1; loop_stages 0 for none)."""
+    values: list = [int(v) for v in text.split(":")]
+    if not 2 <= len(values) <= 8 or (len(values) >= 7 and values[6] not in (0, 1)):
         raise argparse.ArgumentTypeError(f"expected {GRID_FIELDS}; got {text!r}")
-    if len(values) == 7:
+    if len(values) >= 7:
         values[6] = bool(values[6])
+    if len(values) == 8:
+        values[7] = values[7] or None
     return tuple(values)
 
 
@@ -279,10 +281,16 @@ def bench_case(layer: Layer, batch: int, sparsity: float | None, dtype, args: ar
     for gather_config in gather_configs:
         def gather_with(w_t, gather_config=gather_config):
             return layer.gather(x, w_t, col_norms, thresholds, gather_config)
-        g_out, g_kept = gather_with(weight_t)
+        name = "heuristic" if gather_config is None else ":".join(str(v) for v in asdict(gather_config).values())
+        try:
+            g_out, g_kept = gather_with(weight_t)
+        except Exception as error:  # noqa: BLE001  (a grid entry that does not compile: say so, time the rest)
+            if gather_config is None:
+                raise
+            print(f"{layer.name} B={batch}: gather {name} failed: {error!r}"[:400], flush=True)
+            continue
         gather_err = max(gather_err, (g_out.float() - ref.float()).abs().max().item())
         gather_kept_ok &= bool(torch.equal(g_kept.cpu(), ref_kept.cpu()))
-        name = "heuristic" if gather_config is None else ":".join(str(v) for v in asdict(gather_config).values())
         gather_us[name] = graph_ms(from_memory(gather_with, 1)) * 1e3
     best_gather = min(gather_us, key=gather_us.get)
     # Each launch of the heuristic's gather path alone (the same buffers, weights from memory).

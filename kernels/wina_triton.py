@@ -427,6 +427,7 @@ def _wina_gather_kernel(
     UNROLL: tl.constexpr,  # kept rows loaded per loop step (independent loads in flight)
     EVEN_N: tl.constexpr,  # every segment width is a multiple of BLOCK_N: no column mask
     FUSED: tl.constexpr,  # each program compacts its own chunk first (no compaction launch)
+    LOOP_STAGES: tl.constexpr,  # software-pipelining depth of the kept-row loop (None: none)
 ):
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
@@ -454,7 +455,9 @@ def _wina_gather_kernel(
     # TB/s whatever the sparsity); a [BLOCK_B, BLOCK_N] one was loaded once per batch row.
     rows_b = offs_b[:, None]  # [BLOCK_B, 1]: small, so Triton loads x per row in acc's layout
     cols = offs_n[None, :]  # [1, BLOCK_N]
-    for j in range(0, count, UNROLL):
+    # Pipelined (LOOP_STAGES), the next steps' list entries and weight rows are copied to shared
+    # memory while this step adds: the same products in the same order, so the same bits.
+    for j in tl.range(0, count, UNROLL, num_stages=LOOP_STAGES):
         for u in tl.static_range(UNROLL):
             # Past the end of the list, x is 0 and the weight row is channel 0's (a finite row
             # times 0: an exact 0 added), so the weight load needs no mask beyond the columns:
@@ -786,6 +789,7 @@ class GatherConfig:
     reduce_block_n: int = 256  # output columns per program of the final sum
     reduce_unroll: int = 16  # partials loaded per step of the final sum
     fused: bool = False  # each GEMV program compacts its own chunk (two launches instead of three)
+    loop_stages: int | None = None  # software pipelining of the GEMV's kept-row loop (None: none)
 
 
 def gather_config(batch: int, k: int, widths: Sequence[int], device: torch.device) -> GatherConfig:
@@ -794,7 +798,9 @@ def gather_config(batch: int, k: int, widths: Sequence[int], device: torch.devic
     from batch 16 to keep <= 64 accumulators per thread); as many warps per program as leave two
     waves of programs; final-sum blocks small enough for two waves too; the compaction fused into
     the GEMV at batch 1 and 2, where that measured faster on an H100 (Llama-3-8B's MLP, 50%: 3-9%;
-    at batch 4 and 8 3-24% slower: each column block compacts its chunk again, for every row)."""
+    at batch 4 and 8 3-24% slower: each column block compacts its chunk again, for every row). The
+    kept-row loop is not pipelined: 3 stages measured 5-9% slower at batch 1 and 2 on an H100 and
+    ~14% faster at batch 8, but no compiled-kernel test has yet run it at batch 8 (RESULTS.md)."""
     widest = triton.next_power_of_2(max(widths))
     if device.type != "cuda":  # the interpreter runs each op once per program: few, large programs
         return GatherConfig(chunk=256, block_n=widest)
@@ -858,7 +864,8 @@ def gather_launches(x: torch.Tensor, weight_t: torch.Tensor, col_norms: torch.Te
             weight_t, x, col_norms, thresholds, index, xm, count, kept_part, partials, batch, k, chunks, groups,
             *widths, *[0] * (MAX_SEGMENTS - groups), weight_t.stride(0), *strides,
             BLOCK_B=block_b, CHUNK=config.chunk, BLOCK_N=config.block_n, UNROLL=config.unroll,
-            EVEN_N=all(w % config.block_n == 0 for w in widths), FUSED=config.fused, num_warps=config.num_warps)
+            EVEN_N=all(w % config.block_n == 0 for w in widths), FUSED=config.fused, LOOP_STAGES=config.loop_stages,
+            num_warps=config.num_warps)
 
     def chunk_sum() -> tuple[torch.Tensor, torch.Tensor]:
         return _sum_partials(partials, bias, weight_t.dtype, swiglu, kept_parts=kept_part,

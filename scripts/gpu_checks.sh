@@ -2,7 +2,7 @@
 # The checks that need a CUDA GPU, in one call: for a lent GPU machine (docs/gpu.md says how to
 # prepare one) or any CUDA box with the project installed.
 #
-#   OUT=DIR bash scripts/gpu_checks.sh [tune] [kernels] [tests] [kernels-bf16] [decode]   (default: all)
+#   OUT=DIR bash scripts/gpu_checks.sh [tune] [kernels] [tests] [kernels-bf16] [decode] [startup] [serve]   (default: all)
 #
 # KERNEL_ARGS and DECODE_ARGS replace the microbenchmark's and the decode benchmark's default
 # options (to fit a short lease).
@@ -18,6 +18,10 @@
 # decode        engine decode tok/s on CUDA at each sparsity (benchmarks/wina_speed.py) after
 #               `calibrate wina --device cuda`; on the default model, or on a random-weight stand-in
 #               of its shapes where its GGUF is not installed
+# startup       launch to healthy of `neuronserve serve --device cuda`, cold (empty caches, Triton's too)
+#               and warm (benchmarks/startup.py), on the same model as decode
+# serve         streaming clients against `neuronserve serve --device cuda` at 1, 8 and 16 concurrent
+#               streams (benchmarks/serve_load.py), on the same model as decode
 #
 # Logs go to $OUT/gpu_checks.log, reports to $OUT/*.json. Each step has its own time limit, and a
 # failing step does not stop the later ones. The exit status is the number of failed steps.
@@ -53,9 +57,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log everything, prin
 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0))"
 } 2>&1 | tee -a "$LOG"
 
+served_model() {  # the default model where installed, else a random-weight stand-in of its shapes
+    if python3 -c "from server.model.loader import resolve_model_path as r; r('default')" 2>/dev/null; then
+        echo default
+        return
+    fi
+    [ -d /tmp/neuronserve-stand-in ] ||
+        step stand-in 60 python3 benchmarks/stand_in_model.py /tmp/neuronserve-stand-in --tokenizer .gpu/tokenizer >&2
+    echo /tmp/neuronserve-stand-in
+}
+
 real_inputs=()
 [ -f .gpu/wina_real_inputs.safetensors ] && real_inputs=(--real-inputs .gpu/wina_real_inputs.safetensors)
-steps=${*:-tune kernels tests kernels-bf16 decode}
+steps=${*:-tune kernels tests kernels-bf16 decode startup serve}
 for s in $steps; do
     case $s in
     tune)
@@ -82,15 +96,24 @@ for s in $steps; do
             --out "$OUT/wina_kernel_gpu_bfloat16.json"
         ;;
     decode)
-        model=default
-        if ! python3 -c "from server.model.loader import resolve_model_path as r; r('default')" 2>/dev/null; then
-            model=/tmp/neuronserve-stand-in
-            step stand-in 60 python3 benchmarks/stand_in_model.py "$model" --tokenizer .gpu/tokenizer
-        fi
+        model=$(served_model)
         step calibrate 90 python3 -m server.cli calibrate wina --model "$model" --device cuda --sequences 8
         # shellcheck disable=SC2086  # DECODE_ARGS is a list of options
         step decode 240 python3 benchmarks/wina_speed.py --model "$model" --device cuda --skip-micro \
             --skip-llama-cpp ${DECODE_ARGS:---sparsities 0.25 0.5 0.65 0.9 --repeats 3} --out "$OUT/wina_speed_gpu.json"
+        ;;
+    startup)
+        model=$(served_model)
+        step startup 240 python3 benchmarks/startup.py --repeats 1 --model "$model" --device cuda \
+            --out "$OUT/startup_gpu.json"
+        ;;
+    serve)
+        model=$(served_model)
+        prompts=()
+        [ -f .gpu/data/alpaca/seed_tasks.jsonl ] && prompts=(--prompts .gpu/data/alpaca/seed_tasks.jsonl)
+        step serve 240 python3 benchmarks/serve_load.py --launch --server-arg=--model="$model" \
+            --server-arg=--device=cuda --concurrency 1,8,16 --requests-per-level 48 "${prompts[@]}" \
+            --out "$OUT/serve_load_gpu.json"
         ;;
     *) echo "unknown step $s" | tee -a "$LOG"; failed=$((failed + 1)) ;;
     esac
@@ -120,6 +143,13 @@ for c in report.get("cases", []):
               f"(steps {steps}; best {c['gather_best_us']:.1f} {c['gather_best']}), tile {c['triton_graph_us']:.1f}, cuBLAS "
               f"{c['dense_graph_us']:.1f} us (gather x{c['dense_graph_us'] / c['gather_graph_us']:.2f}, rows read "
               f"{c['rows_read']:.2f}); eager gather {c['gather_eager_us']:.1f} vs {c['dense_us']:.1f}{dot}")
+        if len(c.get("gather_all_us", {})) > 1:  # --gather-grid: every variant's time
+            print("   ", ", ".join(f"{k} {v:.1f}" for k, v in c["gather_all_us"].items()))
+if "cold_median_s" in report:
+    print(f"{name}: launch to healthy on {report['device']}, model {report['model']}: cold {report['cold_s']}, "
+          f"warm {report['warm_s']} s")
+for level in report.get("levels", []):
+    print(f"{name}: {level.get('concurrency')} streams: {level.get('output_throughput_tok_s', level.get('throughput'))} tok/s")
 decode = report.get("decode")
 if decode:
     for r in decode["rows"]:

@@ -272,8 +272,9 @@ def test_row_same_at_any_batch_size(dtype, path):
 @pytest.mark.parametrize("config", [wt.GatherConfig(chunk=16, block_n=16, unroll=4),
                                     wt.GatherConfig(chunk=8, block_n=32, unroll=2, num_warps=2, reduce_block_n=16,
                                                     reduce_unroll=2),
-                                    wt.GatherConfig(chunk=16, block_n=16, unroll=4, fused=True)],
-                         ids=["chunk16", "chunk8", "chunk16-fused"])
+                                    wt.GatherConfig(chunk=16, block_n=16, unroll=4, fused=True),
+                                    wt.GatherConfig(chunk=8, block_n=16, unroll=2, loop_stages=3)],
+                         ids=["chunk16", "chunk8", "chunk16-fused", "chunk8-pipelined"])
 @pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (5, torch.bfloat16), (12, torch.float16)],
                          ids=["1-fp32", "5-bf16", "12-fp16"])
 def test_gather_small_chunks(batch, dtype, config):
