@@ -9,6 +9,7 @@ Cold: an empty `--cache-dir` (the re-laid weights, compiled CPU kernels) and an 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import subprocess
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "startup.json")
     args = parser.parse_args(argv)
     if args.device != "cpu":
-        import torch  # so that describe_machine names the GPU
+        importlib.import_module("torch")  # loaded, so that describe_machine names the GPU
     results = {"cold_s": [], "warm_s": []}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
