@@ -11,10 +11,14 @@ decode_layer signature); the two models take turns going first, step by step. --
 every row of both at WINA sparsity S (the wina-uniform profile), for A/Bs of the sparse path; add
 --text-tokens for those: each row then reads WikiText-2 test text, one token per step (rows at
 different offsets), so its kept channels change from step to step as in real decoding, where one
-repeated token keeps the same rows, which the caches then hold.
+repeated token keeps the same rows, which the caches then hold. --background-load BUSY:IDLE
+instead times each step twice, interleaved, alone and beside a process that computes for BUSY ms
+and sleeps IDLE ms in turn (stopped between the loaded steps): what another program on the same
+cores, such as a server's event loop or a load generator, costs the model's threads.
 
     python benchmarks/decode_context.py [--positions 100,500,1500] [--batch-sizes 1,8]
-                                        [--baseline-kv-float32 | --baseline-isa NAME | --baseline-tree DIR]
+                                        [--baseline-kv-float32 | --baseline-isa NAME | --baseline-tree DIR |
+                                         --background-load BUSY:IDLE]
                                         [--sparsity S [--text-tokens]] [--out FILE]
 
 Prints a table, writes JSON (default benchmarks/out/decode_context.json). Nothing runs on import.
@@ -23,8 +27,11 @@ Prints a table, writes JSON (default benchmarks/out/decode_context.json). Nothin
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as _dt
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +45,26 @@ from bench_common import (
 )
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "decode_context.json"
+BURNER = """
+import sys, time
+busy, idle = float(sys.argv[1]) / 1e3, float(sys.argv[2]) / 1e3
+while True:
+    end = time.perf_counter() + busy
+    while time.perf_counter() < end:
+        pass
+    time.sleep(idle)
+"""
+
+
+def busy_idle_ms(text: str) -> tuple[float, float]:
+    """An argparse type: "2:18" -> (2.0, 18.0)."""
+    try:
+        busy, idle = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BUSY:IDLE in ms, e.g. 2:18; got {text!r}") from None
+    if busy <= 0 or idle < 0:
+        raise argparse.ArgumentTypeError(f"BUSY must be > 0 and IDLE >= 0; got {text!r}")
+    return busy, idle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="also time this code's kernel built for this instruction set, interleaved")
     baseline.add_argument("--baseline-kv-float32", action="store_true",
                           help="also time this code with a float32 KV cache, interleaved")
+    baseline.add_argument("--background-load", type=busy_idle_ms, default=None, metavar="BUSY:IDLE",
+                          help="time each step alone and beside a process busy BUSY ms of every BUSY + IDLE, "
+                               "interleaved")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     import ctypes
@@ -95,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                                           ours.max_model_len, kernel, kv_dtype=kv_dtype)
         if args.sparsity > 0:
             attach_wina(models["baseline"], loaded.wina_profile, settings)
+    burner = None
+    if args.background_load is not None:  # the same model timed alone ("ours") and beside the burner
+        models["loaded"] = loaded.model
+        burner = subprocess.Popen([sys.executable, "-c", BURNER, *(str(v) for v in args.background_load)])
+        atexit.register(burner.kill)  # also when a step fails: never leave it stopped behind
+        burner.send_signal(signal.SIGSTOP)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     caches = {name: model.new_cache(max(batch_sizes)) for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
@@ -111,32 +147,37 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(models.items())
                 for name, model in order if step % 2 else order[::-1]:
                     plan = model.sparsity_plan([args.sparsity] * B, 1)
+                    if name == "loaded":
+                        burner.send_signal(signal.SIGCONT)
                     start = time.perf_counter()
                     model(tokens, slots, starts, caches[name], sparsity=plan)
                     if step:
                         times[name].append(time.perf_counter() - start)
+                    if name == "loaded":
+                        burner.send_signal(signal.SIGSTOP)
             row = {"batch": B, "position": position}
             for name, taken in times.items():
                 ms = statistics.median(taken) * 1e3
                 row[f"{name}_step_ms"] = ms
                 row[f"{name}_tokens_per_s"] = B / ms * 1e3
             rows.append(row)
-    baseline = "baseline" in models
+    other = next((name for name in ("baseline", "loaded") if name in models), None)
     model = loaded.model
     text = "\n".join([
         (f"decode_context  {started}  {loaded.name}  {args.dtype}  torch {torch.__version__}  threads "
          f"{torch.get_num_threads()}  fused kernel: {model.decode_layers is not None}  sparsity {args.sparsity}  "
          f"{'WikiText-2 tokens  ' if args.text_tokens else ''}"
          f"(median of {args.steps} steps)"),
-        format_table(["batch", "position", "step ms", "tok/s"] + (["baseline step ms", "baseline / ours"] if baseline else []),
+        format_table(["batch", "position", "step ms", "tok/s"] + ([f"{other} step ms", f"{other} / ours"] if other else []),
                      [[str(r["batch"]), str(r["position"]), f"{r['ours_step_ms']:.1f}", f"{r['ours_tokens_per_s']:.1f}"]
-                      + ([f"{r['baseline_step_ms']:.1f}", f"{r['baseline_step_ms'] / r['ours_step_ms']:.2f}"]
-                         if baseline else []) for r in rows]),
+                      + ([f"{r[f'{other}_step_ms']:.1f}", f"{r[f'{other}_step_ms'] / r['ours_step_ms']:.2f}"]
+                         if other else []) for r in rows]),
     ])
     report = {"benchmark": "decode_context", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "dtype": args.dtype, "steps": args.steps,
               "baseline_tree": None if args.baseline_tree is None else str(args.baseline_tree),
               "baseline_kv_float32": args.baseline_kv_float32, "baseline_isa": args.baseline_isa,
+              "background_load_busy_idle_ms": args.background_load,
               "sparsity": args.sparsity, "text_tokens": args.text_tokens,
               "instruction_set": None if model.dense_kernel is None else model.dense_kernel.instruction_set,
               "results": rows}

@@ -28,7 +28,11 @@ All latencies are in milliseconds.  Failed requests (HTTP 4xx/5xx, an ``error``
 object in the stream, a broken connection, a timeout, or an empty stream) are
 counted and reported, never fatal.
 
-Only the standard library and ``httpx`` are needed.  Nothing runs on import.
+Needs ``aiohttp`` for the streams (``pip install -e ".[bench]"``) and ``httpx`` for the
+start-up probes.  Why aiohttp: its C HTTP parser costs the load generator 0.10 ms of CPU per
+streamed token against httpx's 0.28 (benchmarks/RESULTS.md), and on a small machine the load
+generator shares the server's cores, whose model threads lose more than that when it preempts
+them.  Nothing runs on import.
 
 Examples::
 
@@ -62,10 +66,14 @@ from typing import Any, Iterable, Sequence
 
 from bench_common import describe_machine, fmt as _fmt, format_table as _table, write_report
 
-try:  # imported lazily-safe: the module still imports (and --help works) without httpx
+try:  # imported lazily-safe: the module still imports (and --help works) without them
     import httpx
 except ImportError:  # pragma: no cover - reported at run time
     httpx = None  # type: ignore[assignment]
+try:
+    import aiohttp
+except ImportError:  # pragma: no cover - reported at run time
+    aiohttp = None  # type: ignore[assignment]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = PROJECT_ROOT.parent / "shared" / "data" / "alpaca" / "seed_tasks.jsonl"
@@ -248,22 +256,22 @@ def _error_text(status: int | None, body: bytes | str) -> str:
 
 
 async def _stream_completion(
-    client: "httpx.AsyncClient", url: str, payload: dict[str, Any], headers: dict[str, str]
+    client: "aiohttp.ClientSession", url: str, payload: dict[str, Any], headers: dict[str, str]
 ) -> RequestResult:
     res = RequestResult()
     start = time.perf_counter()
     last_chunk_t: float | None = None
     usage_tokens: int | None = None
     got_done = False
-    async with client.stream("POST", url, json=payload, headers=headers) as resp:
-        res.status_code = resp.status_code
-        if resp.status_code >= 400:
-            body = await resp.aread()
-            res.error = _error_text(resp.status_code, body)
+    async with client.post(url, json=payload, headers=headers) as resp:
+        res.status_code = resp.status
+        if resp.status >= 400:
+            body = await resp.read()
+            res.error = _error_text(resp.status, body)
             return res
-        async for line in resp.aiter_lines():
+        async for raw in resp.content:  # one line at a time
             now = time.perf_counter()
-            line = line.strip()
+            line = raw.decode("utf-8", "replace").strip()
             if not line or line.startswith(":"):
                 continue  # blank separator or SSE comment / keep-alive
             if not line.startswith("data:"):
@@ -312,7 +320,7 @@ async def _stream_completion(
 
 
 async def run_request(
-    client: "httpx.AsyncClient",
+    client: "aiohttp.ClientSession",
     url: str,
     payload: dict[str, Any],
     headers: dict[str, str],
@@ -376,10 +384,10 @@ async def run_level(
             body["ignore_eos"] = True
         return body
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    # httpx timeouts bound each socket operation; run_request bounds the whole request.
-    http_timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0))
-    async with httpx.AsyncClient(limits=limits, timeout=http_timeout) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    # these bound each socket operation; run_request bounds the whole request.
+    http_timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout_s, 30.0), sock_read=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=http_timeout) as client:
         # One untimed warm-up request (uses the last prompt of the order, not a measured one).
         warm = await run_request(client, url, payload(len(prompts) - 1), headers, timeout_s)
         if not warm.success:
@@ -550,7 +558,7 @@ def stop_server(proc: subprocess.Popen, log: Any) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    return describe_machine(("torch", "httpx"))
+    return describe_machine(("torch", "httpx", "aiohttp"))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -739,8 +747,8 @@ def _redact(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if httpx is None:
-        print("error: this script needs httpx (pip install httpx)", file=sys.stderr)
+    if httpx is None or aiohttp is None:
+        print('error: this script needs httpx and aiohttp (pip install -e ".[bench]")', file=sys.stderr)
         return 2
 
     raw_prompts, prompt_source = load_prompts(args.prompts)
