@@ -800,7 +800,8 @@ def gather_config(batch: int, k: int, widths: Sequence[int], device: torch.devic
     the GEMV at batch 1 and 2, where that measured faster on an H100 (Llama-3-8B's MLP, 50%: 3-9%;
     at batch 4 and 8 3-24% slower: each column block compacts its chunk again, for every row). The
     kept-row loop is not pipelined: 3 stages measured 5-9% slower at batch 1 and 2 on an H100 and
-    ~14% faster at batch 8, but no compiled-kernel test has yet run it at batch 8 (RESULTS.md)."""
+    ~14% faster at batch 8, but the compiled batch-invariance test has not yet passed with them (its
+    one run had a laned final sum too, which broke it; RESULTS.md)."""
     widest = triton.next_power_of_2(max(widths))
     if device.type != "cuda":  # the interpreter runs each op once per program: few, large programs
         return GatherConfig(chunk=256, block_n=widest)
