@@ -29,8 +29,8 @@ object in the stream, a broken connection, a timeout, or an empty stream) are
 counted and reported, never fatal.
 
 Needs ``aiohttp`` for the streams (``pip install -e ".[bench]"``) and ``httpx`` for the
-start-up probes.  Why aiohttp: its C HTTP parser costs the load generator 0.10 ms of CPU per
-streamed token against httpx's 0.28 (benchmarks/RESULTS.md), and on a small machine the load
+start-up probes.  Why aiohttp: its C HTTP parser costs the load generator 0.10-0.11 ms of CPU per
+streamed token at 8 streams against httpx's 0.24-0.33 (benchmarks/RESULTS.md), and on a small machine the load
 generator shares the server's cores, whose model threads lose more than that when it preempts
 them.  Nothing runs on import.
 

@@ -149,7 +149,9 @@ if "cold_median_s" in report:
     print(f"{name}: launch to healthy on {report['device']}, model {report['model']}: cold {report['cold_s']}, "
           f"warm {report['warm_s']} s")
 for level in report.get("levels", []):
-    print(f"{name}: {level.get('concurrency')} streams: {level.get('output_throughput_tok_s', level.get('throughput'))} tok/s")
+    ratio = level["output_throughput_ratio_vs_c1"]  # None when the first level produced nothing
+    print(f"{name}: {level['concurrency']} streams: {level['output_throughput_tok_s']:.1f} tok/s "
+          f"({'n/a' if ratio is None else f'{ratio:.2f}x'} the first level), {level['failed']} failed")
 decode = report.get("decode")
 if decode:
     for r in decode["rows"]:
