@@ -49,6 +49,20 @@ def describe_machine(packages: tuple[str, ...] = ("torch", "transformers")) -> d
     return info
 
 
+def machine_cpu_seconds() -> dict[str, float] | None:
+    """The whole machine's CPU seconds so far, summed over its cores, by kind (Linux /proc/stat's
+    first line): user, nice, system, idle, iowait, irq, softirq, steal; None without /proc/stat.
+    `steal` is time the hypervisor ran someone else on this VM's cores."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(x) for x in f.readline().split()[1:1 + len(names)]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return {name: t / hz for name, t in zip(names, ticks)}
+
+
 def command_line(argv: list[str] | None) -> str:
     """The command that ran this benchmark, for its report: the script and the arguments its main()
     parsed (`argv`, or the process's own when None), shell-quoted."""

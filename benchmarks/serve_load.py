@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from bench_common import describe_machine, fmt as _fmt, format_table as _table, write_report
+from bench_common import describe_machine, fmt as _fmt, format_table as _table, machine_cpu_seconds, write_report
 
 try:  # imported lazily-safe: the module still imports (and --help works) without them
     import httpx
@@ -407,11 +407,13 @@ async def run_level(
                 results[i] = await run_request(client, url, payload(i), headers, timeout_s)
 
         server_cpu_before = thread_cpu_seconds(server_pid)
+        machine_before = machine_cpu_seconds()
         client_cpu_before = time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
         duration = time.perf_counter() - t0
         client_cpu = time.process_time() - client_cpu_before
+        machine_after = machine_cpu_seconds()
         server_cpu_after = thread_cpu_seconds(server_pid)
 
     done = [r for r in results if r is not None]
@@ -444,6 +446,7 @@ async def run_level(
         "itl_ms": summarize_ms(g for r in ok for g in r.itl_s),
         "e2e_ms": summarize_ms(r.e2e_s for r in ok if r.e2e_s is not None),
         "cpu": cpu_report(server_cpu_before, server_cpu_after, server_pid, client_cpu, total_out),
+        "machine_cpu": machine_report(machine_before, machine_after, duration),
         "requests": [
             {
                 "success": r.success,
@@ -498,6 +501,19 @@ def cpu_report(before: dict[int, float] | None, after: dict[int, float] | None, 
                       server_event_loop_ms_per_token=per_token(loop_s),
                       server_all_threads_ms_per_token=per_token(all_s))
     return report
+
+
+def machine_report(before: dict[str, float] | None, after: dict[str, float] | None,
+                   duration_s: float) -> dict[str, float] | None:
+    """The whole machine during a level, in cores (CPU seconds per second of the level): busy
+    (everything but idle and iowait) and stolen by the hypervisor for other VMs. On a shared VM
+    the level's throughput moves with what others take; this records it beside the numbers."""
+    if before is None or after is None or duration_s <= 0:
+        return None
+    delta = {kind: after[kind] - before[kind] for kind in after}
+    busy = sum(v for kind, v in delta.items() if kind not in ("idle", "iowait", "steal"))
+    return {"busy_cores": busy / duration_s, "stolen_cores": delta["steal"] / duration_s,
+            "cores": os.cpu_count() or 0}
 
 
 # --------------------------------------------------------------------------- server launch
@@ -606,12 +622,16 @@ def format_report(report: dict[str, Any]) -> str:
     out.append("")
     out.append(_table(["conc", "metric", "n", "mean_ms", "median_ms", "p90_ms", "p99_ms"], rows))
     cpu_rows = [[str(lv["concurrency"]), _fmt(lv["cpu"].get("server_event_loop_ms_per_token"), 3),
-                 _fmt(lv["cpu"].get("server_all_threads_ms_per_token"), 2), _fmt(lv["cpu"]["client_ms_per_token"], 3)]
+                 _fmt(lv["cpu"].get("server_all_threads_ms_per_token"), 2), _fmt(lv["cpu"]["client_ms_per_token"], 3),
+                 _fmt((lv.get("machine_cpu") or {}).get("busy_cores"), 2),
+                 _fmt((lv.get("machine_cpu") or {}).get("stolen_cores"), 3)]
                 for lv in levels if "cpu" in lv]
     if cpu_rows:
         out.append("")
-        out.append("CPU per output token (ms; the server's columns only when this script launched it):")
-        out.append(_table(["conc", "server event loop", "server all threads", "load generator"], cpu_rows))
+        out.append("CPU per output token (ms; the server's columns only when this script launched it), and the "
+                   "whole machine's cores busy and stolen by the hypervisor during the level:")
+        out.append(_table(["conc", "server event loop", "server all threads", "load generator", "machine busy",
+                           "stolen"], cpu_rows))
     errs = [(lv["concurrency"], e, n) for lv in levels for e, n in lv["errors"].items()]
     if errs:
         out.append("")

@@ -30,6 +30,17 @@ def test_streams_are_counted_from_their_usage(server):
     assert level["ttft_ms"]["count"] == 3 and level["ttft_ms"]["median"] > 0 and level["output_throughput_tok_s"] > 0
     assert level["itl_ms"]["count"] == 3 * 3  # three gaps between four chunks per request
     assert level["cpu"]["client_ms_per_token"] > 0
+    assert level["machine_cpu"]["busy_cores"] > 0 and level["machine_cpu"]["stolen_cores"] >= 0
+
+
+def test_machine_report_counts_busy_and_stolen_cores():
+    before = {"user": 10.0, "nice": 0.0, "system": 2.0, "idle": 50.0, "iowait": 1.0, "irq": 0.0, "softirq": 0.5,
+              "steal": 3.0}
+    after = dict(before, user=13.0, system=2.5, idle=50.5, iowait=1.5, softirq=1.0, steal=3.5)
+    report = serve_load.machine_report(before, after, duration_s=2.0)
+    assert report["busy_cores"] == (3.0 + 0.5 + 0.5) / 2.0  # user, system, softirq; not idle, iowait, steal
+    assert report["stolen_cores"] == 0.25
+    assert serve_load.machine_report(None, after, 2.0) is None
 
 
 def test_a_failing_request_is_counted_not_raised(server):
