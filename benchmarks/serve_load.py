@@ -42,6 +42,9 @@ Examples::
     # start the server, benchmark it, stop it
     python benchmarks/serve_load.py --launch --server-arg="--model /path/to/model" \\
         --concurrency 1,4 --max-tokens 32
+
+    # every request at WINA sparsity 0.5 (neuronserve's own field)
+    python benchmarks/serve_load.py --launch --concurrency 1,8 --extra-body '{"sparsity": 0.5}'
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ class RequestResult:
     prompt_tokens: int | None = None
     content_chunks: int = 0
     output_chars: int = 0
+    # neuronserve's `sparsity.achieved` from the last chunk: the share of projection weights the
+    # request's tokens skipped (None from servers without WINA)
+    sparsity_achieved: float | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -301,6 +307,9 @@ async def _stream_completion(
                     last_chunk_t = now
                     res.content_chunks += 1
                     res.output_chars += len(text)
+            sparsity = obj.get("sparsity")
+            if isinstance(sparsity, dict) and isinstance(sparsity.get("achieved"), (int, float)):
+                res.sparsity_achieved = float(sparsity["achieved"])
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 if isinstance(usage.get("completion_tokens"), int):
@@ -367,6 +376,7 @@ async def run_level(
     api_key: str | None,
     timeout_s: float,
     server_pid: int | None = None,
+    extra_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     url = f"{base_url}/v1/completions"
     headers = _headers(api_key)
@@ -382,6 +392,7 @@ async def run_level(
         }
         if ignore_eos:
             body["ignore_eos"] = True
+        body.update(extra_body or {})  # _extra_body refused any key set above
         return body
 
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
@@ -441,6 +452,7 @@ async def run_level(
         "output_throughput_tok_s": total_out / duration if duration > 0 else 0.0,
         "total_token_throughput_tok_s": (total_in + total_out) / duration if duration > 0 else 0.0,
         "mean_output_tokens_per_request": (total_out / len(ok)) if ok else None,
+        "sparsity_achieved_mean": _mean([r.sparsity_achieved for r in ok if r.sparsity_achieved is not None]),
         "ttft_ms": summarize_ms(r.ttft_s for r in ok if r.ttft_s is not None),
         "tpot_ms": summarize_ms(t for t in (r.tpot_s for r in ok) if t is not None),
         "itl_ms": summarize_ms(g for r in ok for g in r.itl_s),
@@ -459,11 +471,16 @@ async def run_level(
                 "output_tokens_source": r.output_tokens_source,
                 "prompt_tokens": r.prompt_tokens,
                 "content_chunks": r.content_chunks,
+                "sparsity_achieved": r.sparsity_achieved,
             }
             for r in done
         ],
     }
     return level
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def thread_cpu_seconds(pid: int | None) -> dict[int, float] | None:
@@ -632,6 +649,11 @@ def format_report(report: dict[str, Any]) -> str:
                    "whole machine's cores busy and stolen by the hypervisor during the level:")
         out.append(_table(["conc", "server event loop", "server all threads", "load generator", "machine busy",
                            "stolen"], cpu_rows))
+    achieved = [(lv["concurrency"], lv.get("sparsity_achieved_mean")) for lv in levels]
+    if any(a is not None for _, a in achieved):
+        out.append("")
+        out.append("WINA sparsity achieved (share of projection weights skipped, mean over requests): "
+                   + ", ".join(f"c={c} {_fmt(a, 3)}" for c, a in achieved))
     errs = [(lv["concurrency"], e, n) for lv in levels for e, n in lv["errors"].items()]
     if errs:
         out.append("")
@@ -649,6 +671,23 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return v
+
+
+# the body fields run_level sets itself, each from its own option
+OWN_BODY_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "stream", "stream_options", "ignore_eos"})
+
+
+def _extra_body(text: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(body).__name__}")
+    clash = sorted(OWN_BODY_FIELDS & body.keys())
+    if clash:
+        raise argparse.ArgumentTypeError(f"sets {', '.join(clash)}, which have their own options")
+    return body
 
 
 def _concurrency_list(text: str) -> list[int]:
@@ -702,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send ignore_eos=true (by default it is sent so every request "
                         "generates exactly --max-tokens tokens)")
+    p.add_argument("--extra-body", type=_extra_body, default={}, metavar="JSON",
+                   help="a JSON object merged into every request's body, for fields beyond OpenAI's: "
+                        "e.g. '{\"sparsity\": 0.5}' or '{\"interventions\": {...}}' (keys the script sets "
+                        "itself are refused; use their own options)")
     p.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                    help="JSONL file with a 'prompt' or 'instruction' (+ optional 'input'/'instances') "
                         "field per line (default <project>/../shared/data/alpaca/seed_tasks.jsonl)")
@@ -735,7 +778,7 @@ async def _run_levels(args: argparse.Namespace, base_url: str, model: str, promp
         lv = await run_level(
             base_url=base_url, model=model, prompts=prompts, concurrency=c, num_requests=n,
             max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos,
-            api_key=args.api_key, timeout_s=args.timeout, server_pid=server_pid,
+            api_key=args.api_key, timeout_s=args.timeout, server_pid=server_pid, extra_body=args.extra_body,
         )
         print(
             f"  done in {lv['duration_s']:.2f} s: ok={lv['completed']} failed={lv['failed']} "
@@ -832,6 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
             "ignore_eos": args.ignore_eos,
+            "extra_body": args.extra_body,
             "seed": args.seed,
             "timeout_s": args.timeout,
             "prompt_source": prompt_source,
