@@ -229,6 +229,32 @@ def test_fused_sparse_decode_step_equals_separate_calls(request, served, profile
         h = fused
 
 
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_sparse_prompt_chunk_runs_fused_as_its_tokens_decode_one_by_one(loaded, profiles, target):
+    """A sparse prompt chunk (up to CpuDenseKernel.MAX_ROWS tokens) runs one fused kernel call per
+    layer, its tokens as sparse rows of one slot: every token's logits and kept counts are, bit for
+    bit, what decoding the same tokens one step at a time gives (the torch layer path, which sparse
+    chunks took before, agrees only up to float32 summation order, which hard thresholds amplify;
+    RESULTS.md). At 0.5 the chunk's rows run as masked dense projections, at 0.9 (20 rows) too."""
+    model = loaded.model
+    if model.decode_layers is None:
+        pytest.skip("no CPU decode kernel here")
+    model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
+    tokens = torch.tensor([loaded.tokenizer(PROMPTS[2] + " " + PROMPTS[0]).input_ids[:20]])  # [1, 20]
+    T = tokens.shape[1]
+    cache = model.new_cache(1)
+    plan = model.sparsity_plan([target], T)
+    chunk = model(tokens, torch.tensor([0]), torch.tensor([0]), cache, all_logits=True, sparsity=plan)[0]  # [T, V]
+    steps, kept = [], []
+    for t in range(T):
+        step_plan = model.sparsity_plan([target], 1)
+        steps.append(model(tokens[:, t:t + 1], torch.tensor([0]), torch.tensor([t]), cache, sparsity=step_plan)[0])
+        kept.append(step_plan.kept)
+    assert torch.equal(chunk, torch.stack(steps))
+    assert torch.equal(plan.kept, torch.cat(kept, dim=1)) and int(plan.kept.sum()) > 0
+    assert abs(float(plan.skipped_fraction()[0]) - target) < 0.15
+
+
 def test_attaching_another_profile_replaces_the_fused_sparsity(loaded, profiles):
     """The fused layer never keeps a previous profile's score factors: attaching one without the
     CPU kernel (masked path) leaves no layer fused-sparse, and the next attach fuses again."""

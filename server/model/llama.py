@@ -208,18 +208,24 @@ class LlamaDecoder(nn.Module):
         # kernel's parts around torch projections,
         # which give the other rows the same numbers.
         # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
-        # of one slot (each attends to the keys up to its own position), unless it is sparse or
+        # of one slot (each attends to the keys up to its own position), sparse or not, unless it
         # edits neurons beyond what the kernel applies. Both match DecoderLayer.forward up to float32
-        # summation order (tests/test_model.py).
+        # summation order (tests/test_model.py, tests/test_wina_model.py).
         fused = None
         if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS and (
-                T == 1 or (B == 1 and sparsity is None and self._kernel_applies_edits(edits))):
+                T == 1 or (B == 1 and self._kernel_applies_edits(edits)
+                           and (sparsity is None or all(layer.sparse for layer in self.decode_layers)))):
             fused = self.decode_layers
         if fused is not None:
-            sparse_count = 0 if sparsity is None else (B if sparsity.sparse_rows is None else sparsity.sparse_rows.numel())
+            # sparse token rows (each sparse sequence's T tokens)
+            sparse_count = 0 if sparsity is None else T * (
+                B if sparsity.sparse_rows is None else sparsity.sparse_rows.numel())
             # sparse rows that together ask for much of the weight: dense projections over their kept
-            # inputs (the same numbers as the sparse kernel, faster there; any number of rows)
-            masked_dense = sparsity is not None and sparsity.kept_share > self.dense_kernel.sparse_kernel_max_kept
+            # inputs (the same numbers as the sparse kernel, faster there; any number of rows; a
+            # chunk's rows beyond what the sparse kernel takes always)
+            masked_dense = sparsity is not None and (
+                sparsity.kept_share * T > self.dense_kernel.sparse_kernel_max_kept
+                or (T > 1 and sparse_count > CPU_KERNEL_MAX_ROWS))
             fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
             fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
         else:
@@ -254,11 +260,13 @@ class LlamaDecoder(nn.Module):
                              subspace=subspace).view(B, T, -1)
             elif fused[i].sparse and (masked_dense or sparse_count <= CPU_KERNEL_MAX_ROWS) and (
                     neurons is None or kernel_edit is not None):
-                # T == 1 here: the sparse rows' projections inside the one call (the others' dense),
-                # with the numbers forward_decode's separate kernel calls would give
-                h = fused[i](h.contiguous(), cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
+                # the sparse rows' projections inside the one call (the others' dense), with the
+                # numbers forward_decode's separate kernel calls would give; a chunk (B == 1) is one
+                # sparse row per token
+                rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]
+                h = fused[i](rows, cache.keys[i], cache.values[i], fused_slots, fused_positions, keep,
                              layer_sparsity.thresholds_ptr, layer_sparsity.kept_ptr, sparsity.sparse_rows,
-                             subspace=subspace, masked_dense=masked_dense)
+                             subspace=subspace, masked_dense=masked_dense).view(B, T, -1)
             else:  # T == 1 here
                 h = layer.forward_decode(fused[i], h.contiguous(), cache.keys[i], cache.values[i], fused_slots,
                                          fused_positions, layer_sparsity, neurons)
