@@ -201,3 +201,48 @@ def test_decode_steps_reuse_the_sparsity_plan_while_the_targets_stay(loaded):
     # prompt chunks build their own plans (one per prefill step); decode steps one per change of targets
     decode_steps = long.max_tokens - 1
     assert model.plans_built < decode_steps, model.plans_built
+
+
+class _ChunkRecordingModel(_CountingModel):
+    """The real model, recording the token count of each prompt pass it runs on its own."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.prompt_chunks: list[int] = []
+
+    def __call__(self, tokens, *args, **kwargs):
+        if tokens.shape[1] > 1:
+            self.prompt_chunks.append(tokens.shape[1])
+        return super().__call__(tokens, *args, **kwargs)
+
+
+def test_sparse_prompts_prefill_in_chunks_the_fused_layers_take(loaded):
+    """With prefill_chunk_tokens 128, a dense 100-token prompt prefills in one pass, a sparse one in
+    chunks of at most CpuDenseKernel.MAX_ROWS (64) tokens, which run fused (as its decode steps do)."""
+    if loaded.model.sparse_chunk_tokens is None:
+        pytest.skip("no fused sparse layers here (no WINA profile or no CPU kernel)")
+    prompt = tuple((loaded.tokenizer.encode(" ".join(PROMPTS)) * 8)[:100])
+    limits = EngineLimits(max_batch_size=8, max_model_len=128, max_queued_requests=16, prefill_chunk_tokens=128)
+    chunks = {}
+    for sparsity in (0.0, 0.5):
+        model = _ChunkRecordingModel(loaded.model)
+        engine = Engine(model, loaded.tokenizer, limits, ServerMetrics("test"))
+        request = GenerationRequest("r", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                    sparsity=sparsity)
+
+        async def go(engine=engine, request=request):
+            [stream] = engine.submit([request])
+            engine.drain_incoming()
+            while engine.has_work:
+                engine.step()
+                await asyncio.sleep(0)
+            return [out async for out in stream]
+
+        loop = asyncio.new_event_loop()
+        try:
+            outputs = loop.run_until_complete(go())
+        finally:
+            loop.close()
+        assert outputs[-1].finished and outputs[-1].error is None
+        chunks[sparsity] = model.prompt_chunks
+    assert chunks[0.0] == [100] and chunks[0.5] == [64, 36]

@@ -389,8 +389,12 @@ class Engine:
 
     def _next_chunk(self, seq: _Sequence) -> tuple[int, int]:
         """[start, end) of seq's next prompt chunk: the same whether it runs alone or beside the
-        decode step."""
-        return seq.num_cached, min(len(seq.prompt), seq.num_cached + self.limits.prefill_chunk_tokens)
+        decode step. A sparse prompt goes in chunks the model runs fused, where it has such a path."""
+        limit = self.limits.prefill_chunk_tokens
+        fused_limit = self.model.sparse_chunk_tokens if seq.request.sparsity > 0 else None
+        if fused_limit is not None:
+            limit = min(limit, fused_limit)
+        return seq.num_cached, min(len(seq.prompt), seq.num_cached + limit)
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.prompt

@@ -278,6 +278,15 @@ class LlamaDecoder(nn.Module):
         logits = self.head.forward(hidden).float()
         return logits if edits is None else edits.logits(hidden, logits)
 
+    @property
+    def sparse_chunk_tokens(self) -> int | None:
+        """The longest prompt chunk that a sparse request's prefill runs in the fused CPU layers
+        (2-3.6x faster than the torch layer path, and the numbers its decode steps give;
+        benchmarks/RESULTS.md), or None where sparse chunks have no such path."""
+        if self.decode_layers is None or not all(layer.sparse for layer in self.decode_layers):
+            return None
+        return CpuDenseKernel.MAX_ROWS
+
     def can_forward_rows(self, prompt_rows: int, decode_rows: int) -> bool:
         """Whether forward_rows takes a prompt chunk of prompt_rows tokens beside decode_rows decode
         rows here: the CPU kernel's fused layers, each part no longer than forward runs fused on its
