@@ -214,7 +214,7 @@ class LlamaDecoder(nn.Module):
         fused = None
         if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS and (
                 T == 1 or (B == 1 and self._kernel_applies_edits(edits)
-                           and (sparsity is None or all(layer.sparse for layer in self.decode_layers)))):
+                           and (sparsity is None or self.sparse_chunk_tokens is not None))):
             fused = self.decode_layers
         if fused is not None:
             # sparse token rows (each sparse sequence's T tokens)
