@@ -392,7 +392,7 @@ async def run_level(
         }
         if ignore_eos:
             body["ignore_eos"] = True
-        body.update(extra_body or {})  # _extra_body refused any key set above
+        body.update(extra_body or {})  # callers pass no key set above (the --extra-body parser refuses them)
         return body
 
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
@@ -524,7 +524,8 @@ def machine_report(before: dict[str, float] | None, after: dict[str, float] | No
                    duration_s: float) -> dict[str, float] | None:
     """The whole machine during a level, in cores (CPU seconds per second of the level): busy
     (everything but idle and iowait) and stolen by the hypervisor for other VMs. On a shared VM
-    the level's throughput moves with what others take; this records it beside the numbers."""
+    the level's throughput moves with what others take; this records it beside the numbers.
+    /proc/stat is the kernel's view: in a container it counts the host's cores, not the container's."""
     if before is None or after is None or duration_s <= 0:
         return None
     delta = {kind: after[kind] - before[kind] for kind in after}

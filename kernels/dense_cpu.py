@@ -148,6 +148,8 @@ class CpuDenseKernel:
         lib.decode_layer.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p, p,
                                      p, p, p, i64, p, p, p, p, i64, i32]
         lib.decode_layer.restype = ctypes.c_int
+        lib.decode_stack.argtypes = [p, i64, p, p, i64, p, p, i64, p, p, p, p, p, i64, i32]
+        lib.decode_stack.restype = ctypes.c_int
         lib.decode_attention.argtypes = [ctypes.POINTER(DecodeLayerArgs), p, p, i64, p, p, i64, p, p]
         lib.decode_attention.restype = ctypes.c_int
         lib.decode_norm.argtypes = [ctypes.POINTER(DecodeLayerArgs), i32, p, i64, p]
@@ -269,6 +271,10 @@ class CpuDenseKernel:
         args.kv_dtype = DTYPE_CODES[kv_dtype]
         return PreparedDecodeLayer(self._library, args, (attn_norm, mlp_norm, *(t for pair in (qkv, o, gate_up, down)
                                                                                for t in pair), cos, signed_sin))
+
+    def prepare_decode_stack(self, layers: list[PreparedDecodeLayer]) -> PreparedDecodeStack:
+        """A model's decode layers (from prepare_decode_layer, in order) as one kernel call per step."""
+        return PreparedDecodeStack(self._library, layers)
 
 
 class PreparedDecodeLayer:
@@ -403,3 +409,44 @@ class PreparedDecodeLayer:
         if status != 0:
             raise RuntimeError(f"decode_layer rejected slots {slots.tolist()} / positions {positions.tolist()} "
                                f"or ran out of memory")
+
+
+class PreparedDecodeStack:
+    """A model's PreparedDecodeLayers in one kernel call: for a step without neuron edits, what
+    calling each layer in turn gives (the same numbers), without Python between the layers (which
+    cost about 10% of a batch-1 decode step; benchmarks/RESULTS.md)."""
+
+    def __init__(self, library, layers: list[PreparedDecodeLayer]) -> None:
+        if not layers:
+            raise ValueError("decode_stack: no layers")
+        self._stack_fn = library.decode_stack
+        self._layers = layers  # kept alive: the array holds their arguments' addresses
+        self._array = (ctypes.POINTER(DecodeLayerArgs) * len(layers))(*(ctypes.pointer(layer._args) for layer in layers))
+
+    @property
+    def sparse(self) -> bool:
+        """Whether every layer has WINA sparsity attached (steps with sparse rows fuse too)."""
+        return all(layer.sparse for layer in self._layers)
+
+    def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                 positions: torch.Tensor, thresholds_ptr: int | None = None, kept_ptr: int | None = None,
+                 sparse_rows: torch.Tensor | None = None, masked_dense: bool = False) -> torch.Tensor:
+        """h: [B, 1, hidden] float32 contiguous; keys, values: the whole cache, [L, num_slots, KVH,
+        max_len, D] contiguous; thresholds_ptr / kept_ptr: the addresses of the sparse rows' [L, R, 7]
+        threshold and kept-count tables (SparsityPlan's), or None for a dense step; the rest as
+        PreparedDecodeLayer.__call__'s -> the residual stream after the last layer, [B, 1, hidden]."""
+        L = len(self._layers)
+        if keys.shape[0] != L or values.shape != keys.shape or not (keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError(f"decode_stack: keys and values must be the contiguous cache of {L} layers")
+        if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not self.sparse):
+            raise ValueError("decode_stack: thresholds and kept go together, with sparsity attached to every layer")
+        if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):
+            raise ValueError("decode_stack: sparse_rows must be contiguous int64")
+        out = torch.empty_like(h)
+        B = h.shape[0]
+        status = self._stack_fn(self._array, L, keys.data_ptr(), values.data_ptr(), keys.shape[1], h.data_ptr(),
+                                out.data_ptr(), B, slots.data_ptr(), positions.data_ptr(), thresholds_ptr, kept_ptr,
+                                None if sparse_rows is None else sparse_rows.data_ptr(),
+                                B if sparse_rows is None else sparse_rows.numel(), int(masked_dense))
+        PreparedDecodeLayer._check(status, slots, positions)
+        return out

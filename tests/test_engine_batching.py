@@ -218,7 +218,8 @@ class _ChunkRecordingModel(_CountingModel):
 
 def test_sparse_prompts_prefill_in_chunks_the_fused_layers_take(loaded):
     """With prefill_chunk_tokens 128, a dense 100-token prompt prefills in one pass, a sparse one in
-    chunks of at most CpuDenseKernel.MAX_ROWS (64) tokens, which run fused (as its decode steps do)."""
+    chunks of at most CpuDenseKernel.MAX_ROWS (64) tokens, the longest the fused layers take (that
+    such a chunk runs fused, with its tokens' decode numbers: tests/test_wina_model.py)."""
     if loaded.model.sparse_chunk_tokens is None:
         pytest.skip("no fused sparse layers here (no WINA profile or no CPU kernel)")
     prompt = tuple((loaded.tokenizer.encode(" ".join(PROMPTS)) * 8)[:100])

@@ -229,30 +229,83 @@ def test_fused_sparse_decode_step_equals_separate_calls(request, served, profile
         h = fused
 
 
-@pytest.mark.parametrize("target", [0.5, 0.9])
-def test_sparse_prompt_chunk_runs_fused_as_its_tokens_decode_one_by_one(loaded, profiles, target):
-    """A sparse prompt chunk (up to CpuDenseKernel.MAX_ROWS tokens) runs one fused kernel call per
-    layer, its tokens as sparse rows of one slot: every token's logits and kept counts are, bit for
-    bit, what decoding the same tokens one step at a time gives (the torch layer path, which sparse
-    chunks took before, agrees only up to float32 summation order, which hard thresholds amplify;
-    RESULTS.md). At 0.5 the chunk's rows run as masked dense projections, at 0.9 (20 rows) too."""
+@pytest.mark.parametrize(("target", "start", "T"), [(0.5, 0, 20), (0.9, 0, 20), (0.9, 12, 4)],
+                         ids=["0.5-masked-dense", "0.9-masked-dense", "0.9-sparse-kernel-after-a-prefix"])
+def test_sparse_prompt_chunk_runs_fused_as_its_tokens_decode_one_by_one(loaded, profiles, target, start, T):
+    """A sparse prompt chunk (up to CpuDenseKernel.MAX_ROWS tokens) runs fused, its tokens as sparse
+    rows of one slot: every token's logits and kept counts are, bit for bit, what decoding the same
+    tokens one step at a time gives (the torch layer path, which sparse chunks took before, agrees
+    only up to float32 summation order, which hard thresholds amplify; RESULTS.md). 20 rows run as
+    masked dense projections (their kept shares add up past the budget), 4 rows at 0.9 through the
+    sparse kernel, after a dense prefix in the cache."""
     model = loaded.model
     if model.decode_layers is None:
         pytest.skip("no CPU decode kernel here")
     model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
-    tokens = torch.tensor([loaded.tokenizer(PROMPTS[2] + " " + PROMPTS[0]).input_ids[:20]])  # [1, 20]
-    T = tokens.shape[1]
-    cache = model.new_cache(1)
+    if model.sparse_chunk_tokens is None:
+        pytest.skip("sparse chunks do not run fused here")
+    tokens = torch.tensor([loaded.tokenizer(" ".join(PROMPTS[::-1] * 2)).input_ids[:start + T]])  # [1, start + T]
+    assert tokens.shape[1] == start + T
     plan = model.sparsity_plan([target], T)
-    chunk = model(tokens, torch.tensor([0]), torch.tensor([0]), cache, all_logits=True, sparsity=plan)[0]  # [T, V]
+    masked_dense = plan.kept_share * T > model.dense_kernel.sparse_kernel_max_kept  # as LlamaDecoder.forward decides
+    assert masked_dense == (T == 20)
+    caches = [model.new_cache(1), model.new_cache(1)]
+    for cache in caches:  # the same dense prefix in both
+        if start:
+            model(tokens[:, :start], torch.tensor([0]), torch.tensor([0]), cache)
+    chunk = model(tokens[:, start:], torch.tensor([0]), torch.tensor([start]), caches[0], all_logits=True,
+                  sparsity=plan)[0]  # [T, V]
     steps, kept = [], []
-    for t in range(T):
+    for t in range(start, start + T):
         step_plan = model.sparsity_plan([target], 1)
-        steps.append(model(tokens[:, t:t + 1], torch.tensor([0]), torch.tensor([t]), cache, sparsity=step_plan)[0])
+        steps.append(model(tokens[:, t:t + 1], torch.tensor([0]), torch.tensor([t]), caches[1], sparsity=step_plan)[0])
         kept.append(step_plan.kept)
     assert torch.equal(chunk, torch.stack(steps))
     assert torch.equal(plan.kept, torch.cat(kept, dim=1)) and int(plan.kept.sum()) > 0
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
     assert abs(float(plan.skipped_fraction()[0]) - target) < 0.15
+
+
+@pytest.mark.parametrize(("targets", "T"), [([0.0, 0.0, 0.0], 1), ([0.5, 0.0, 0.7], 1), ([0.9], 4), ([0.0], 6)],
+                         ids=["dense-step", "mixed-step", "sparse-chunk", "dense-chunk"])
+@pytest.mark.parametrize("served", ["loaded", "loaded_sparse_kernel_only"],
+                         ids=["default-budget", "sparse-kernel-always"])
+def test_decode_stack_equals_the_layers_called_one_by_one(request, served, profiles, targets, T):
+    """Steps without edits run every layer in one kernel call (PreparedDecodeStack): the residual
+    stream, the KV cache and the kept counts it leaves are, bit for bit, those of the model's layers
+    called one at a time, dense, sparse and mixed, a step of several rows or a chunk of one."""
+    loaded = request.getfixturevalue(served)
+    model = loaded.model
+    if model.decode_stack is None:
+        pytest.skip("no CPU decode kernel here")
+    model.attach_sparsity(profiles["wina-uniform"]["table"], CpuWinaKernel.load())
+    ids = loaded.tokenizer(" ".join(PROMPTS * 2)).input_ids
+    B = len(targets)
+    tokens = torch.tensor([ids[3 * row:3 * row + T + 2] for row in range(B)])  # [B, T + 2]
+    cache = model.new_cache(B)
+    for row in range(B):  # a dense prefix of two tokens
+        model(tokens[row:row + 1, :2], torch.tensor([row]), torch.tensor([0]), cache)
+    slots = torch.arange(B).repeat_interleave(T)  # [B*T], one per token row
+    positions = (2 + torch.arange(T)).repeat(B)  # [B*T]
+    h = F.embedding(tokens[:, 2:].reshape(-1, 1), model.embed).float().contiguous()  # [B*T, 1, hidden]
+    plans = [model.sparsity_plan(targets, T) for _ in range(2)]
+    tables = [(None, None, None) if plan is None else (plan.thresholds.data_ptr(), plan.kept.data_ptr(),
+                                                       plan.sparse_rows) for plan in plans]
+    masked_dense = plans[0] is not None and plans[0].kept_share * T > model.dense_kernel.sparse_kernel_max_kept
+    keys, values = cache.keys.clone(), cache.values.clone()
+    stacked = model.decode_stack(h, keys, values, slots, positions, *tables[0], masked_dense=masked_dense)
+    layered = h
+    for i, layer in enumerate(model.decode_layers):
+        view = None if plans[1] is None else plans[1].layer(i)
+        layered = layer(layered, cache.keys[i], cache.values[i], slots, positions, None,
+                        *((None, None, None) if view is None else (view.thresholds_ptr, view.kept_ptr,
+                                                                   plans[1].sparse_rows)),
+                        masked_dense=masked_dense)
+    assert torch.equal(stacked, layered)
+    assert torch.equal(keys, cache.keys) and torch.equal(values, cache.values)
+    assert not torch.equal(keys[:, :, :, 2:2 + T], torch.zeros_like(keys[:, :, :, 2:2 + T]))  # written
+    if plans[0] is not None:
+        assert torch.equal(plans[0].kept, plans[1].kept) and int(plans[0].kept.sum()) > 0
 
 
 def test_attaching_another_profile_replaces_the_fused_sparsity(loaded, profiles):

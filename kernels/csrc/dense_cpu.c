@@ -734,6 +734,38 @@ static int mlp_block(const DecodeLayer *layer, float *h, int64_t B, const float 
     return status;
 }
 
+// Checks what decode_layer and decode_stack share: the rows, the subspace's parts, and the sparse
+// rows (ascending, in range) with their tables.
+static int valid_call(const DecodeLayer *layer, int64_t num_slots, int64_t B, const int64_t *slots,
+                      const int64_t *positions, const float *basis, const float *basis_t, const float *offset,
+                      int64_t rank, const float *thresholds, const int32_t *kept, const int64_t *sparse_rows,
+                      int64_t R) {
+    if (!valid_rows(layer, num_slots, B, slots, positions)) return 0;
+    if (basis && (!basis_t || !offset || rank < 1)) return 0;
+    if (thresholds && (!layer->qkv_wt || !kept || R < 1 || R > B || (R < B && !sparse_rows))) return 0;
+    for (int64_t s = 0; thresholds && R < B && s < R; ++s) {
+        if (sparse_rows[s] < (s ? sparse_rows[s - 1] + 1 : 0) || sparse_rows[s] >= B) return 0;
+    }
+    return 1;
+}
+
+// One layer on h [B, hidden] in place (the arguments as decode_layer's, checked).
+static int layer_in_place(const DecodeLayer *layer, void *keys, void *values, float *h, int64_t B,
+                          const int64_t *slots, const int64_t *positions, const float *keep, const float *basis,
+                          const float *basis_t, const float *offset, int64_t rank, const uint8_t *basis_rows,
+                          const float *thresholds, int32_t *kept, const int64_t *sparse_rows, int64_t R,
+                          int masked_dense) {
+    STAGE_BEGIN(layer);
+    int status = attention_block(layer, keys, values, h, B, slots, positions, thresholds, kept, sparse_rows, R,
+                                 masked_dense);
+    if (status == 0) {
+        status = mlp_block(layer, h, B, keep, basis, basis_t, offset, rank, basis_rows, thresholds, kept,
+                           sparse_rows, R, masked_dense);
+    }
+    STAGE_END(layer, STAGE_LAYER);
+    return status;
+}
+
 // keys, values: this layer's cache, [num_slots, KVH, max_len, D] in layer->kv_dtype; h_in -> h_out: [B, hidden]
 // float32 residual stream before and after the layer; slots, positions: [B], each row's cache slot
 // and the position of its new token; keep: [B, I] neuron keep mask or NULL; basis, basis_t, offset,
@@ -749,22 +781,47 @@ int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num
                  const float *basis, const float *basis_t, const float *offset, int64_t rank,
                  const uint8_t *basis_rows, const float *thresholds, int32_t *kept, const int64_t *sparse_rows,
                  int64_t R, int masked_dense) {
-    if (!valid_rows(layer, num_slots, B, slots, positions)) return -1;
-    if (basis && (!basis_t || !offset || rank < 1)) return -1;
-    if (thresholds && (!layer->qkv_wt || !kept || R < 1 || R > B || (R < B && !sparse_rows))) return -1;
-    for (int64_t s = 0; thresholds && R < B && s < R; ++s) {
-        if (sparse_rows[s] < (s ? sparse_rows[s - 1] + 1 : 0) || sparse_rows[s] >= B) return -1;  // ascending, in range
+    if (!valid_call(layer, num_slots, B, slots, positions, basis, basis_t, offset, rank, thresholds, kept,
+                    sparse_rows, R)) {
+        return -1;
     }
-    STAGE_BEGIN(layer);
     memcpy(h_out, h_in, sizeof(float) * B * layer->hidden);
-    int status = attention_block(layer, keys, values, h_out, B, slots, positions, thresholds, kept, sparse_rows, R,
-                                 masked_dense);
-    if (status == 0) {
-        status = mlp_block(layer, h_out, B, keep, basis, basis_t, offset, rank, basis_rows, thresholds, kept,
-                           sparse_rows, R, masked_dense);
+    return layer_in_place(layer, keys, values, h_out, B, slots, positions, keep, basis, basis_t, offset, rank,
+                          basis_rows, thresholds, kept, sparse_rows, R, masked_dense);
+}
+
+// The L layers of a model in one call, in order, without neuron edits: what decode_layer gives
+// called once per layer (the same numbers), without a call from Python per layer (about 50 us each
+// at batch 1, 10% of a step; RESULTS.md). layers: [L]; keys, values: the whole cache, [L, num_slots,
+// KVH, max_len, D] contiguous; thresholds, kept: NULL, or the [L, R, 7] tables of the sparse rows,
+// layer after layer; the rest as decode_layer's. Returns 0, or -1 on bad arguments or no memory.
+int decode_stack(const DecodeLayer *const *layers, int64_t L, void *keys, void *values, int64_t num_slots,
+                 const float *h_in, float *h_out, int64_t B, const int64_t *slots, const int64_t *positions,
+                 const float *thresholds, int32_t *kept, const int64_t *sparse_rows, int64_t R, int masked_dense) {
+    if (L < 1) return -1;
+    for (int64_t i = 0; i < L; ++i) {
+        const DecodeLayer *layer = layers[i];
+        if (!valid_call(layer, num_slots, B, slots, positions, NULL, NULL, NULL, 0, thresholds, kept, sparse_rows,
+                        R) ||
+            layer->kv_dtype != layers[0]->kv_dtype || layer->kv_heads != layers[0]->kv_heads ||
+            layer->head_dim != layers[0]->head_dim || layer->max_len != layers[0]->max_len ||
+            layer->hidden != layers[0]->hidden) {
+            return -1;
+        }
     }
-    STAGE_END(layer, STAGE_LAYER);
-    return status;
+    const DecodeLayer *first = layers[0];
+    const int64_t layer_bytes = num_slots * first->kv_heads * first->max_len * first->head_dim *
+                                (first->kv_dtype == DTYPE_F32 ? 4 : 2);
+    memcpy(h_out, h_in, sizeof(float) * B * first->hidden);
+    for (int64_t i = 0; i < L; ++i) {
+        const int64_t table = thresholds ? i * R * TABLE_COLUMNS : 0;
+        const int status = layer_in_place(layers[i], (char *)keys + i * layer_bytes, (char *)values + i * layer_bytes,
+                                          h_out, B, slots, positions, NULL, NULL, NULL, NULL, 0, NULL,
+                                          thresholds ? thresholds + table : NULL, thresholds ? kept + table : NULL,
+                                          sparse_rows, R, masked_dense);
+        if (status != 0) return status;
+    }
+    return 0;
 }
 
 // The layer in parts, for a step with more sparse rows than the fused call takes, or that edits

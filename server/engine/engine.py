@@ -2,7 +2,8 @@
 
 One worker thread owns the model and the KV cache. Each step it (1) takes in new requests and
 aborts, (2) gives free slots to waiting sequences, (3) prefills one chunk of at most
-`prefill_chunk_tokens` of one prompt, and (4) advances every running sequence by one token in one
+`prefill_chunk_tokens` of one prompt (a sparse prompt: at most `model.sparse_chunk_tokens`, the
+longest chunk the CPU kernel runs fused), and (4) advances every running sequence by one token in one
 batched forward pass; where the CPU kernel takes them together (a short chunk, rows without
 sparsity or interventions), (3) and (4) are one pass that reads the weights once. The asyncio
 side only enqueues requests and reads per-request queues, so the API stays responsive while the

@@ -18,7 +18,7 @@ from server.model.sparsity import (
     CPU_KERNEL_MAX_ROWS, DOWN_COLUMNS, GATE_UP_COLUMNS, O_COLUMNS, QKV_COLUMNS, GpuKernel, SparseProjection,
     SparsityPlan, WinaTable,
 )
-from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer
+from kernels.dense_cpu import CpuDenseKernel, PreparedDecodeLayer, PreparedDecodeStack
 from kernels.wina_cpu import CpuWinaKernel
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,11 @@ class LlamaDecoder(nn.Module):
         self.rope = RotaryEmbedding(inv_freq, scale, max_model_len).to(device)
         # decode steps run each layer as one kernel call where they can (see forward)
         self.decode_layers: list[PreparedDecodeLayer] | None = None
+        self.decode_stack: PreparedDecodeStack | None = None  # the same layers in one call per step
         if self.dense_kernel is not None:
             try:
                 self.decode_layers = [self._prepare_decode_layer(self.dense_kernel, layer) for layer in self.layers]
+                self.decode_stack = self.dense_kernel.prepare_decode_stack(self.decode_layers)
             except ValueError as error:  # a shape the kernel does not take: torch runs every step
                 logger.warning("CPU decode kernel not used for this model: %s", error)
         self.wina: WinaTable | None = None
@@ -210,8 +212,9 @@ class LlamaDecoder(nn.Module):
         # A short prompt chunk of one sequence runs as one call per layer too, its tokens as rows
         # of one slot (each attends to the keys up to its own position), sparse or not, unless it
         # edits neurons beyond what the kernel applies. Both match DecoderLayer.forward up to float32
-        # summation order (tests/test_model.py, tests/test_wina_model.py).
-        fused = None
+        # summation order (tests/test_model.py, tests/test_wina_model.py). Without edits, all the
+        # layers run in one kernel call (decode_stack: the same numbers, no Python between layers).
+        fused, stacked = None, False
         if self.decode_layers is not None and B * T <= CpuDenseKernel.MAX_ROWS and (
                 T == 1 or (B == 1 and self._kernel_applies_edits(edits)
                            and (sparsity is None or self.sparse_chunk_tokens is not None))):
@@ -228,6 +231,8 @@ class LlamaDecoder(nn.Module):
                 or (T > 1 and sparse_count > CPU_KERNEL_MAX_ROWS))
             fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
             fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
+            stacked = edits is None and (sparsity is None or (self.decode_stack.sparse and (
+                masked_dense or sparse_count <= CPU_KERNEL_MAX_ROWS)))
         else:
             attn_mask, is_causal = None, False
             if B == 1 and T == 1:
@@ -241,7 +246,13 @@ class LlamaDecoder(nn.Module):
             single = (slot_list[0], int(start_positions[0])) if B == 1 else None
             first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + B)) else None
             rope = self.rope.tables(positions)
-        for i, layer in enumerate(self.layers):
+        if stacked:
+            rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]
+            tables = (None, None) if sparsity is None else (sparsity.thresholds.data_ptr(), sparsity.kept.data_ptr())
+            h = self.decode_stack(rows, cache.keys, cache.values, fused_slots, fused_positions, *tables,
+                                  None if sparsity is None else sparsity.sparse_rows,
+                                  masked_dense=masked_dense).view(B, T, -1)
+        for i, layer in enumerate(() if stacked else self.layers):
             layer_sparsity = None if sparsity is None else sparsity.layer(i)
             neurons = None if edits is None else edits.neurons(i)
             kernel_edit = None if neurons is None or fused is None else neurons.for_kernel()
@@ -312,8 +323,7 @@ class LlamaDecoder(nn.Module):
         if int(positions.max()) >= self.max_model_len:
             raise ValueError(f"position {int(positions.max())} is past max_model_len {self.max_model_len}")
         h = F.embedding(token_ids, self.embed).float().view(R, 1, -1)  # [R, 1, hidden]
-        for i, fused in enumerate(self.decode_layers):
-            h = fused(h, cache.keys[i], cache.values[i], slots, positions)
+        h = self.decode_stack(h, cache.keys, cache.values, slots, positions)
         hidden = self.norm.forward(h[logit_rows, 0])  # [S, hidden]
         return self.head.forward(hidden).float()
 
