@@ -7,7 +7,10 @@ each C's throughput over C = 1's: what the engine itself does with concurrent st
 serve_load.py's HTTP and load generator.
 
     python benchmarks/engine_throughput.py [--concurrency 1,8] [--requests 32] [--max-tokens 64]
-        [--rounds 2] [--out benchmarks/out/engine_throughput.json]
+        [--rounds 2] [--sparsity S] [--out benchmarks/out/engine_throughput.json]
+
+--sparsity S runs every request at WINA sparsity S (a sparse prompt's chunks then share the decode
+pass as dense ones do, where the fused layers run sparse rows).
 
 Prints a table, writes JSON. Nothing runs on import.
 """
@@ -32,7 +35,7 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "engine_throughput.json"
 
 
 def run_once(loaded, prompts: list[tuple[int, ...]], concurrency: int, max_tokens: int, merge: bool,
-             prefill_chunk_tokens: int) -> dict:
+             prefill_chunk_tokens: int, sparsity: float = 0.0) -> dict:
     from server.engine.offline import OfflineGenerator
     from server.engine.request import SamplingParams
 
@@ -40,7 +43,7 @@ def run_once(loaded, prompts: list[tuple[int, ...]], concurrency: int, max_token
                                  merge_prompt_chunks=merge)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
-    results = generator.generate([list(ids) for ids in prompts], params)
+    results = generator.generate([list(ids) for ids in prompts], params, sparsity=sparsity)
     seconds = time.perf_counter() - start
     generated = sum(len(r.token_ids) for r in results)
     return {"generated_tokens": generated, "seconds": seconds, "tok_s": generated / seconds,
@@ -56,17 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
                         help="prompt tokens per prefill step (default: the server's default)")
     parser.add_argument("--prompts", type=Path, default=None, help=f"JSONL prompts (default {DEFAULT_PROMPTS})")
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="every request's WINA sparsity (default 0: dense), with the wina-uniform profile")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     if any(c < 1 for c in levels) or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
         parser.error("concurrency levels, --requests, --max-tokens and --rounds must be positive")
+    if not 0 <= args.sparsity <= 0.9:
+        parser.error("--sparsity must be in [0, 0.9]")
     from server.runtime import load_model
     from server.settings import ServerSettings
 
-    settings = ServerSettings(log_level="warning", load_interventions=False)
+    settings = ServerSettings(log_level="warning", load_interventions=False, wina_profile="wina-uniform")
     chunk = args.prefill_chunk_tokens or settings.prefill_chunk_tokens
     loaded = load_model(settings)
+    if args.sparsity > 0 and loaded.model.wina is None:
+        raise SystemExit("no WINA profile for this model: run `neuronserve calibrate wina` first")
     texts, source = load_prompts(args.prompts)
     prompts = [tuple(loaded.tokenizer.encode(texts[i % len(texts)])) for i in range(args.requests)]
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -75,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     run_once(loaded, prompts[:2], levels[0], 4, True, chunk)  # warm-up
     for _ in range(args.rounds):
         for concurrency, merge in cases:
-            runs[(concurrency, merge)].append(run_once(loaded, prompts, concurrency, args.max_tokens, merge, chunk))
+            runs[(concurrency, merge)].append(run_once(loaded, prompts, concurrency, args.max_tokens, merge, chunk,
+                                                       args.sparsity))
     tok_s = {case: statistics.median(r["tok_s"] for r in runs[case]) for case in cases}
     rows = [{"concurrency": c, "merged_prompt_chunks": merge, "tok_s": tok_s[(c, merge)],
              "ratio_vs_first_level": tok_s[(c, merge)] / tok_s[(levels[0], merge)],
              "merge_gain": tok_s[(c, True)] / tok_s[(c, False)], "runs": runs[(c, merge)]} for c, merge in cases]
     title = (f"engine_throughput  {started}  {loaded.name}  {args.requests} requests x {args.max_tokens} tokens, "
-             f"prompts {source}, prefill chunks of {chunk}  (median of {args.rounds} interleaved rounds)")
+             f"prompts {source}, prefill chunks of {chunk}, sparsity {args.sparsity:g}  "
+             f"(median of {args.rounds} interleaved rounds)")
     text = "\n".join([
         title,
         format_table(["concurrency", "prompt chunk with decode", "tok/s", f"x concurrency {levels[0]}",
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "engine_throughput", "started_utc": started, "command": command_line(argv),
               "machine": describe_machine(), "model": loaded.name, "requests": args.requests,
               "max_tokens": args.max_tokens, "rounds": args.rounds, "prompts": source,
-              "prefill_chunk_tokens": chunk, "results": rows}
+              "prefill_chunk_tokens": chunk, "sparsity": args.sparsity, "results": rows}
     write_report(report, text, args.out)
     return 0
 

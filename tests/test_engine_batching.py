@@ -38,13 +38,13 @@ class _CountingModel:
         self.passes += 1
         return self._model(*args, **kwargs)
 
-    def can_forward_rows(self, prompt_rows: int, decode_rows: int) -> bool:
-        return self._merge and self._model.can_forward_rows(prompt_rows, decode_rows)
+    def can_forward_rows(self, prompt_rows: int, decode_rows: int, sparse: bool = False) -> bool:
+        return self._merge and self._model.can_forward_rows(prompt_rows, decode_rows, sparse)
 
-    def forward_rows(self, *args):
+    def forward_rows(self, *args, **kwargs):
         self.passes += 1
         self.merged_passes += 1
-        return self._model.forward_rows(*args)
+        return self._model.forward_rows(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +105,30 @@ def test_prompt_chunks_share_the_decode_pass_with_the_same_tokens(loaded):
     assert merged.passes < separate.passes
 
 
-@pytest.mark.parametrize("case", ["sparse row", "prompt logprobs"])
-def test_rows_that_need_their_own_pass_keep_it(loaded, case):
-    if case == "sparse row" and loaded.model.wina is None:
-        pytest.skip("no WINA profile loaded")
-    requests = _requests(loaded, sparsity=0.5) if case == "sparse row" else _requests(loaded, prompt_logprobs=2)
+def test_rows_that_need_their_own_pass_keep_it(loaded):
+    requests = _requests(loaded, prompt_logprobs=2)
     merged, separate = _CountingModel(loaded.model), _CountingModel(loaded.model, merge=False)
     assert _generate(loaded, merged, requests) == _generate(loaded, separate, requests)
-    # a sparse row (the second request) running blocks merging until it ends; a prompt that wants
-    # its logprobs (the fourth) prefills in its own pass
-    assert merged.merged_passes < len(PROMPTS) - 1
+    # a prompt that wants its logprobs (the fourth) prefills in its own pass
+    assert merged.merged_passes == len(PROMPTS) - 2
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_sparse_rows_share_the_pass_with_their_own_tokens_and_sparsity(loaded, sparsity):
+    """Sparse prompts and sparse decode rows merge too (where the fused layers run sparse rows):
+    every request gets the tokens and the achieved sparsity of separate passes. Here every request
+    is sparse but the third (dense, sampled) and the fourth (half the target)."""
+    if loaded.model.sparse_chunk_tokens is None:
+        pytest.skip("no fused sparse layers here (no WINA profile or no CPU kernel)")
+    requests = [GenerationRequest(r.request_id, r.prompt_token_ids, r.params, sparsity={2: 0.0, 3: sparsity / 2}.get(i, sparsity))
+                for i, r in enumerate(_requests(loaded))]
+    merged, separate = _CountingModel(loaded.model), _CountingModel(loaded.model, merge=False)
+    together = _achieved(loaded, merged, requests)
+    apart = _achieved(loaded, separate, requests)
+    assert [tokens for tokens, _ in together] == [tokens for tokens, _ in apart]
+    for (_, a), (_, b), request in zip(together, apart, requests):
+        assert abs(a - b) < 1e-6 and (a > 0.1) == (request.sparsity > 0), (a, b)
+    assert merged.merged_passes == len(PROMPTS) - 1 and separate.merged_passes == 0
 
 
 def test_forward_rows_gives_each_row_its_own_pass_numbers(loaded):
@@ -138,6 +152,36 @@ def test_forward_rows_gives_each_row_its_own_pass_numbers(loaded):
         model.forward_rows(torch.zeros(too_many, dtype=torch.long), torch.zeros(too_many, dtype=torch.long),
                            torch.arange(too_many), caches[1], torch.tensor([0]))
     assert model.can_forward_rows(CpuDenseKernel.MAX_ROWS, 8) and not model.can_forward_rows(CpuDenseKernel.MAX_ROWS + 1, 1)
+
+
+def test_forward_rows_gives_sparse_rows_their_own_pass_numbers(loaded):
+    """A sparse prompt chunk beside decode rows at 0.9, dense and 0.5: logits and kept counts, bit
+    for bit, those of the chunk's pass and of the decode step's pass."""
+    model = loaded.model
+    if model.sparse_chunk_tokens is None:
+        pytest.skip("no fused sparse layers here (no WINA profile or no CPU kernel)")
+    ids = loaded.tokenizer.encode(" ".join(PROMPTS))
+    history, prompt, next_tokens = (torch.tensor([ids[3 * b:3 * b + 12] for b in range(3)]),
+                                    torch.tensor([ids[:9]]), torch.tensor([[ids[20]], [ids[21]], [ids[22]]]))
+    targets = [0.9, 0.0, 0.5]
+    caches = [model.new_cache(4), model.new_cache(4)]
+    for cache in caches:
+        for b in range(3):
+            model(history[b:b + 1], torch.tensor([b]), torch.tensor([0]), cache)
+    chunk_plan, step_plan = model.sparsity_plan([0.5], 9), model.sparsity_plan(targets, 1)
+    prompt_logits = model(prompt, torch.tensor([3]), torch.tensor([0]), caches[0], sparsity=chunk_plan)  # [1, V]
+    decode_logits = model(next_tokens, torch.arange(3), torch.full((3,), 12), caches[0], sparsity=step_plan)  # [3, V]
+    rows_plan = model.sparsity_plan([0.5] * 9 + targets, 1)
+    rows = model.forward_rows(torch.cat([prompt[0], next_tokens[:, 0]]), torch.tensor([3] * 9 + [0, 1, 2]),
+                              torch.cat([torch.arange(9), torch.full((3,), 12)]), caches[1], torch.arange(8, 12),
+                              sparsity=rows_plan)
+    assert torch.equal(rows[0], prompt_logits[0]) and torch.equal(rows[1:], decode_logits)
+    assert torch.equal(rows_plan.kept, torch.cat([chunk_plan.kept, step_plan.kept], dim=1))
+    assert int(rows_plan.kept.sum()) > 0
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+    with pytest.raises(ValueError, match="one token per row"):
+        model.forward_rows(prompt[0], torch.tensor([3] * 9), torch.arange(9), caches[1], torch.tensor([8]),
+                           sparsity=chunk_plan)
 
 
 class _CountingLoop(asyncio.SelectorEventLoop):

@@ -42,8 +42,8 @@ class _NanLogitsForSlots:
         else:
             logits[row, self.bad_token] = self.bad_value
 
-    def forward_rows(self, tokens, slots, positions, cache, logit_rows):  # a prompt chunk beside decode rows
-        logits = self._model.forward_rows(tokens, slots, positions, cache, logit_rows).clone()
+    def forward_rows(self, tokens, slots, positions, cache, logit_rows, **kwargs):  # a chunk beside decode rows
+        logits = self._model.forward_rows(tokens, slots, positions, cache, logit_rows, **kwargs).clone()
         for row, slot in enumerate(slots[logit_rows].tolist()):
             if slot in self.poisoned:
                 self._spoil(logits, row)

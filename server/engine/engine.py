@@ -5,7 +5,7 @@ aborts, (2) gives free slots to waiting sequences, (3) prefills one chunk of at 
 `prefill_chunk_tokens` of one prompt (a sparse prompt: at most `model.sparse_chunk_tokens`, the
 longest chunk the CPU kernel runs fused), and (4) advances every running sequence by one token in one
 batched forward pass; where the CPU kernel takes them together (a short chunk, rows without
-sparsity or interventions), (3) and (4) are one pass that reads the weights once. The asyncio
+interventions), (3) and (4) are one pass that reads the weights once. The asyncio
 side only enqueues requests and reads per-request queues, so the API stays responsive while the
 model computes.
 """
@@ -337,20 +337,21 @@ class Engine:
             self._prefilling.append(seq)
 
     @staticmethod
-    def _plain(seq: _Sequence) -> bool:
-        return seq.request.sparsity == 0 and (seq.request.interventions is None or seq.request.interventions.empty)
+    def _unedited(seq: _Sequence) -> bool:
+        return seq.request.interventions is None or seq.request.interventions.empty
 
     def _merges_with_decode(self, seq: _Sequence) -> bool:
         """Whether the next prompt chunk of `seq` and the running rows' decode step go through the
         model in one pass (LlamaDecoder.forward_rows): each row then gets the numbers it gets in
         its own pass, so only the time changes. The chunk is the one `seq` would get alone (chunk
         boundaries never depend on the batch) and must run fused on its own, as must the decode
-        step; rows with sparsity or interventions, and prompts that want their logprobs, keep
-        separate passes."""
+        step; rows with sparsity merge where the model runs sparse rows fused; rows with
+        interventions, and prompts that want their logprobs, keep separate passes."""
         start, end = self._next_chunk(seq)
-        return (self.merge_prompt_chunks and self.model.can_forward_rows(end - start, len(self._running))
-                and seq.request.params.prompt_logprobs is None
-                and self._plain(seq) and all(self._plain(r) for r in self._running))
+        rows = [seq, *self._running]
+        sparse = any(r.request.sparsity > 0 for r in rows)
+        return (self.merge_prompt_chunks and self.model.can_forward_rows(end - start, len(self._running), sparse)
+                and seq.request.params.prompt_logprobs is None and all(map(self._unedited, rows)))
 
     def _prefill_and_decode(self, seq: _Sequence) -> None:
         """One prompt chunk of `seq` and one decode step of the running rows in one forward
@@ -367,12 +368,21 @@ class Engine:
         positions = torch.tensor([*range(start, end), *(s.num_cached for s in rows)], device=device)
         completes = end == len(prompt)
         logit_rows = torch.arange(n - 1 if completes else n, n + len(rows), device=device)
+        plan = self.model.sparsity_plan([seq.request.sparsity] * n + [s.request.sparsity for s in rows], 1)
         try:
-            logits = self.model.forward_rows(tokens, slots, positions, self.cache, logit_rows)  # [(1 +) B, V]
+            logits = self.model.forward_rows(tokens, slots, positions, self.cache, logit_rows,
+                                             sparsity=plan)  # [(1 +) B, V]
         except Exception as exc:
             logger.exception("prefill of %s with a decode step failed", seq.request.request_id)
             self._fail([seq, *rows], exc)
             return
+        if plan is not None:  # each sparse row's share, in row order: the chunk's tokens, then the decode rows
+            skipped = plan.skipped_fraction().tolist()
+            if seq.request.sparsity > 0:
+                seq.skipped_weight_tokens += sum(skipped[:n])
+                seq.sparse_tokens += n
+                skipped = skipped[n:]
+            self._count_decode_sparsity(rows, skipped)
         seq.num_cached = end
         self.metrics.prompt_tokens.inc(n)
         # each part's faults kept to its own sequences, as step() keeps them for separate passes
@@ -456,12 +466,17 @@ class Engine:
         edits = self._decode_edits([s.request.interventions for s in rows])
         logits = self.model(tokens, slots, starts, self.cache, sparsity=plan, edits=edits)  # [B, V]
         if plan is not None:
-            skipped = iter(plan.skipped_fraction().tolist())  # one per sparse row, in batch order
-            for s in rows:
-                if s.request.sparsity > 0:
-                    s.skipped_weight_tokens += next(skipped)
-                    s.sparse_tokens += 1
+            self._count_decode_sparsity(rows, plan.skipped_fraction().tolist())
         self._advance_running(rows, logits)
+
+    @staticmethod
+    def _count_decode_sparsity(rows: list[_Sequence], skipped: list[float]) -> None:
+        """skipped: the weight share each sparse row of a decode step skipped, in batch order."""
+        shares = iter(skipped)
+        for s in rows:
+            if s.request.sparsity > 0:
+                s.skipped_weight_tokens += next(shares)
+                s.sparse_tokens += 1
 
     def _advance_running(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
         """The running rows' new tokens are in the cache; logits [B, V]: their next tokens."""

@@ -298,23 +298,27 @@ class LlamaDecoder(nn.Module):
             return None
         return CpuDenseKernel.MAX_ROWS
 
-    def can_forward_rows(self, prompt_rows: int, decode_rows: int) -> bool:
+    def can_forward_rows(self, prompt_rows: int, decode_rows: int, sparse: bool = False) -> bool:
         """Whether forward_rows takes a prompt chunk of prompt_rows tokens beside decode_rows decode
-        rows here: the CPU kernel's fused layers, each part no longer than forward runs fused on its
-        own (so that each row gets the numbers of its own pass)."""
+        rows here (`sparse`: some of them with WINA sparsity): the CPU kernel's fused layers, each
+        part no longer than forward runs fused on its own (so that each row gets the numbers of its
+        own pass), with sparsity only where the fused layers run sparse rows (sparse_chunk_tokens)."""
         return (self.decode_layers is not None and 0 <= prompt_rows <= CpuDenseKernel.MAX_ROWS
-                and 0 <= decode_rows <= CpuDenseKernel.MAX_ROWS and prompt_rows + decode_rows > 0)
+                and 0 <= decode_rows <= CpuDenseKernel.MAX_ROWS and prompt_rows + decode_rows > 0
+                and (not sparse or self.sparse_chunk_tokens is not None))
 
     @torch.inference_mode()
     def forward_rows(self, token_ids: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
-                     cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
-        """Rows of different sequences in one pass, dense, without interventions: row r is token
+                     cache: KVCache, logit_rows: torch.Tensor, sparsity: SparsityPlan | None = None) -> torch.Tensor:
+        """Rows of different sequences in one pass, without interventions: row r is token
         token_ids[r] at positions[r] of slot slot_ids[r] ([R] each, a sequence's rows in ascending
         positions, e.g. one prompt chunk beside the decode rows of a step) -> float32 logits
         [len(logit_rows), V] of the rows logit_rows. Each row gets the numbers forward gives it
         when its sequence runs alone (the fused layer computes every row on its own and writes
         every row's key and value before any row attends); at most 2 x CpuDenseKernel.MAX_ROWS rows
-        (a chunk and a decode step that can_forward_rows takes), with the CPU kernel."""
+        (a chunk and a decode step that can_forward_rows takes), with the CPU kernel. sparsity: the
+        rows' plan (sparsity_plan of one target per row, tokens_per_row 1: a chunk's tokens as rows
+        of their own), or None for dense rows; its kept counts are written per row."""
         R = token_ids.shape[0]
         if self.decode_layers is None or not 1 <= R <= 2 * CpuDenseKernel.MAX_ROWS:
             raise ValueError(f"forward_rows takes 1 to {2 * CpuDenseKernel.MAX_ROWS} rows with the CPU kernel, got {R}")
@@ -322,8 +326,17 @@ class LlamaDecoder(nn.Module):
         positions = positions.to(torch.int64).contiguous()  # [R]
         if int(positions.max()) >= self.max_model_len:
             raise ValueError(f"position {int(positions.max())} is past max_model_len {self.max_model_len}")
+        tables, masked_dense = (None, None, None), False
+        if sparsity is not None:
+            sparse_count = R if sparsity.sparse_rows is None else sparsity.sparse_rows.numel()
+            if sparsity.tokens_per_row != 1 or sparsity.kept.shape[1] != sparse_count or self.sparse_chunk_tokens is None:
+                raise ValueError("forward_rows: sparsity needs a plan of one token per row, and fused sparse layers")
+            # either way each row gets its own pass's numbers (the two compute the same sums)
+            masked_dense = (sparsity.kept_share > self.dense_kernel.sparse_kernel_max_kept
+                            or sparse_count > CPU_KERNEL_MAX_ROWS)
+            tables = (sparsity.thresholds.data_ptr(), sparsity.kept.data_ptr(), sparsity.sparse_rows)
         h = F.embedding(token_ids, self.embed).float().view(R, 1, -1)  # [R, 1, hidden]
-        h = self.decode_stack(h, cache.keys, cache.values, slots, positions)
+        h = self.decode_stack(h, cache.keys, cache.values, slots, positions, *tables, masked_dense=masked_dense)
         hidden = self.norm.forward(h[logit_rows, 0])  # [S, hidden]
         return self.head.forward(hidden).float()
 
