@@ -3,8 +3,10 @@ by the scripts beside it)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -47,6 +49,18 @@ def describe_machine(packages: tuple[str, ...] = ("torch", "transformers")) -> d
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def run_in_fresh_process(fn, *args) -> Any:
+    """fn(*args) in a new spawned Python process (its own torch threads and kernel caches) -> its
+    result. A process that dies (a crash in native code, an illegal instruction) raises
+    RuntimeError instead of leaving the caller waiting for a result that never comes, as a
+    multiprocessing.Pool does."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise RuntimeError(f"{getattr(fn, '__name__', fn)}: its process died ({exc})") from None
 
 
 def machine_cpu_seconds() -> dict[str, float] | None:

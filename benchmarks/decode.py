@@ -46,7 +46,6 @@ A table goes to stdout and everything (command line, UTC time, machine, settings
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import asyncio
 import datetime as _dt
 import gc
@@ -58,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe_machine, fmt as _fmt, format_table as _table, write_report
+from bench_common import describe_machine, fmt as _fmt, format_table as _table, run_in_fresh_process, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -549,8 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = d in dtypes
         print(f"ours {d}{'' if dense_kernel else ', torch projections'}: load, warm up, "
               f"{'time ' + str(args.repeats) + ' runs, ' if timed else ''}agreement prompts ...", flush=True)
-        with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process per variant
-            r = pool.apply(run_ours, (d, args.tokens, args.repeats, timed, args.threads, dense_kernel))
+        r = run_in_fresh_process(run_ours, d, args.tokens, args.repeats, timed, args.threads, dense_kernel)
         r["timed"] = timed
         prompts, bench_ids = r.pop("_prompts"), r.pop("_bench_ids")
         if timed and r.get("median_decode_tok_s"):

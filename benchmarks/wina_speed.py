@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import shlex
 import statistics
 import sys
@@ -35,7 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe_machine, fmt, format_table, write_report
+from bench_common import (
+    describe_machine,
+    fmt,
+    format_table,
+    run_in_fresh_process,
+    write_report,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
@@ -156,7 +161,8 @@ def run_decode_isolated(sparsities: list[float], batch_sizes: list[int], tokens:
     info: dict = {}
     for _ in range(repeats):
         for s in levels:
-            info = _in_subprocess(run_decode, [s] if s else [], batch_sizes, tokens, 1, model, device, False, s == 0.0)
+            info = run_in_fresh_process(run_decode, [s] if s else [], batch_sizes, tokens, 1, model, device, False,
+                                        s == 0.0)
             for row in info["rows"]:
                 runs[(row["batch"], row["sparsity"], False)].extend(row["runs"])
     return {**info, "repeats": repeats, "isolated": True, "rows": _decode_rows(runs)}
@@ -164,13 +170,13 @@ def run_decode_isolated(sparsities: list[float], batch_sizes: list[int], tokens:
 
 def run_llama_cpp_batch1(tokens: int, repeats: int) -> dict | None:
     try:
-        from decode import run_llama_cpp
         import llama_cpp  # noqa: F401
+        from decode import run_llama_cpp
     except ImportError:
         return None
-    from server.model.loader import resolve_model_path
-
     import torch
+
+    from server.model.loader import resolve_model_path
 
     gguf, _ = resolve_model_path("default")
     return run_llama_cpp(gguf, PROMPTS[0], tokens, repeats, torch.get_num_threads())
@@ -242,12 +248,6 @@ def run_micro(batch_sizes: list[int]) -> dict:
     return {"rows": rows, "dtype": "float16 weights, float32 inputs"}
 
 
-def _in_subprocess(fn, *args) -> Any:
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -273,6 +273,8 @@ def format_report(report: dict) -> str:
                                    "x llama.cpp"], rows))
         if llama.get("tok_s"):
             parts.append(f"llama.cpp batch 1 on the same GGUF (Q4_1): {llama['tok_s']:.1f} tok/s (incl. prefill)")
+        elif llama.get("error"):
+            parts.append(f"llama.cpp: {llama['error']}")
         else:
             parts.append("llama.cpp: not installed (pip install llama-cpp-python to compare)")
     micro = report.get("micro")
@@ -315,12 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         report["decode"] = run_decode_isolated(args.sparsities, args.batch_sizes, args.tokens, args.repeats,
                                                args.model, args.device)
     elif not args.skip_decode:
-        report["decode"] = _in_subprocess(run_decode, args.sparsities, args.batch_sizes, args.tokens, args.repeats,
-                                          args.model, args.device, args.one_sparse_row)
+        report["decode"] = run_in_fresh_process(run_decode, args.sparsities, args.batch_sizes, args.tokens,
+                                                args.repeats, args.model, args.device, args.one_sparse_row)
         if not args.skip_llama_cpp and args.model == "default":
-            report["llama_cpp"] = _in_subprocess(run_llama_cpp_batch1, args.tokens, args.repeats)
+            try:
+                report["llama_cpp"] = run_in_fresh_process(run_llama_cpp_batch1, args.tokens, args.repeats)
+            except RuntimeError as exc:  # a llama.cpp build for another CPU dies here: keep our numbers
+                report["llama_cpp"] = {"error": str(exc)}
+                print(f"llama.cpp: {exc}", file=sys.stderr)
     if not args.skip_micro:
-        report["micro"] = _in_subprocess(run_micro, args.batch_sizes)
+        report["micro"] = run_in_fresh_process(run_micro, args.batch_sizes)
     import torch  # noqa: F401  (so that describe_machine reports torch's threads)
 
     report["machine"] = describe_machine()
