@@ -414,7 +414,7 @@ class PreparedDecodeLayer:
 class PreparedDecodeStack:
     """A model's PreparedDecodeLayers in one kernel call: for a step without neuron edits, what
     calling each layer in turn gives (the same numbers), without Python between the layers (which
-    cost about 10% of a batch-1 decode step; benchmarks/RESULTS.md)."""
+    cost 15-20% of a batch-1 decode step on the 2-core CPU; benchmarks/RESULTS.md)."""
 
     def __init__(self, library, layers: list[PreparedDecodeLayer]) -> None:
         if not layers:
@@ -422,6 +422,9 @@ class PreparedDecodeStack:
         self._stack_fn = library.decode_stack
         self._layers = layers  # kept alive: the array holds their arguments' addresses
         self._array = (ctypes.POINTER(DecodeLayerArgs) * len(layers))(*(ctypes.pointer(layer._args) for layer in layers))
+        first = layers[0]._args
+        self._layer_cache_shape = (first.kv_heads, first.max_len, first.head_dim)  # the cache's per slot
+        self._kv_dtype_code = first.kv_dtype
 
     @property
     def sparse(self) -> bool:
@@ -436,8 +439,11 @@ class PreparedDecodeStack:
         threshold and kept-count tables (SparsityPlan's), or None for a dense step; the rest as
         PreparedDecodeLayer.__call__'s -> the residual stream after the last layer, [B, 1, hidden]."""
         L = len(self._layers)
-        if keys.shape[0] != L or values.shape != keys.shape or not (keys.is_contiguous() and values.is_contiguous()):
-            raise ValueError(f"decode_stack: keys and values must be the contiguous cache of {L} layers")
+        if (keys.shape[0] != L or tuple(keys.shape[2:]) != self._layer_cache_shape or values.shape != keys.shape
+                or DTYPE_CODES.get(keys.dtype) != self._kv_dtype_code or values.dtype != keys.dtype
+                or not (keys.is_contiguous() and values.is_contiguous())):
+            raise ValueError(f"decode_stack: keys and values must be the contiguous cache of {L} layers, "
+                             f"[{L}, slots, *{self._layer_cache_shape}] in the layers' KV dtype")
         if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not self.sparse):
             raise ValueError("decode_stack: thresholds and kept go together, with sparsity attached to every layer")
         if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):

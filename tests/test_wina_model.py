@@ -306,6 +306,10 @@ def test_decode_stack_equals_the_layers_called_one_by_one(request, served, profi
     assert not torch.equal(keys[:, :, :, 2:2 + T], torch.zeros_like(keys[:, :, :, 2:2 + T]))  # written
     if plans[0] is not None:
         assert torch.equal(plans[0].kept, plans[1].kept) and int(plans[0].kept.sum()) > 0
+    wrong_dtype = torch.float32 if keys.dtype != torch.float32 else torch.float16
+    for bad in (keys[:-1].contiguous(), keys[:, :, :, :-1].contiguous(), keys.to(wrong_dtype)):
+        with pytest.raises(ValueError, match="contiguous cache"):
+            model.decode_stack(h, bad, bad.clone(), slots, positions)
 
 
 def test_attaching_another_profile_replaces_the_fused_sparsity(loaded, profiles):

@@ -791,8 +791,8 @@ int decode_layer(const DecodeLayer *layer, void *keys, void *values, int64_t num
 }
 
 // The L layers of a model in one call, in order, without neuron edits: what decode_layer gives
-// called once per layer (the same numbers), without a call from Python per layer (about 50 us each
-// at batch 1, 10% of a step; RESULTS.md). layers: [L]; keys, values: the whole cache, [L, num_slots,
+// called once per layer (the same numbers), without a call from Python per layer (together 15-20%
+// of a batch-1 step on the 2-core CPU; RESULTS.md). layers: [L]; keys, values: the whole cache, [L, num_slots,
 // KVH, max_len, D] contiguous; thresholds, kept: NULL, or the [L, R, 7] tables of the sparse rows,
 // layer after layer; the rest as decode_layer's. Returns 0, or -1 on bad arguments or no memory.
 int decode_stack(const DecodeLayer *const *layers, int64_t L, void *keys, void *values, int64_t num_slots,
