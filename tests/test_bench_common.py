@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-from bench_common import run_in_fresh_process  # noqa: E402  (a script's helpers, not a package)
+from bench_common import run_in_fresh_process  # a script's helpers, not a package
 
 
 def test_a_fresh_process_returns_its_result():
