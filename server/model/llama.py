@@ -24,6 +24,13 @@ from kernels.wina_cpu import CpuWinaKernel
 logger = logging.getLogger(__name__)
 
 
+def _stack_tables(sparsity: SparsityPlan | None) -> tuple:
+    """PreparedDecodeStack's (thresholds_ptr, kept_ptr, sparse_rows) for a plan, or a dense step's."""
+    if sparsity is None:
+        return None, None, None
+    return sparsity.thresholds.data_ptr(), sparsity.kept.data_ptr(), sparsity.sparse_rows
+
+
 class LlamaDecoder(nn.Module):
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device, max_model_len: int, dense_kernel: CpuDenseKernel | None = None,
@@ -231,7 +238,7 @@ class LlamaDecoder(nn.Module):
                 or (T > 1 and sparse_count > CPU_KERNEL_MAX_ROWS))
             fused_slots = slot_ids.to(torch.int64).repeat_interleave(T)  # [B*T], one per token row
             fused_positions = positions.to(torch.int64).reshape(-1).contiguous()  # [B*T]
-            stacked = edits is None and (sparsity is None or (self.decode_stack.sparse and (
+            stacked = edits is None and (sparsity is None or (self.sparse_chunk_tokens is not None and (
                 masked_dense or sparse_count <= CPU_KERNEL_MAX_ROWS)))
         else:
             attn_mask, is_causal = None, False
@@ -248,10 +255,8 @@ class LlamaDecoder(nn.Module):
             rope = self.rope.tables(positions)
         if stacked:
             rows = h.reshape(B * T, 1, -1).contiguous()  # [B*T, 1, hidden]
-            tables = (None, None) if sparsity is None else (sparsity.thresholds.data_ptr(), sparsity.kept.data_ptr())
-            h = self.decode_stack(rows, cache.keys, cache.values, fused_slots, fused_positions, *tables,
-                                  None if sparsity is None else sparsity.sparse_rows,
-                                  masked_dense=masked_dense).view(B, T, -1)
+            h = self.decode_stack(rows, cache.keys, cache.values, fused_slots, fused_positions,
+                                  *_stack_tables(sparsity), masked_dense=masked_dense).view(B, T, -1)
         for i, layer in enumerate(() if stacked else self.layers):
             layer_sparsity = None if sparsity is None else sparsity.layer(i)
             neurons = None if edits is None else edits.neurons(i)
@@ -294,7 +299,7 @@ class LlamaDecoder(nn.Module):
         """The longest prompt chunk that a sparse request's prefill runs in the fused CPU layers
         (2-3.6x faster than the torch layer path, and the numbers its decode steps give;
         benchmarks/RESULTS.md), or None where sparse chunks have no such path."""
-        if self.decode_layers is None or not all(layer.sparse for layer in self.decode_layers):
+        if self.decode_stack is None or not self.decode_stack.sparse:
             return None
         return CpuDenseKernel.MAX_ROWS
 
@@ -326,7 +331,7 @@ class LlamaDecoder(nn.Module):
         positions = positions.to(torch.int64).contiguous()  # [R]
         if int(positions.max()) >= self.max_model_len:
             raise ValueError(f"position {int(positions.max())} is past max_model_len {self.max_model_len}")
-        tables, masked_dense = (None, None, None), False
+        masked_dense = False
         if sparsity is not None:
             sparse_count = R if sparsity.sparse_rows is None else sparsity.sparse_rows.numel()
             if sparsity.tokens_per_row != 1 or sparsity.kept.shape[1] != sparse_count or self.sparse_chunk_tokens is None:
@@ -334,9 +339,9 @@ class LlamaDecoder(nn.Module):
             # either way each row gets its own pass's numbers (the two compute the same sums)
             masked_dense = (sparsity.kept_share > self.dense_kernel.sparse_kernel_max_kept
                             or sparse_count > CPU_KERNEL_MAX_ROWS)
-            tables = (sparsity.thresholds.data_ptr(), sparsity.kept.data_ptr(), sparsity.sparse_rows)
         h = F.embedding(token_ids, self.embed).float().view(R, 1, -1)  # [R, 1, hidden]
-        h = self.decode_stack(h, cache.keys, cache.values, slots, positions, *tables, masked_dense=masked_dense)
+        h = self.decode_stack(h, cache.keys, cache.values, slots, positions, *_stack_tables(sparsity),
+                              masked_dense=masked_dense)
         hidden = self.norm.forward(h[logit_rows, 0])  # [S, hidden]
         return self.head.forward(hidden).float()
 
