@@ -57,6 +57,9 @@ typedef struct {
 
 // BYTES_PER_THREAD: weight bytes below which another thread costs more to start than it saves
 enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
+// Software prefetch: the first PREFETCH_PREFIX_BYTES of each row ahead, about
+// PREFETCH_IN_FLIGHT_BYTES of such prefixes ahead of the rows being read (see accumulate)
+enum { PREFETCH_PREFIX_BYTES = 512, PREFETCH_IN_FLIGHT_BYTES = 16384 };
 
 // acc[b, 0:width] (row stride acc_stride) continues, over all active entries in order, the sum of
 // coef[a, b] * W^T[channel_a, col0 : col0 + width]: one fused multiply-add per channel, in channel
@@ -64,25 +67,30 @@ enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
 // Eight channels per pass: eight weight row pieces are read side by side (each a contiguous run,
 // which the memory system streams) and each accumulator is loaded and stored once per eight
 // multiply-adds. The kept channels are scattered, which defeats the hardware prefetcher across
-// rows, so rows a few passes ahead are prefetched in software.
+// rows, so the rows ahead are prefetched in software, but only their first PREFETCH_PREFIX_BYTES:
+// that starts each row's stream, and the hardware prefetcher reads the rest of a long row faster
+// than software prefetches of every line, which take the line fill buffers the loads need
+// (gate/up's 3 KB row pieces, from memory at 42% kept: 0.80-0.83x the time of prefetching whole
+// rows; RESULTS.md, "WINA sparsity: speed").
 static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype, int64_t col0,
                        int64_t width, float *acc, int64_t acc_stride) {
     const int64_t vec_end = width & ~(int64_t)7;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
     const int64_t row_bytes = width * elem;
-    int32_t ahead = (int32_t)(16384 / (row_bytes + 1));  // about 16 KiB in flight
+    const int64_t prefix = row_bytes < PREFETCH_PREFIX_BYTES ? row_bytes : PREFETCH_PREFIX_BYTES;
+    int32_t ahead = (int32_t)(PREFETCH_IN_FLIGHT_BYTES / (prefix + 1));
     ahead = ahead < 8 ? 8 : (ahead > 64 ? 64 : ahead);
     const char *base = (const char *)weight_t;
     const int32_t count = set->count;
     for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {
         const char *row = base + ((int64_t)set->channels[a] * ldw + col0) * elem;
-        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        for (int64_t off = 0; off < prefix; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
     int32_t a = 0;
     for (; a + PASS_CHANNELS <= count; a += PASS_CHANNELS) {
         for (int32_t p = a + ahead; p < a + ahead + PASS_CHANNELS && p < count; ++p) {
             const char *row = base + ((int64_t)set->channels[p] * ldw + col0) * elem;
-            for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+            for (int64_t off = 0; off < prefix; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
         }
         int64_t r[PASS_CHANNELS];
         for (int i = 0; i < PASS_CHANNELS; ++i) r[i] = (int64_t)set->channels[a + i] * ldw + col0;
