@@ -275,6 +275,8 @@ def format_report(report: dict) -> str:
             parts.append(f"llama.cpp batch 1 on the same GGUF (Q4_1): {llama['tok_s']:.1f} tok/s (incl. prefill)")
         elif llama.get("error"):
             parts.append(f"llama.cpp: {llama['error']}")
+        elif llama.get("skipped"):
+            parts.append(f"llama.cpp: not run ({llama['skipped']})")
         else:
             parts.append("llama.cpp: not installed (pip install llama-cpp-python to compare)")
     micro = report.get("micro")
@@ -319,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.skip_decode:
         report["decode"] = run_in_fresh_process(run_decode, args.sparsities, args.batch_sizes, args.tokens,
                                                 args.repeats, args.model, args.device, args.one_sparse_row)
-        if not args.skip_llama_cpp and args.model == "default":
+        if args.skip_llama_cpp or args.model != "default":
+            report["llama_cpp"] = {"skipped": "--skip-llama-cpp" if args.skip_llama_cpp else
+                                   "it runs only on the default model's GGUF"}
+        else:
             try:
                 report["llama_cpp"] = run_in_fresh_process(run_llama_cpp_batch1, args.tokens, args.repeats)
             except RuntimeError as exc:  # a llama.cpp build for another CPU dies here: keep our numbers
