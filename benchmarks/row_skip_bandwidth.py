@@ -62,7 +62,7 @@ def best_seconds(lib, matrices: list, row_bytes: int, kept_rows, prefetch: int, 
     for _ in range(repeats):
         start = time.perf_counter()
         for m in matrices:
-            lib.read_rows(m.data_ptr(), row_bytes, kept_rows.data_ptr(), kept_rows.numel(), prefetch, int(scrambled))
+            lib.read_rows(m.data_ptr(), row_bytes, kept_rows.data_ptr(), kept_rows.numel(), prefetch, int(scrambled), 0)
         best = min(best, time.perf_counter() - start)
     return best / len(matrices)
 
@@ -74,7 +74,7 @@ def two_thread_seconds(lib, pointers, row_bytes: int, kept_rows, prefetch: int, 
     for _ in range(repeats):
         start = time.perf_counter()
         lib.read_rows_two_threads(pointers, len(pointers), row_bytes, kept_rows.data_ptr(), kept_rows.numel(),
-                                  prefetch, int(split_rows))
+                                  prefetch, int(split_rows), 0)
         best = min(best, time.perf_counter() - start)
     return best / len(pointers)
 
@@ -86,10 +86,11 @@ def load_probe() -> ctypes.CDLL:
 
     lib = ctypes.CDLL(str(build_library(PROJECT_ROOT / "benchmarks" / "csrc" / "row_skip.c", default_cache_dir())))
     lib.read_rows.restype = ctypes.c_int64
-    lib.read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.read_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                              ctypes.c_int, ctypes.c_int64]
     lib.read_rows_two_threads.restype = ctypes.c_int64
     lib.read_rows_two_threads.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
     return lib
 
 
