@@ -122,6 +122,15 @@ class DecodeLayerArgs(ctypes.Structure):
         ("qkv_segments", ctypes.c_int64 * 3), ("kv_dtype", ctypes.c_int64)]
 
 
+# A decode step's sparse rows go through the sparse kernel while their kept fractions (1 - sparsity)
+# add up to at most this: one row at 0.4 or more, six at 0.9. Measured on the 2-core Xeon VM
+# (RESULTS.md, "WINA sparsity: speed", twenty-third session): one row at 0.4 ran 1.14x dense
+# through the sparse kernel against 0.98x as a masked dense one (medians of five runs); at 0.25
+# the two are even, and eight rows at 0.5 cover most of the weight, where the masked dense
+# projections win.
+DEFAULT_SPARSE_KERNEL_MAX_KEPT = 0.6
+
+
 class CpuDenseKernel:
     """A loaded kernel library. One instance per model; stateless between calls."""
 
@@ -131,7 +140,8 @@ class CpuDenseKernel:
     # (benchmarks/prefill_cpu.py; RESULTS.md).
     MAX_ROWS = 64
 
-    def __init__(self, lib: ctypes.CDLL, instruction_set: str, sparse_kernel_max_kept: float = 0.5) -> None:
+    def __init__(self, lib: ctypes.CDLL, instruction_set: str,
+                 sparse_kernel_max_kept: float = DEFAULT_SPARSE_KERNEL_MAX_KEPT) -> None:
         """lib: dense_cpu.c built for `instruction_set` (the build's name, for logs and benchmarks);
         sparse_kernel_max_kept: a decode step runs its sparse rows through the sparse kernel while
         their kept fractions (1 - sparsity) add up to at most this, and as dense projections over
@@ -159,7 +169,7 @@ class CpuDenseKernel:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None, instruction_set: str = "auto",
-             sparse_kernel_max_kept: float = 0.5) -> CpuDenseKernel | None:
+             sparse_kernel_max_kept: float = DEFAULT_SPARSE_KERNEL_MAX_KEPT) -> CpuDenseKernel | None:
         """instruction_set: "auto" (the widest build this CPU runs), "avx2" or "avx512"; None where
         that build cannot run here. sparse_kernel_max_kept: as __init__'s."""
         loaded = load_library(SOURCE, cache_dir, "decode steps and projections run through torch", instruction_set)

@@ -14,7 +14,7 @@ from kernels.cpu_build import (
     pick_instruction_set,
     supported_instruction_sets,
 )
-from kernels.dense_cpu import CpuDenseKernel, dense_linear_reference
+from kernels.dense_cpu import DEFAULT_SPARSE_KERNEL_MAX_KEPT, CpuDenseKernel, dense_linear_reference
 
 KERNEL = CpuDenseKernel.load()  # the build the server runs here: the widest this CPU supports
 BUILDS = {isa.name: CpuDenseKernel.load(instruction_set=isa.name) for isa in supported_instruction_sets()}
@@ -204,3 +204,11 @@ def test_stage_timer_build_counts_and_computes_the_same(tmp_path):
     assert read_timers()["dense_linear"] > before
     assert torch.equal(got, KERNEL.linear(x, KERNEL.pack(weight), bias))
     assert not hasattr(KERNEL._library, "stage_timers")
+
+
+def test_the_server_default_of_the_sparse_kernel_budget_is_the_kernels():
+    from server.settings import ServerSettings
+
+    field = ServerSettings.model_fields["wina_cpu_sparse_kernel_max_kept"]
+    assert field.default == DEFAULT_SPARSE_KERNEL_MAX_KEPT
+    assert KERNEL.sparse_kernel_max_kept == DEFAULT_SPARSE_KERNEL_MAX_KEPT

@@ -22,11 +22,12 @@
 // reading whole rows is 1.6-1.7x faster at half the rows kept against 1.3-1.4x
 // (benchmarks/row_skip_bandwidth.py), and whole batch-1 decode steps at 50% became 1.06-1.08x
 // faster (benchmarks/decode_context.py --sparsity). Until the seventeenth, one thread built the
-// sets while the others waited.) At one row, alone, a call takes 1.15-1.54x the time that merely
-// loading its kept rows takes, mostly per-call costs (threads, barriers, kept sets, epilogue;
-// benchmarks/wina_kernel_vs_probe.py); in a served step at 50% the sparse projections take
-// 0.8-0.9x of the dense ones' time though they read under half the bytes (RESULTS.md, "WINA
-// sparsity: speed").
+// sets while the others waited.) At one row, alone, a call of the short-row projections (qkv, o,
+// down) takes 1.25-1.55x the time that merely loading its kept rows takes, mostly per-call costs
+// (threads, barriers, kept sets, epilogue; benchmarks/wina_kernel_vs_probe.py); in a served step
+// at 50% the sparse projections take 0.73-0.75x of the dense ones' time (0.81-0.85x before the
+// twenty-third session's prefetch of row prefixes only, see accumulate) though they read about
+// half the bytes (RESULTS.md, "WINA sparsity: speed").
 //
 // A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
 // and dense_cpu.c (whose fused decode layer runs sparse rows through it).
