@@ -14,7 +14,11 @@ from kernels.cpu_build import (
     pick_instruction_set,
     supported_instruction_sets,
 )
-from kernels.dense_cpu import DEFAULT_SPARSE_KERNEL_MAX_KEPT, CpuDenseKernel, dense_linear_reference
+from kernels.dense_cpu import (
+    DEFAULT_SPARSE_KERNEL_MAX_KEPT,
+    CpuDenseKernel,
+    dense_linear_reference,
+)
 
 KERNEL = CpuDenseKernel.load()  # the build the server runs here: the widest this CPU supports
 BUILDS = {isa.name: CpuDenseKernel.load(instruction_set=isa.name) for isa in supported_instruction_sets()}
