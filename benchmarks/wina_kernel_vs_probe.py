@@ -76,6 +76,7 @@ def measure(name: str, K: int, segments: tuple[int, ...], gate_up: bool, args: a
     kept_rows = torch.nonzero(x.abs()[0] > threshold).flatten().to(torch.int32)
     every_row = torch.arange(K, dtype=torch.int32)
     pointers = (ctypes.c_void_p * copies)(*[w.data_ptr() for w in weights_t])
+
     def read(rows, ahead: int, prefix_bytes: int):  # prefix_bytes 0: prefetch whole rows
         return lambda: probe.read_rows_two_threads(pointers, copies, N * 2, rows.data_ptr(), rows.numel(), ahead, 1,
                                                    prefix_bytes)

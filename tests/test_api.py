@@ -231,11 +231,13 @@ def _drop_non_streaming_request(server, headers: dict) -> None:
     connection.request("POST", "/v1/completions", headers={"Content-Type": "application/json", **headers},
                        body=json.dumps({"prompt": "Tell me a long story.", "max_tokens": 240, "ignore_eos": True,
                                         **GREEDY}))
-    deadline = time.monotonic() + 30
-    while engine.num_unfinished == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert engine.num_unfinished == 1, "the request never started"
-    connection.close()
+    try:
+        deadline = time.monotonic() + 30
+        while engine.num_unfinished == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.num_unfinished == 1, "the request never started"
+    finally:
+        connection.close()
     deadline = time.monotonic() + 1.5  # the disconnect poll runs every 0.25 s
     while engine.num_unfinished and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -3,7 +3,8 @@
 // the rows `prefetch` entries ahead in software (all of each such row, or its first
 // `prefetch_bytes`, leaving the rest to the hardware prefetcher as the WINA CPU kernel does).
 // benchmarks/row_skip_bandwidth.py times it on
-// every kept fraction against reading every row, the bound for any sparse GEMV that skips rows.
+// every kept fraction against reading every row: an estimate of what a sparse GEMV that skips rows
+// can save (not a bound: reading eight rows side by side, as the WINA kernel does, can be faster).
 // `scrambled` visits each row's 64-byte lines (demand loads and prefetches alike) in a coprime-stride
 // order instead of ascending, so that no ascending stream inside a page trains the hardware
 // prefetcher to run on into the next, skipped row.
