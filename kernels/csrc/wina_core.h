@@ -70,9 +70,9 @@ enum { PREFETCH_PREFIX_BYTES = 512, PREFETCH_IN_FLIGHT_BYTES = 16384 };
 // multiply-adds. The kept channels are scattered, which defeats the hardware prefetcher across
 // rows, so the rows ahead are prefetched in software, but only their first PREFETCH_PREFIX_BYTES:
 // that starts each row's stream, and the hardware prefetcher reads the rest of a long row faster
-// than software prefetches of every line, which take the line fill buffers the loads need
-// (gate/up's 3 KB row pieces, from memory at 42% kept: 0.80-0.85x the time of prefetching whole
-// rows; RESULTS.md, "WINA sparsity: speed").
+// than software prefetches of every line (which, likely, hold the line fill buffers the loads
+// also need; not measured directly): gate/up's 3 KB row pieces, from memory at 42% kept, take
+// 0.80-0.85x the time of prefetching whole rows (RESULTS.md, "WINA sparsity: speed").
 static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype, int64_t col0,
                        int64_t width, float *acc, int64_t acc_stride) {
     const int64_t vec_end = width & ~(int64_t)7;
