@@ -122,3 +122,19 @@ def wikitext_step_tokens(tokenizer):
     text = (default_data_dir() / "wikitext2" / "wiki.test.tokens").read_text()[:400_000]
     ids = torch.tensor(tokenizer(text)["input_ids"])
     return lambda step, B: ids[(torch.arange(B) * 1000 + step) % len(ids)].view(B, 1)
+
+
+def prefill_in_chunks(model, tokens, cache, chunk: int, sparsity: float = 0.0, all_logits: bool = False):
+    """One prompt tokens [1, T] into cache slot 0 from position 0, `chunk` tokens per forward call
+    (as the engine prefills: a sparse prompt in chunks of at most model.sparse_chunk_tokens), every
+    chunk at WINA `sparsity` (0: dense) -> logits [1, T, V] with all_logits, else the last
+    token's [1, V]."""
+    import torch
+
+    pieces = []
+    for start in range(0, tokens.shape[1], chunk):
+        piece = tokens[:, start:start + chunk]
+        plan = model.sparsity_plan([sparsity], piece.shape[1])
+        pieces.append(model(piece, torch.tensor([0]), torch.tensor([start]), cache, all_logits=all_logits,
+                            sparsity=plan))
+    return torch.cat(pieces, dim=1) if all_logits else pieces[-1]

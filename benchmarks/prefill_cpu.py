@@ -30,6 +30,7 @@ from bench_common import (
     command_line,
     describe_machine,
     format_table,
+    prefill_in_chunks,
     wikitext_step_tokens,
     write_report,
 )
@@ -68,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         # the fused path takes at most MAX_ROWS tokens a call: longer prompts in chunks of that many
         model.decode_layers = fused_layers if path == "fused" else None
         chunk = CpuDenseKernel.MAX_ROWS if path == "fused" else tokens.shape[1]
-        pieces = []
-        for start in range(0, tokens.shape[1], chunk):
-            piece = tokens[:, start:start + chunk]
-            plan = model.sparsity_plan([args.sparsity], piece.shape[1]) if sparse else None
-            pieces.append(model(piece, torch.tensor([0]), torch.tensor([start]), cache, all_logits=all_logits,
-                                sparsity=plan))
-        return torch.cat(pieces, dim=1) if all_logits else pieces[-1]
+        return prefill_in_chunks(model, tokens, cache, chunk, args.sparsity, all_logits)
 
     def served_path(T: int) -> str:
         # the engine: dense prompts in one chunk (up to --prefill-chunk-tokens), which runs fused up to

@@ -34,6 +34,7 @@ from bench_common import (
     command_line,
     describe_machine,
     format_table,
+    prefill_in_chunks,
     wikitext_step_tokens,
     write_report,
 )
@@ -77,13 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             for scale in (1.0, 1.0 + args.perturbation):
                 model.embed.copy_(original * scale)
                 cache = model.new_cache(1)
-                pieces = []
-                for start in range(0, args.tokens, chunk):
-                    piece = tokens[:, start:start + chunk]
-                    plan = model.sparsity_plan([sparsity], piece.shape[1])
-                    pieces.append(model(piece, torch.tensor([0]), torch.tensor([start]), cache, all_logits=True,
-                                        sparsity=plan)[0])  # [chunk, V]
-                logits.append(torch.cat(pieces))  # [T, V]
+                logits.append(prefill_in_chunks(model, tokens, cache, chunk, sparsity,
+                                                all_logits=True)[0])  # [T, V]
             rows.append({"sparsity": sparsity,
                          "max_logit_difference": float((logits[0] - logits[1]).abs().max()),
                          "same_next_token_share": float((logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean())})
