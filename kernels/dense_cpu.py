@@ -287,6 +287,17 @@ class CpuDenseKernel:
         return PreparedDecodeStack(self._library, layers)
 
 
+def _check_sparse_rows(call: str, sparse: bool, thresholds_ptr: int | None, kept_ptr: int | None,
+                       sparse_rows: torch.Tensor | None) -> None:
+    """The sparse-row arguments a decode_layer or decode_stack call takes: thresholds and kept
+    tables together, only where sparsity is attached (to every layer, for the stack), and
+    sparse_rows as contiguous int64."""
+    if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not sparse):
+        raise ValueError(f"{call}: thresholds and kept go together, with sparsity attached (to every layer)")
+    if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):
+        raise ValueError(f"{call}: sparse_rows must be contiguous int64")
+
+
 class PreparedDecodeLayer:
     """One decoder layer for decode steps (one new token per row) in one kernel call: the model's
     DecoderLayer.forward without neuron edits beyond keep masks (and, after attach_sparsity, with
@@ -367,10 +378,7 @@ class PreparedDecodeLayer:
         if keep is not None and (keep.shape != (h.shape[0], self.intermediate) or keep.dtype != torch.float32
                                  or not keep.is_contiguous()):
             raise ValueError(f"decode_layer: keep must be contiguous float32 [{h.shape[0]}, {self.intermediate}]")
-        if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not self.sparse):
-            raise ValueError("decode_layer: thresholds and kept go together, after attach_sparsity")
-        if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):
-            raise ValueError("decode_layer: sparse_rows must be contiguous int64")
+        _check_sparse_rows("decode_layer", self.sparse, thresholds_ptr, kept_ptr, sparse_rows)
         if subspace is not None and (subspace.basis.shape[0] != self.intermediate or (
                 subspace.rows is not None and subspace.rows.shape[0] != h.shape[0])):
             raise ValueError(f"decode_layer: subspace basis {tuple(subspace.basis.shape)} / rows for "
@@ -454,10 +462,7 @@ class PreparedDecodeStack:
                 or not (keys.is_contiguous() and values.is_contiguous())):
             raise ValueError(f"decode_stack: keys and values must be the contiguous cache of {L} layers, "
                              f"[{L}, slots, *{self._layer_cache_shape}] in the layers' KV dtype")
-        if (thresholds_ptr is None) != (kept_ptr is None) or (thresholds_ptr is not None and not self.sparse):
-            raise ValueError("decode_stack: thresholds and kept go together, with sparsity attached to every layer")
-        if sparse_rows is not None and (sparse_rows.dtype != torch.int64 or not sparse_rows.is_contiguous()):
-            raise ValueError("decode_stack: sparse_rows must be contiguous int64")
+        _check_sparse_rows("decode_stack", self.sparse, thresholds_ptr, kept_ptr, sparse_rows)
         out = torch.empty_like(h)
         B = h.shape[0]
         status = self._stack_fn(self._array, L, keys.data_ptr(), values.data_ptr(), keys.shape[1], h.data_ptr(),
