@@ -20,10 +20,11 @@ import pytest
 import uvicorn
 
 from server.api.app import create_app
+from server.calibration.data import default_data_dir
 from server.settings import ServerSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SHARED_DATA = default_data_dir()  # NEURONSERVE_DATA_DIR, else ../shared/data, as the server reads it
 
 # Small limits keep the suite fast; tests that need others start their own server.
 TEST_SETTINGS = dict(max_model_len=512, max_tokens=256, max_batch_size=8, max_queued_requests=64,
