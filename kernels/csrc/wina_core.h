@@ -22,12 +22,11 @@
 // reading whole rows is 1.6-1.7x faster at half the rows kept against 1.3-1.4x
 // (benchmarks/row_skip_bandwidth.py), and whole batch-1 decode steps at 50% became 1.06-1.08x
 // faster (benchmarks/decode_context.py --sparsity). Until the seventeenth, one thread built the
-// sets while the others waited.) At one row, alone, a call of the short-row projections (qkv, o,
-// down) takes 1.25-1.55x the time that merely loading its kept rows takes, mostly per-call costs
-// (threads, barriers, kept sets, epilogue; benchmarks/wina_kernel_vs_probe.py); in a served step
-// at 50% the sparse projections take 0.73-0.75x of the dense ones' time (0.81-0.85x before the
-// twenty-third session's prefetch of row prefixes only, see accumulate) though they read about
-// half the bytes (RESULTS.md, "WINA sparsity: speed").
+// sets while the others waited.) In a served step at 50% the sparse projections take 0.63-0.67x
+// of the dense ones' time (0.68-0.79x before the twenty-fourth session's paced prefetch, see
+// accumulate) though they read about half the bytes; what is left is mostly per call (threads,
+// barriers, kept sets, epilogue: about 4 us a call with nothing kept) and the hardware
+// prefetcher reading skipped rows beside kept ones (RESULTS.md, "WINA sparsity: speed").
 //
 // A header of static functions, included by wina_cpu.c (which exports wina_project as wina_linear)
 // and dense_cpu.c (whose fused decode layer runs sparse rows through it).
@@ -58,40 +57,46 @@ typedef struct {
 
 // BYTES_PER_THREAD: weight bytes below which another thread costs more to start than it saves
 enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
-// Software prefetch: the first PREFETCH_PREFIX_BYTES of each row ahead, about
-// PREFETCH_IN_FLIGHT_BYTES of such prefixes ahead of the rows being read (see accumulate)
-enum { PREFETCH_PREFIX_BYTES = 512, PREFETCH_IN_FLIGHT_BYTES = 16384 };
+// Software prefetch: the kept rows of the pass at least PREFETCH_AHEAD_BYTES of rows ahead of
+// the one being read, a line of each for each line read (see accumulate)
+enum { PREFETCH_AHEAD_BYTES = 8192 };
+
+// The line at byte `offset` of each of the rows in `rows`
+static inline void prefetch_line(const char *const *rows, int count, int64_t offset) {
+    for (int i = 0; i < count; ++i) _mm_prefetch(rows[i] + offset, _MM_HINT_T0);
+}
 
 // acc[b, 0:width] (row stride acc_stride) continues, over all active entries in order, the sum of
 // coef[a, b] * W^T[channel_a, col0 : col0 + width]: one fused multiply-add per channel, in channel
 // order, so the result is the same float32 chain whatever the pass grouping below.
-// Eight channels per pass: eight weight row pieces are read side by side (each a contiguous run,
-// which the memory system streams) and each accumulator is loaded and stored once per eight
-// multiply-adds. The kept channels are scattered, which defeats the hardware prefetcher across
-// rows, so the rows ahead are prefetched in software, but only their first PREFETCH_PREFIX_BYTES:
-// that starts each row's stream, and the hardware prefetcher reads the rest of a long row faster
-// than software prefetches of every line (which, likely, hold the line fill buffers the loads
-// also need; not measured directly): gate/up's 3 KB row pieces, from memory at 42% kept, take
-// 0.80-0.85x the time of prefetching whole rows (RESULTS.md, "WINA sparsity: speed").
+// Eight channels per pass: eight weight row pieces are read side by side (each a contiguous run)
+// and each accumulator is loaded and stored once per eight multiply-adds. The kept channels are
+// scattered, which defeats the hardware prefetcher across rows, so the rows of a pass ahead are
+// prefetched in software, one line of each per line read, as the dense kernel prefetches its
+// panels: the loads then find their lines while the multiply-adds run. With a burst of
+// prefetches at the start of each pass instead (whole rows, or each row's first 512 bytes as
+// until the twenty-fourth session), a call that keeps every row took 1.5-1.7x the dense kernel's
+// time on 1152-byte rows from memory, against 1.25-1.3x paced, though the same loads alone, eight
+// rows side by side, run at the dense kernel's speed: reading and arithmetic took turns, it seems
+// (ad-hoc drivers; RESULTS.md, "WINA sparsity: speed").
 static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype, int64_t col0,
                        int64_t width, float *acc, int64_t acc_stride) {
     const int64_t vec_end = width & ~(int64_t)7;
     const int64_t elem = dtype == DTYPE_F32 ? 4 : 2;
-    const int64_t row_bytes = width * elem;
-    const int64_t prefix = row_bytes < PREFETCH_PREFIX_BYTES ? row_bytes : PREFETCH_PREFIX_BYTES;
-    int32_t ahead = (int32_t)(PREFETCH_IN_FLIGHT_BYTES / (prefix + 1));
-    ahead = ahead < 8 ? 8 : (ahead > 64 ? 64 : ahead);
+    const int64_t row_bytes = width * elem, pass_bytes = PASS_CHANNELS * row_bytes;
+    const int32_t ahead = PASS_CHANNELS * (int32_t)((PREFETCH_AHEAD_BYTES + pass_bytes - 1) / pass_bytes);
     const char *base = (const char *)weight_t;
     const int32_t count = set->count;
-    for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {
+    for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {  // the first passes' rows, before any is read
         const char *row = base + ((int64_t)set->channels[a] * ldw + col0) * elem;
-        for (int64_t off = 0; off < prefix; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
     int32_t a = 0;
     for (; a + PASS_CHANNELS <= count; a += PASS_CHANNELS) {
+        const char *next[PASS_CHANNELS];  // the rows of the pass `ahead` rows on
+        int next_count = 0;
         for (int32_t p = a + ahead; p < a + ahead + PASS_CHANNELS && p < count; ++p) {
-            const char *row = base + ((int64_t)set->channels[p] * ldw + col0) * elem;
-            for (int64_t off = 0; off < prefix; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+            next[next_count++] = base + ((int64_t)set->channels[p] * ldw + col0) * elem;
         }
         int64_t r[PASS_CHANNELS];
         for (int i = 0; i < PASS_CHANNELS; ++i) r[i] = (int64_t)set->channels[a + i] * ldw + col0;
@@ -102,6 +107,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             __m512 c16[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c16[i] = _mm512_set1_ps(coef[i]);
             for (; j + 16 <= vec_end; j += 16) {
+                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
                 __m512 v = _mm512_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) {
                     v = _mm512_fmadd_ps(c16[i], load16(weight_t, r[i] + j, dtype), v);
@@ -112,6 +118,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             __m256 c[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i]);
             for (; j < vec_end; j += 8) {
+                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
                 __m256 v = _mm256_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
                 _mm256_storeu_ps(acc + j, v);
@@ -120,6 +127,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             int64_t j = 0;
 #ifdef __AVX512F__
             for (; j + 16 <= vec_end; j += 16) {
+                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
                 __m512 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load16(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
@@ -133,6 +141,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             }
 #endif
             for (; j < vec_end; j += 8) {
+                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
                 __m256 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load8(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
