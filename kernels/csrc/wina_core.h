@@ -58,11 +58,14 @@ typedef struct {
 // BYTES_PER_THREAD: weight bytes below which another thread costs more to start than it saves
 enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
 // Software prefetch: the kept rows of the pass at least PREFETCH_AHEAD_BYTES of rows ahead of
-// the one being read, a line of each for each line read (see accumulate)
-enum { PREFETCH_AHEAD_BYTES = 8192 };
+// the one being read, a line of each for each line read, up to each row's first
+// PREFETCH_ROW_BYTES (see accumulate)
+enum { PREFETCH_AHEAD_BYTES = 8192, PREFETCH_ROW_BYTES = 4096 };
 
-// The line at byte `offset` of each of the rows in `rows`
+// The line at byte `offset` of each of the rows in `rows`, where `offset` starts a line within
+// their first PREFETCH_ROW_BYTES (called at every vector step of the column loops)
 static inline void prefetch_line(const char *const *rows, int count, int64_t offset) {
+    if ((offset & 63) || offset >= PREFETCH_ROW_BYTES) return;
     for (int i = 0; i < count; ++i) _mm_prefetch(rows[i] + offset, _MM_HINT_T0);
 }
 
@@ -78,7 +81,11 @@ static inline void prefetch_line(const char *const *rows, int count, int64_t off
 // until the twenty-fourth session), a call that keeps every row took 1.5-1.7x the dense kernel's
 // time on 1152-byte rows from memory, against 1.25-1.3x paced, though the same loads alone, eight
 // rows side by side, run at the dense kernel's speed: reading and arithmetic took turns, it seems
-// (ad-hoc drivers; RESULTS.md, "WINA sparsity: speed").
+// (ad-hoc drivers; RESULTS.md, "WINA sparsity: speed"). Past a row's first PREFETCH_ROW_BYTES the
+// hardware prefetcher, which streams a long row once it has started, reads the rest: on
+// Llama-3-8B's 28 KB gate/up and 8 KB down row pieces that took 0.83x and 0.92x the time of
+// prefetching whole rows (medians of three noisy microbenchmark runs); the default model's rows
+// are all shorter.
 static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, int64_t ldw, int dtype, int64_t col0,
                        int64_t width, float *acc, int64_t acc_stride) {
     const int64_t vec_end = width & ~(int64_t)7;
@@ -89,7 +96,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
     const int32_t count = set->count;
     for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {  // the first passes' rows, before any is read
         const char *row = base + ((int64_t)set->channels[a] * ldw + col0) * elem;
-        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        for (int64_t off = 0; off < row_bytes && off < PREFETCH_ROW_BYTES; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
     int32_t a = 0;
     for (; a + PASS_CHANNELS <= count; a += PASS_CHANNELS) {
@@ -107,7 +114,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             __m512 c16[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c16[i] = _mm512_set1_ps(coef[i]);
             for (; j + 16 <= vec_end; j += 16) {
-                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
+                prefetch_line(next, next_count, j * elem);
                 __m512 v = _mm512_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) {
                     v = _mm512_fmadd_ps(c16[i], load16(weight_t, r[i] + j, dtype), v);
@@ -118,7 +125,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             __m256 c[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i]);
             for (; j < vec_end; j += 8) {
-                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
+                prefetch_line(next, next_count, j * elem);
                 __m256 v = _mm256_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
                 _mm256_storeu_ps(acc + j, v);
@@ -127,7 +134,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             int64_t j = 0;
 #ifdef __AVX512F__
             for (; j + 16 <= vec_end; j += 16) {
-                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
+                prefetch_line(next, next_count, j * elem);
                 __m512 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load16(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
@@ -141,7 +148,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             }
 #endif
             for (; j < vec_end; j += 8) {
-                if (((j * elem) & 63) == 0) prefetch_line(next, next_count, j * elem);
+                prefetch_line(next, next_count, j * elem);
                 __m256 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load8(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
