@@ -123,12 +123,14 @@ class DecodeLayerArgs(ctypes.Structure):
 
 
 # A decode step's sparse rows go through the sparse kernel while their kept fractions (1 - sparsity)
-# add up to at most this: one row at 0.4 or more, six at 0.9. Measured on the 2-core Xeon VM
-# (RESULTS.md, "WINA sparsity: speed", twenty-third session): one row at 0.4 ran 1.14x dense
-# through the sparse kernel against 0.98x as a masked dense one (medians of five runs); at 0.25
-# the two are even, and eight rows at 0.5 cover most of the weight, where the masked dense
-# projections win.
-DEFAULT_SPARSE_KERNEL_MAX_KEPT = 0.6
+# add up to at most this: one row at 0.3 or more, two at 0.65, seven at 0.9. Measured on the 2-core
+# Xeon VM (RESULTS.md, "WINA sparsity: speed", twenty-fourth session, two runs each against masked
+# dense rows): one row at 0.3 ran 1.17x / 1.19x dense through the sparse kernel against 1.09x /
+# 0.94x, two rows at 0.65 1.30x / 1.33x against 1.03x / 0.81x; one row at 0.25 and two at 0.5 are
+# even, and four rows at 0.5 lose (0.63x against 0.93-1.06x): there the rows' kept channels cover
+# most of the weight, where the masked dense projections win. 0.5 until the twenty-third session,
+# 0.6 until the twenty-fourth.
+DEFAULT_SPARSE_KERNEL_MAX_KEPT = 0.7
 
 
 class CpuDenseKernel:
