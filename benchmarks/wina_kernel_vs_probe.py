@@ -9,8 +9,10 @@ probe below reads exactly the same bytes), and the probe of benchmarks/row_skip_
 (benchmarks/csrc/row_skip.c: two threads load every byte of those kept rows of W^T and nothing
 else, whole rows each) over all rows and over the kept rows, each in two ways: prefetching all
 of each row 16 rows ahead, and prefetching only its first 512 bytes, about 16 KiB of such prefixes
-ahead, as the kernel does since the twenty-third session (for long rows the hardware prefetcher
-reads the rest faster); the faster of the two is the probe's time.
+ahead, as the kernel did in the twenty-third session (for long rows the hardware prefetcher reads
+the rest faster); the faster of the two is the probe's time. (The kernel now prefetches the rows
+a pass ahead a line at a time inside its arithmetic, which a probe without arithmetic has nothing
+to pace by.)
 
 'kernel / probe' above 1 is what the kernel spends beyond reading its bytes (its arithmetic, the
 per-call work: threads, kept sets, barriers, epilogue, and the Python call); 'probe kept / all' is
@@ -41,7 +43,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(PROJECT_ROOT))
 
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out" / "wina_kernel_vs_probe.json"
-# The WINA CPU kernel's software prefetch (kernels/csrc/wina_core.h), which the probe's second way mirrors
+# The probe's second way of prefetching: the WINA CPU kernel's in the twenty-third session
 PREFETCH_PREFIX_BYTES, PREFETCH_IN_FLIGHT_BYTES = 512, 16384
 # The default model's projections: (in features K, segment widths, gate_up)
 SHAPES = {"qkv": (576, (576, 192, 192), False), "o": (576, (576,), False),
