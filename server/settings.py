@@ -122,8 +122,8 @@ class ServerSettings(BaseSettings):
         0.7, ge=0.0,  # kernels.dense_cpu.DEFAULT_SPARSE_KERNEL_MAX_KEPT, where the measurement is
         description="On CPU, a decode step runs its sparse rows through the sparse kernel "
         "while their kept fractions (1 - sparsity) add up to at most this (one row at 0.3 or more, two "
-        "at 0.65, seven at 0.9); above it, their projections run as dense ones over the inputs each row keeps (the same "
-        "numbers), because several rows' kept channels together cover most of the weight "
+        "at 0.65, seven at 0.9); above it, their projections run as dense ones over the inputs each row "
+        "keeps (the same numbers), because several rows' kept channels together cover most of the weight "
         "(benchmarks/RESULTS.md). 0: always the dense kernel.",
     )
     default_sparsity: float = Field(

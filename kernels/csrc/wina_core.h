@@ -96,7 +96,9 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
     const int32_t count = set->count;
     for (int32_t a = 0; a < (ahead < count ? ahead : count); ++a) {  // the first passes' rows, before any is read
         const char *row = base + ((int64_t)set->channels[a] * ldw + col0) * elem;
-        for (int64_t off = 0; off < row_bytes && off < PREFETCH_ROW_BYTES; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        for (int64_t off = 0; off < row_bytes && off < PREFETCH_ROW_BYTES; off += 64) {
+            _mm_prefetch(row + off, _MM_HINT_T0);
+        }
     }
     int32_t a = 0;
     for (; a + PASS_CHANNELS <= count; a += PASS_CHANNELS) {
