@@ -63,7 +63,7 @@ enum { PASS_CHANNELS = 8, BYTES_PER_THREAD = 96 * 1024 };
 enum { PREFETCH_AHEAD_BYTES = 8192, PREFETCH_ROW_BYTES = 4096 };
 
 // The line at byte `offset` of each of the rows in `rows`. The callers test whether `offset`
-// starts a line within PREFETCH_ROW_BYTES (ahead_line) before calling: with the test inside this
+// starts a line within PREFETCH_ROW_BYTES (PREFETCHES_AT) before calling: with the test inside this
 // function instead, gcc 12 made the column loops slower (a call of o at 47% kept from memory went
 // from 0.75-0.79x of the dense kernel's time to 0.97-1.02x; RESULTS.md, "WINA sparsity: speed").
 static inline void prefetch_line(const char *const *rows, int count, int64_t offset) {
@@ -71,7 +71,7 @@ static inline void prefetch_line(const char *const *rows, int count, int64_t off
 }
 
 // Whether a column loop at byte `offset` of its row pieces prefetches the rows ahead there
-#define ahead_line(offset) ((((offset) & 63) == 0) && (offset) < PREFETCH_ROW_BYTES)
+#define PREFETCHES_AT(offset) ((((offset) & 63) == 0) && (offset) < PREFETCH_ROW_BYTES)
 
 // acc[b, 0:width] (row stride acc_stride) continues, over all active entries in order, the sum of
 // coef[a, b] * W^T[channel_a, col0 : col0 + width]: one fused multiply-add per channel, in channel
@@ -120,7 +120,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             __m512 c16[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c16[i] = _mm512_set1_ps(coef[i]);
             for (; j + 16 <= vec_end; j += 16) {
-                if (ahead_line(j * elem)) prefetch_line(next, next_count, j * elem);
+                if (PREFETCHES_AT(j * elem)) prefetch_line(next, next_count, j * elem);
                 __m512 v = _mm512_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) {
                     v = _mm512_fmadd_ps(c16[i], load16(weight_t, r[i] + j, dtype), v);
@@ -131,7 +131,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             __m256 c[PASS_CHANNELS];
             for (int i = 0; i < PASS_CHANNELS; ++i) c[i] = _mm256_set1_ps(coef[i]);
             for (; j < vec_end; j += 8) {
-                if (ahead_line(j * elem)) prefetch_line(next, next_count, j * elem);
+                if (PREFETCHES_AT(j * elem)) prefetch_line(next, next_count, j * elem);
                 __m256 v = _mm256_loadu_ps(acc + j);
                 for (int i = 0; i < PASS_CHANNELS; ++i) v = _mm256_fmadd_ps(c[i], load8(weight_t, r[i] + j, dtype), v);
                 _mm256_storeu_ps(acc + j, v);
@@ -140,7 +140,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             int64_t j = 0;
 #ifdef __AVX512F__
             for (; j + 16 <= vec_end; j += 16) {
-                if (ahead_line(j * elem)) prefetch_line(next, next_count, j * elem);
+                if (PREFETCHES_AT(j * elem)) prefetch_line(next, next_count, j * elem);
                 __m512 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load16(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
@@ -154,7 +154,7 @@ static void accumulate(const ActiveSet *set, int64_t B, const void *weight_t, in
             }
 #endif
             for (; j < vec_end; j += 8) {
-                if (ahead_line(j * elem)) prefetch_line(next, next_count, j * elem);
+                if (PREFETCHES_AT(j * elem)) prefetch_line(next, next_count, j * elem);
                 __m256 w[PASS_CHANNELS];
                 for (int i = 0; i < PASS_CHANNELS; ++i) w[i] = load8(weight_t, r[i] + j, dtype);
                 for (int64_t b = 0; b < B; ++b) {
