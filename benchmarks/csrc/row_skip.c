@@ -1,7 +1,8 @@
 // What skipping weight rows can save on this CPU, without any arithmetic: read (and sum, so the
 // reads happen) the listed rows of a row-major matrix, in ascending order, optionally prefetching
 // the rows `prefetch` entries ahead in software (all of each such row, or its first
-// `prefetch_bytes`, leaving the rest to the hardware prefetcher as the WINA CPU kernel does).
+// `prefetch_bytes`, leaving the rest to the hardware prefetcher as the WINA CPU kernel did in the
+// twenty-third session).
 // benchmarks/row_skip_bandwidth.py times it on
 // every kept fraction against reading every row: an estimate of what a sparse GEMV that skips rows
 // can save (not a bound: reading eight rows side by side, as the WINA kernel does, can be faster).
