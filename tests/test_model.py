@@ -177,19 +177,24 @@ def test_half_kv_cache_written_by_either_path(default_ckpt):
 
 
 @pytest.mark.parametrize(
-    "tied,bias,rope,head_dim",
-    [(True, False, None, 16),
+    "tied,bias,rope,head_dim,heads,kv_heads,T",
+    [(True, False, None, 16, 4, 2, 40),
      (False, True, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0}, 16),
-     (False, False, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, 16),
-     (True, False, None, 12)],  # not a multiple of 8: the kernel's attention takes its scalar tail
-    ids=["tied", "untied-bias-llama3", "linear-rope", "head-dim-12"],
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+      16, 4, 2, 40),
+     (False, False, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, 16, 4, 2, 40),
+     (True, False, None, 12, 4, 2, 40),  # not a multiple of 8: the kernel's attention takes its scalar tail
+     # the kernel's attention takes query heads three at a time (3 + 3 + 2 here), and keys in
+     # blocks of 64: decode steps up to position 99 cross one
+     (True, False, None, 16, 8, 1, 100)],
+    ids=["tied", "untied-bias-llama3", "linear-rope", "head-dim-12", "eight-query-heads-per-kv-head"],
 )
-def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, tied, bias, rope, head_dim):
+def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, tied, bias, rope, head_dim, heads,
+                                                      kv_heads, T):
     """A small random-weight Llama saved to disk loads through the checkpoint-directory path."""
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=default_ckpt.hf_config.vocab_size, hidden_size=4 * head_dim, intermediate_size=96,
-                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    kwargs = dict(vocab_size=default_ckpt.hf_config.vocab_size, hidden_size=heads * head_dim, intermediate_size=96,
+                  num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=bias,
                   rms_norm_eps=1e-6)
     if rope is not None:
@@ -206,21 +211,21 @@ def test_random_llama_checkpoint_matches_transformers(tmp_path, default_ckpt, ti
     assert not load_checkpoint(str(tmp_path), cache_dir=cache_dir).from_cache  # converts and caches
     ckpt = load_checkpoint(str(tmp_path), cache_dir=cache_dir)  # a tied head must survive the cache
     assert ckpt.from_cache
-    ids = torch.randint(0, config.vocab_size, (1, 40))
+    ids = torch.randint(0, config.vocab_size, (1, T))
     with torch.no_grad():
         ref = model(ids).logits
     ours = _ours(ckpt)
     out = ours(ids, torch.tensor([0]), torch.tensor([0]), ours.new_cache(1), all_logits=True)
     # Random small weights give logits of order 1: 1e-4 is float32 rounding over three layers.
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    # the last three tokens again as decode steps (the CPU decode kernel's path), in slot 2 of 3,
+    # the tokens after 37 again as decode steps (the CPU decode kernel's path), in slot 2 of 3,
     # after a prefill in chunks (each one fused kernel call per layer, as short prompt chunks run)
     cache = ours.new_cache(3)
     chunks = [ours(ids[:, a:b], torch.tensor([2]), torch.tensor([a]), cache, all_logits=True)
               for a, b in ((0, 12), (12, 28), (28, 37))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), ref[:, :37], atol=1e-4, rtol=1e-4)
-    steps = [ours(ids[:, p:p + 1], torch.tensor([2]), torch.tensor([p]), cache) for p in range(37, 40)]
-    torch.testing.assert_close(torch.stack(steps, dim=1), ref[:, 37:40], atol=1e-4, rtol=1e-4)
+    steps = [ours(ids[:, p:p + 1], torch.tensor([2]), torch.tensor([p]), cache) for p in range(37, T)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), ref[:, 37:T], atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_architecture_is_refused(tmp_path):

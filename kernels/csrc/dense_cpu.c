@@ -336,37 +336,82 @@ static void rope_head(float *x, int64_t D, const float *cos, const float *signed
     memcpy(x, rotated, sizeof(float) * D);
 }
 
-// lane j of the result = the sum of v[j]'s 8 lanes
-static inline __m256 hsum8x8(const __m256 v[8]) {
-    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+enum { VALUE_KEYS = 64 };  // keys per block of the value sums: 64 rows of values stay in L1
+// Query heads handled together, so that each key and value read (and converted from half) once
+// serves all of them: their sums fill the 16 vector registers of AVX2 (3 heads x 4 keys of scores;
+// 3 heads x 4 vectors of value lanes)
+enum { HEADS_PER_PASS = 3 };
+
+// The cache's keys and values of a KV head are one contiguous run per row, read in order, yet
+// prefetching them in software KV_PREFETCH_AHEAD_BYTES ahead made decode steps at 1000-2000
+// positions 1.11-1.23x faster at 8 rows and 1.08-1.10x at one (decode_context.py against this
+// code without it, four runs; in an ad-hoc driver of the attention alone 1 KiB ahead gained less
+// and 8 KiB was slower): the hardware prefetcher, it seems, does not run far enough ahead.
+enum { KV_PREFETCH_AHEAD_BYTES = 4096 };
+
+// Prefetch the lines of elements [offset, offset + count) of a KV cache run, KV_PREFETCH_AHEAD_BYTES
+// on, but none at or past element `end` (the run's last key): at 100 positions, prefetching past it
+// made steps of 8 rows 0.91-0.93x as fast as without the prefetch (decode_context.py, two runs)
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *base, int64_t offset, int64_t count,
+                                                                 int64_t end, int kv_dtype) {
+    const int64_t elem = kv_dtype == DTYPE_F32 ? 4 : 2;
+    const int64_t first = offset * elem + KV_PREFETCH_AHEAD_BYTES, stop = first + count * elem;
+    const int64_t last = stop < end * elem ? stop : end * elem;
+    for (int64_t b = first; b < last; b += 64) _mm_prefetch((const char *)base + b, _MM_HINT_T0);
 }
 
-enum { VALUE_KEYS = 64 };  // keys per block of the value sums: 64 rows of values stay in L1
+// The sums of 4 vectors' lanes, each by the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+// (until the twenty-fifth session's attention, eight keys' sums at once by the same tree)
+static inline __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+}
 
-// scores[h][s] = q[h] . keys[s] * scale for the G query heads h of one KV head and s < len: eight
-// keys at a time, so that eight independent sums are in flight (one key's dot product alone is a
-// chain of dependent FMAs), and each block of keys read from memory once for all G heads.
+// scores[h][s] for `heads` (a constant where inlined) query heads q[0:heads] and the keys of the
+// whole 8-key blocks, four keys at a time: each key's 8-lane pieces loaded once for all the heads
+static inline __attribute__((always_inline)) void score_blocks(const float *q, int64_t heads, const void *keys,
+                                                               int64_t blocked, int64_t len, int64_t D, int kv_dtype,
+                                                               float *scores) {
+    const int64_t vec_end = D & ~(int64_t)7;
+    for (int64_t s = 0; s < blocked; s += 4) {
+        __m256 acc[HEADS_PER_PASS][4];
+        for (int64_t h = 0; h < heads; ++h) {
+            for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+        }
+        prefetch_ahead(keys, s * D, 4 * D, len * D, kv_dtype);
+        for (int64_t i = 0; i < vec_end; i += 8) {
+            __m256 k[4];
+            for (int j = 0; j < 4; ++j) k[j] = load8(keys, (s + j) * D + i, kv_dtype);
+            for (int64_t h = 0; h < heads; ++h) {
+                const __m256 qv = _mm256_loadu_ps(q + h * D + i);
+                for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_fmadd_ps(qv, k[j], acc[h][j]);
+            }
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+            _mm_storeu_ps(scores + h * len + s, hsum4x8(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
+        }
+    }
+}
+
+// scores[h][s] = q[h] . keys[s] * scale for the G query heads h of one KV head and s < len: four
+// keys of a block of eight at a time for up to three heads (twelve independent sums in flight;
+// one key's dot product alone is a chain of dependent FMAs), the last len % 8 keys one at a time.
+// Each output is the same float32 sum whatever the grouping: 8-lane partial sums over the head
+// dimension in order, then a fixed tree.
 static inline __attribute__((always_inline)) void attention_scores(const float *q, int64_t G, const void *keys,
                                                                    int64_t len, int64_t D, int kv_dtype, float scale,
                                                                    float *scores) {
-    const int64_t vec_end = D & ~(int64_t)7;
-    int64_t s = 0;
-    for (; s + 8 <= len; s += 8) {
-        for (int64_t h = 0; h < G; ++h) {
-            __m256 acc[8];
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-            for (int64_t i = 0; i < vec_end; i += 8) {
-                const __m256 qv = _mm256_loadu_ps(q + h * D + i);
-                for (int j = 0; j < 8; ++j) {
-                    acc[j] = _mm256_fmadd_ps(qv, load8(keys, (s + j) * D + i, kv_dtype), acc[j]);
-                }
-            }
-            _mm256_storeu_ps(scores + h * len + s, hsum8x8(acc));
+    const int64_t vec_end = D & ~(int64_t)7, blocked = len & ~(int64_t)7;
+    for (int64_t h0 = 0; h0 < G; h0 += HEADS_PER_PASS) {
+        const float *qh = q + h0 * D;
+        float *sh = scores + h0 * len;
+        switch (G - h0 < HEADS_PER_PASS ? G - h0 : HEADS_PER_PASS) {  // the head count a constant in each
+            case 1: score_blocks(qh, 1, keys, blocked, len, D, kv_dtype, sh); break;
+            case 2: score_blocks(qh, 2, keys, blocked, len, D, kv_dtype, sh); break;
+            default: score_blocks(qh, 3, keys, blocked, len, D, kv_dtype, sh); break;
         }
     }
-    for (; s < len; ++s) {
+    for (int64_t s = blocked; s < len; ++s) {
         for (int64_t h = 0; h < G; ++h) {
             __m256 acc = _mm256_setzero_ps();
             for (int64_t i = 0; i < vec_end; i += 8) {
@@ -376,7 +421,7 @@ static inline __attribute__((always_inline)) void attention_scores(const float *
         }
     }
     for (int64_t h = 0; h < G; ++h) {
-        for (s = 0; s < len; ++s) {
+        for (int64_t s = 0; s < len; ++s) {
             float dot = scores[h * len + s];
             for (int64_t i = vec_end; i < D; ++i) dot = fmaf(q[h * D + i], load1(keys, s * D + i, kv_dtype), dot);
             scores[h * len + s] = dot * scale;
@@ -384,65 +429,130 @@ static inline __attribute__((always_inline)) void attention_scores(const float *
     }
 }
 
-// p = softmax(p) in place over n scores
-static void softmax_in_place(float *p, int64_t n) {
-    float top = -INFINITY;
-    for (int64_t s = 0; s < n; ++s) top = p[s] > top ? p[s] : top;
-    const __m256 top8 = _mm256_set1_ps(top);
-    for (int64_t s = 0; s < n; s += 8) {  // e^(score - top), 8 at a time
-        const int64_t m = n - s < 8 ? n - s : 8;
-        const __m256 e = exp8(_mm256_sub_ps(load_padded8(p + s, m), top8));
-        if (m == 8) {
-            _mm256_storeu_ps(p + s, e);
-        } else {
-            float tail[8];
-            _mm256_storeu_ps(tail, e);
-            memcpy(p + s, tail, sizeof(float) * m);
+// p[h] = softmax(p[h]) in place over n scores, for the G rows of p [G, n]: the maximum eight lanes
+// at a time (exact in any order), e^(score - max) eight at a time, each row's sum in order from
+// its first score, the G rows' sums side by side (independent chains), then the divisions
+static void softmax_rows(float *p, int64_t G, int64_t n) {
+    float total[64];
+    for (int64_t h0 = 0; h0 < G; h0 += 64) {
+        const int64_t rows = G - h0 < 64 ? G - h0 : 64;
+        for (int64_t h = h0; h < h0 + rows; ++h) {
+            float *row = p + h * n;
+            __m256 top8 = _mm256_set1_ps(-INFINITY);
+            int64_t s = 0;
+            for (; s + 8 <= n; s += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(row + s), top8);
+            float lanes[8], top = -INFINITY;
+            _mm256_storeu_ps(lanes, top8);
+            for (int j = 0; j < 8; ++j) top = lanes[j] > top ? lanes[j] : top;
+            for (; s < n; ++s) top = row[s] > top ? row[s] : top;
+            top8 = _mm256_set1_ps(top);
+            for (s = 0; s < n; s += 8) {  // e^(score - top), 8 at a time
+                const int64_t m = n - s < 8 ? n - s : 8;
+                const __m256 e = exp8(_mm256_sub_ps(load_padded8(row + s, m), top8));
+                if (m == 8) {
+                    _mm256_storeu_ps(row + s, e);
+                } else {
+                    _mm256_storeu_ps(lanes, e);
+                    memcpy(row + s, lanes, sizeof(float) * m);
+                }
+            }
+            total[h - h0] = 0.0f;
+        }
+        for (int64_t s = 0; s < n; ++s) {
+            for (int64_t h = 0; h < rows; ++h) total[h] += p[(h0 + h) * n + s];
+        }
+        for (int64_t h = 0; h < rows; ++h) {
+            float *row = p + (h0 + h) * n;
+            for (int64_t s = 0; s < n; ++s) row[s] /= total[h];
         }
     }
-    float total = 0.0f;
-    for (int64_t s = 0; s < n; ++s) total += p[s];
-    for (int64_t s = 0; s < n; ++s) p[s] /= total;
+}
+
+#ifdef __AVX512F__
+enum { VALUE_LANES = 16 };  // lanes per vector of the value sums
+typedef __m512 ValueVector;
+#define VALUE_LOAD(base, offset, dtype) load16(base, offset, dtype)
+#define VALUE_LOADU(p) _mm512_loadu_ps(p)
+#define VALUE_STOREU(p, v) _mm512_storeu_ps(p, v)
+#define VALUE_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VALUE_SET1(x) _mm512_set1_ps(x)
+#else
+enum { VALUE_LANES = 8 };
+typedef __m256 ValueVector;
+#define VALUE_LOAD(base, offset, dtype) load8(base, offset, dtype)
+#define VALUE_LOADU(p) _mm256_loadu_ps(p)
+#define VALUE_STOREU(p, v) _mm256_storeu_ps(p, v)
+#define VALUE_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VALUE_SET1(x) _mm256_set1_ps(x)
+#endif
+
+// out[h][i0 : i0 + vectors * VALUE_LANES] += sum over keys s0..s1-1 of p[h][s] v[s][...], for
+// `heads` query heads and `vectors` (both constants where inlined): the lanes of all the heads in
+// registers, each value piece loaded once for them all; one FMA per key per lane, keys in order
+static inline __attribute__((always_inline)) void value_tile(const float *p, int64_t heads, int64_t len,
+                                                             const void *values, int64_t s0, int64_t s1, int64_t D,
+                                                             int64_t i0, int vectors, int kv_dtype, float *out) {
+    ValueVector acc[HEADS_PER_PASS][4];
+    for (int64_t h = 0; h < heads; ++h) {
+        for (int j = 0; j < vectors; ++j) acc[h][j] = VALUE_LOADU(out + h * D + i0 + j * VALUE_LANES);
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+        ValueVector v[4];
+        if (i0 == 0) prefetch_ahead(values, s * D, D, len * D, kv_dtype);
+        for (int j = 0; j < vectors; ++j) v[j] = VALUE_LOAD(values, s * D + i0 + j * VALUE_LANES, kv_dtype);
+        for (int64_t h = 0; h < heads; ++h) {
+            const ValueVector ps = VALUE_SET1(p[h * len + s]);
+            for (int j = 0; j < vectors; ++j) acc[h][j] = VALUE_FMA(ps, v[j], acc[h][j]);
+        }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+        for (int j = 0; j < vectors; ++j) VALUE_STOREU(out + h * D + i0 + j * VALUE_LANES, acc[h][j]);
+    }
+}
+
+// value_tile with its head count a constant: 1, 2 or HEADS_PER_PASS
+static inline __attribute__((always_inline)) void value_tile_heads(const float *p, int64_t heads, int64_t len,
+                                                                   const void *values, int64_t s0, int64_t s1,
+                                                                   int64_t D, int64_t i0, int vectors, int kv_dtype,
+                                                                   float *out) {
+    switch (heads) {
+        case 1: value_tile(p, 1, len, values, s0, s1, D, i0, vectors, kv_dtype, out); break;
+        case 2: value_tile(p, 2, len, values, s0, s1, D, i0, vectors, kv_dtype, out); break;
+        default: value_tile(p, HEADS_PER_PASS, len, values, s0, s1, D, i0, vectors, kv_dtype, out); break;
+    }
 }
 
 // softmax(q K^T / sqrt(D)) V over keys 0..len-1 of one KV head, for its G query heads: q [G, D]
-// -> out [G, D]; scores: scratch of G * len. Keys and values are read once for all G heads.
+// -> out [G, D]; scores: scratch of G * len. Keys and values are read once for up to three heads:
+// each output lane is one chain of FMAs over the keys in order, from zero.
 static inline __attribute__((always_inline)) void attend(const float *q, int64_t G, const void *keys,
                                                           const void *values, int64_t len, int64_t D, int kv_dtype,
                                                           float *scores, float *out) {
     attention_scores(q, G, keys, len, D, kv_dtype, 1.0f / sqrtf((float)D), scores);
-    for (int64_t h = 0; h < G; ++h) softmax_in_place(scores + h * len, len);
-    // out[h] = sum_s p[h][s] v[s]: 64 lanes of one head's sums in registers over a block of keys
-    const int64_t vec_end = D & ~(int64_t)7;
+    softmax_rows(scores, G, len);
+    const int64_t vec_end = D - D % VALUE_LANES, tile = 4 * VALUE_LANES;
     for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
     for (int64_t s0 = 0; s0 < len; s0 += VALUE_KEYS) {
         const int64_t s1 = len - s0 < VALUE_KEYS ? len : s0 + VALUE_KEYS;
-        for (int64_t h = 0; h < G; ++h) {
-            const float *p = scores + h * len;
-            for (int64_t i0 = 0; i0 < vec_end; i0 += 64) {
-                const int64_t vectors = (vec_end - i0) / 8 < 8 ? (vec_end - i0) / 8 : 8;
-                float *o = out + h * D + i0;
-                __m256 acc[8];
-                for (int64_t j = 0; j < vectors; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
-                for (int64_t s = s0; s < s1; ++s) {
-                    const __m256 ps = _mm256_set1_ps(p[s]);
-                    const int64_t v = s * D + i0;
-                    if (vectors == 8) {
-                        for (int j = 0; j < 8; ++j) {
-                            acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);
-                        }
-                    } else {
-                        for (int64_t j = 0; j < vectors; ++j) {
-                            acc[j] = _mm256_fmadd_ps(ps, load8(values, v + 8 * j, kv_dtype), acc[j]);
-                        }
-                    }
-                }
-                for (int64_t j = 0; j < vectors; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+        for (int64_t h0 = 0; h0 < G; h0 += HEADS_PER_PASS) {
+            const int64_t heads = G - h0 < HEADS_PER_PASS ? G - h0 : HEADS_PER_PASS;
+            const float *p = scores + h0 * len;
+            float *o = out + h0 * D;
+            int64_t i0 = 0;
+            for (; i0 + tile <= vec_end; i0 += tile) {
+                value_tile_heads(p, heads, len, values, s0, s1, D, i0, 4, kv_dtype, o);
             }
-            for (int64_t i = vec_end; i < D; ++i) {
-                float sum = out[h * D + i];
-                for (int64_t s = s0; s < s1; ++s) sum = fmaf(p[s], load1(values, s * D + i, kv_dtype), sum);
-                out[h * D + i] = sum;
+            for (; i0 < vec_end; i0 += VALUE_LANES) {
+                value_tile_heads(p, heads, len, values, s0, s1, D, i0, 1, kv_dtype, o);
+            }
+            for (int64_t h = 0; h < heads; ++h) {
+                for (int64_t i = vec_end; i < D; ++i) {  // lanes past the last whole vector
+                    float sum = o[h * D + i];
+                    for (int64_t s = s0; s < s1; ++s) {
+                        sum = fmaf(p[h * len + s], load1(values, s * D + i, kv_dtype), sum);
+                    }
+                    o[h * D + i] = sum;
+                }
             }
         }
     }
