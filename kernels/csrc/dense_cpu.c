@@ -343,10 +343,10 @@ enum { VALUE_KEYS = 64 };  // keys per block of the value sums: 64 rows of value
 enum { HEADS_PER_PASS = 3 };
 
 // The cache's keys and values of a KV head are one contiguous run per row, read in order, yet
-// prefetching them in software KV_PREFETCH_AHEAD_BYTES ahead made decode steps at 1000-2000
-// positions 1.11-1.23x faster at 8 rows and 1.08-1.10x at one (decode_context.py against this
-// code without it, four runs; in an ad-hoc driver of the attention alone 1 KiB ahead gained less
-// and 8 KiB was slower): the hardware prefetcher, it seems, does not run far enough ahead.
+// prefetching them in software KV_PREFETCH_AHEAD_BYTES ahead made decode steps of 8 rows at
+// 1000-2000 positions 1.11-1.23x faster, of one row at 2000 1.08-1.10x (decode_context.py against
+// this code without it, four runs; in an ad-hoc driver of the attention alone 1 KiB ahead gained
+// less and 8 KiB was slower): the hardware prefetcher, it seems, does not run far enough ahead.
 enum { KV_PREFETCH_AHEAD_BYTES = 4096 };
 
 // Prefetch the lines of elements [offset, offset + count) of a KV cache run, KV_PREFETCH_AHEAD_BYTES
