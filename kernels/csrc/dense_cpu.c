@@ -546,7 +546,15 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
                 value_tile_heads(p, heads, len, values, s0, s1, D, i0, 1, kv_dtype, o);
             }
             for (int64_t h = 0; h < heads; ++h) {
-                for (int64_t i = vec_end; i < D; ++i) {  // lanes past the last whole vector
+                int64_t i = vec_end;
+                for (; i + 8 <= D; i += 8) {  // AVX-512: 8 lanes past the last 16
+                    __m256 acc = _mm256_loadu_ps(o + h * D + i);
+                    for (int64_t s = s0; s < s1; ++s) {
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[h * len + s]), load8(values, s * D + i, kv_dtype), acc);
+                    }
+                    _mm256_storeu_ps(o + h * D + i, acc);
+                }
+                for (; i < D; ++i) {  // lanes past the last whole vector
                     float sum = o[h * D + i];
                     for (int64_t s = s0; s < s1; ++s) {
                         sum = fmaf(p[h * len + s], load1(values, s * D + i, kv_dtype), sum);
